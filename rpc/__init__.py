@@ -1,0 +1,60 @@
+"""rpc: remote procedure calls over authenticated ``multiprocessing.connection`` sockets.
+
+A :class:`Server` runs the functions of a :class:`Registry` in a pool of handler
+processes; :func:`connect` returns a client whose attributes call them.
+"""
+
+__version__ = "0.1.0"
+
+from .client import Client, connect
+from .config import ServerConfig
+from .errors import (
+    AuthenticationError,
+    CallError,
+    CallTimeout,
+    ConfigError,
+    ConnectionClosed,
+    ConnectTimeout,
+    MessageTooLarge,
+    MethodNotFound,
+    ProtocolError,
+    RemoteError,
+    RPCError,
+    SerializationError,
+    ServerBusy,
+    ServerShuttingDown,
+    StartupError,
+    TransportError,
+    WorkerCrashed,
+)
+from .protocol import register_type
+from .registry import MethodInfo, Registry
+from .server import Server
+
+__all__ = [
+    "__version__",
+    "Registry",
+    "MethodInfo",
+    "Server",
+    "ServerConfig",
+    "Client",
+    "connect",
+    "register_type",
+    "RPCError",
+    "ConfigError",
+    "StartupError",
+    "TransportError",
+    "AuthenticationError",
+    "ConnectionClosed",
+    "ConnectTimeout",
+    "ProtocolError",
+    "MessageTooLarge",
+    "CallError",
+    "MethodNotFound",
+    "RemoteError",
+    "CallTimeout",
+    "WorkerCrashed",
+    "SerializationError",
+    "ServerBusy",
+    "ServerShuttingDown",
+]

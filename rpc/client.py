@@ -1,0 +1,297 @@
+"""The client: one authenticated connection, calls by attribute, many calls in flight.
+
+Any number of threads may share a client. Each call registers its request id,
+sends its frame, and waits; whichever waiting thread finds the socket free reads
+replies and hands each to the call with its id, so a single-threaded caller pays
+no thread hop and concurrent callers are pipelined on one connection. After a
+transport error every call in flight fails with :class:`ConnectionClosed` and the
+connection is dropped, so a stale reply can never answer a later call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Any
+
+from . import __version__, protocol, transport
+from .errors import (
+    CallTimeout,
+    ConnectionClosed,
+    ProtocolError,
+    RemoteError,
+    RPCError,
+    TransportError,
+    error_for_code,
+    remote_error_class,
+)
+from .registry import MethodInfo
+
+__all__ = ["Client", "connect"]
+
+_DEFAULT: Any = object()
+
+
+class _Pending:
+    """A call waiting for its response."""
+
+    __slots__ = ("id", "done", "result", "error")
+
+    def __init__(self, id: int) -> None:
+        self.id = id
+        self.done = False
+        self.result: Any = None
+        self.error: RPCError | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _Method:
+    """A remote name: call it, or take an attribute for a name inside its namespace."""
+
+    __slots__ = ("_client", "_name")
+
+    def __init__(self, client: Client, name: str) -> None:
+        self._client = client
+        self._name = name
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Method(self._client, f"{self._name}.{name}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._client._call(self._name, args, kwargs, self._client.timeout)
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._name!r}>"
+
+
+class Client:
+    """A connection to an rpc server. Prefer :func:`connect`.
+
+    ``timeout`` is the default deadline of each call in seconds (None: wait as
+    long as it takes); ``connect_timeout`` bounds connecting and the handshake.
+    """
+
+    def __init__(
+        self,
+        address: transport.Address,
+        authkey: bytes | None = None,
+        timeout: float | None = None,
+        connect_timeout: float = 10.0,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if isinstance(authkey, str):
+            raise TypeError("authkey must be bytes, not str")
+        self.address = address
+        self.timeout = timeout
+        self._max_message_bytes = max_message_bytes
+        deadline = time.monotonic() + connect_timeout
+        conn = transport.connect(address, connect_timeout)
+        try:
+            first = transport.client_handshake(conn, authkey, deadline)
+            conn.send_bytes(protocol.encode_hello({"client": "rpc", "version": __version__}))
+            hello = protocol.decode_hello(first)
+            if hello.version != protocol.PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"the server speaks protocol version {hello.version}; this client speaks {protocol.PROTOCOL_VERSION}"
+                )
+        except ProtocolError:
+            conn.close()
+            raise
+        except TransportError:
+            conn.close()
+            raise
+        except OSError as exc:
+            conn.close()
+            raise ConnectionClosed(f"connection lost during the handshake: {exc}") from None
+        self.server_info: dict[str, Any] = hello.info
+        limit = hello.info.get("max_message_bytes")
+        self._server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
+        self._conn = conn
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition(threading.Lock())
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._reading = False
+        self._failure: RPCError | None = None  # set once the connection is unusable
+
+    # -- public API --------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Method(self, name)
+
+    def call(self, name: str, /, *args: Any, timeout: float | None = _DEFAULT, **kwargs: Any) -> Any:
+        """Call ``name`` with ``args`` and ``kwargs``; ``timeout`` overrides the client's default."""
+        return self._call(name, args, kwargs, self.timeout if timeout is _DEFAULT else timeout)
+
+    def notify(self, name: str, /, *args: Any, **kwargs: Any) -> None:
+        """Run ``name`` on the server without waiting for, or getting, any answer."""
+        frame = protocol.encode_notification(name, args, kwargs)
+        protocol.check_size(frame, self._server_limit)
+        self._send(frame)
+
+    def methods(self) -> list[MethodInfo]:
+        """The methods the server exposes: name, signature text, first docstring line."""
+        return [MethodInfo(**entry) for entry in self.call("_rpc.methods")]
+
+    def ping(self) -> float:
+        """Round-trip time in seconds of a message the server answers without a handler."""
+        start = time.perf_counter()
+        self.call("_rpc.ping")
+        return time.perf_counter() - start
+
+    @property
+    def closed(self) -> bool:
+        return self._failure is not None
+
+    def close(self) -> None:
+        """Close the connection; calls still waiting fail with :class:`ConnectionClosed`."""
+        self._fail_all(ConnectionClosed("the client was closed"))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<rpc.Client {transport.format_address(self.address)} {state}>"
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        if type(name) is not str:
+            raise TypeError(f"method name must be a string, not {type(name).__name__}")
+        request_id = next(self._ids)
+        frame = protocol.encode_request(request_id, name, args, kwargs, timeout)
+        protocol.check_size(frame, self._server_limit)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = _Pending(request_id)
+        with self._cond:
+            if self._failure is not None:
+                raise self._failure
+            self._pending[request_id] = pending
+        self._send(frame)
+        return self._wait(pending, deadline, name)
+
+    def _send(self, frame: bytes) -> None:
+        with self._send_lock:
+            if self._failure is not None:
+                raise self._failure
+            try:
+                self._conn.send_bytes(frame)
+            except OSError as exc:
+                error = ConnectionClosed(f"connection lost while sending: {exc}")
+                self._fail_all(error)
+                raise error from None
+
+    def _wait(self, pending: _Pending, deadline: float | None, name: str) -> Any:
+        cond = self._cond
+        while True:
+            with cond:
+                while True:
+                    if pending.done:
+                        return pending.outcome()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self._pending.pop(pending.id, None)  # a late reply is dropped
+                        raise CallTimeout(f"call {name!r} got no answer within its timeout")
+                    if not self._reading:
+                        self._reading = True
+                        break
+                    cond.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
+            try:
+                self._read_until(pending, deadline)
+            finally:
+                with cond:
+                    self._reading = False
+                    if self._failure is not None:
+                        self._conn.close()
+                    cond.notify_all()
+
+    def _read_until(self, pending: _Pending, deadline: float | None) -> None:
+        """Read and route responses until ``pending`` is answered or the deadline passes."""
+        conn = self._conn
+        while not pending.done:
+            try:
+                if deadline is not None and not conn.poll(max(deadline - time.monotonic(), 0)):
+                    return
+                frame = conn.recv_bytes(self._max_message_bytes)
+            except EOFError:
+                self._fail_all(ConnectionClosed("the server closed the connection"))
+                return
+            except OSError as exc:
+                if "bad message length" in str(exc):
+                    error: RPCError = ProtocolError(
+                        f"a response exceeded this client's max_message_bytes ({self._max_message_bytes})"
+                    )
+                else:
+                    error = ConnectionClosed(f"connection lost: {exc}")
+                self._fail_all(error)
+                return
+            try:
+                response = protocol.decode_response(frame)
+            except ProtocolError as exc:
+                self._fail_all(exc)
+                return
+            if response.id is None:
+                # A connection-level error from the server, which closes the connection.
+                self._fail_all(_exception(response.error) if response.error else ConnectionClosed("bad response"))
+                return
+            with self._cond:
+                waiting = self._pending.pop(response.id, None)
+                if waiting is None:
+                    continue  # the caller timed out and left
+                if response.error is not None:
+                    waiting.error = _exception(response.error)
+                else:
+                    waiting.result = response.result
+                waiting.done = True
+                if waiting is not pending:
+                    self._cond.notify_all()
+
+    def _fail_all(self, error: RPCError) -> None:
+        """Make the connection unusable and fail every call in flight with ``error``."""
+        with self._cond:
+            if self._failure is None:
+                self._failure = error if isinstance(error, TransportError) else ConnectionClosed(str(error))
+                transport.shutdown(self._conn)
+                if not self._reading:
+                    self._conn.close()
+            for waiting in self._pending.values():
+                waiting.error = error
+                waiting.done = True
+            self._pending.clear()
+            self._cond.notify_all()
+
+
+def _exception(info: protocol.ErrorInfo) -> RPCError:
+    if info.code == RemoteError.code:
+        cls = remote_error_class(info.type_name)
+        return cls(info.message, *info.args, type_name=info.type_name, remote_traceback=info.traceback)
+    return error_for_code(info.code)(info.message)
+
+
+def connect(
+    address: transport.Address,
+    authkey: bytes | None = None,
+    timeout: float | None = None,
+    *,
+    connect_timeout: float = 10.0,
+    max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+) -> Client:
+    """Connect and authenticate to the server at ``address``; returns a :class:`Client`.
+
+    ``timeout`` is each call's default deadline in seconds (None: no deadline).
+    """
+    return Client(
+        address, authkey=authkey, timeout=timeout, connect_timeout=connect_timeout, max_message_bytes=max_message_bytes
+    )

@@ -1,0 +1,127 @@
+"""The handler process: import the registry, then run one call at a time.
+
+A handler reads request frames from its pipe, decodes them, calls the function and
+writes back the encoded response. It knows nothing of sockets or clients, so the
+same loop serves whatever hands it frames. Success and failure both travel back as
+data; only the process dying is left for the supervisor to notice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import traceback
+from dataclasses import dataclass
+from multiprocessing import parent_process
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from . import protocol
+from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, SerializationError
+from .protocol import ErrorInfo
+from .registry import Registry, load_registry
+
+__all__ = ["HandlerSettings", "run", "execute"]
+
+# Names answered by rpc itself; user names never start with "_", so these cannot clash.
+METHODS = "_rpc.methods"
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    """What a handler process needs to know, handed over when it starts."""
+
+    registry: str
+    max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES
+    tracebacks: bool = True
+
+
+def run(conn: Connection, settings: HandlerSettings) -> None:
+    """Entry point of a handler process."""
+    # Ctrl-C reaches the whole process group; the supervisor decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
+    try:
+        registry = load_registry(settings.registry)
+    except BaseException as exc:  # report why, whatever the import raised
+        conn.send_bytes(protocol.encode_error(None, _error_info("startup_error", exc, True)))
+        return
+    conn.send_bytes(protocol.encode_hello({"pid": os.getpid()}))
+    while True:
+        try:
+            frame = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the supervisor closed the pipe: stop
+        conn.send_bytes(execute(registry, frame, settings))
+
+
+def _exit_with_parent() -> None:
+    """Exit at once if the supervisor dies, even in the middle of a call."""
+    parent = parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="rpc-parent-watch", daemon=True).start()
+
+
+def execute(registry: Registry, frame: bytes, settings: HandlerSettings) -> bytes:
+    """Run the call in ``frame`` and return the encoded response, success or failure."""
+    try:
+        request = protocol.decode_request(frame)
+    except ProtocolError as exc:
+        return protocol.encode_error(_id_of(frame), _error_info(exc.code, exc, False))
+    if request.method == METHODS:
+        function: Any = lambda: [vars(info) for info in registry.describe()]  # noqa: E731
+    else:
+        function = registry.get(request.method)
+    if function is None:
+        error = MethodNotFound(f"no method named {request.method!r}")
+        return protocol.encode_error(request.id, _error_info(error.code, error, False))
+    try:
+        result = function(*request.args, **request.kwargs)
+    except BaseException as exc:  # the caller gets every failure, even SystemExit
+        return protocol.encode_error(request.id, _error_info("remote_error", exc, settings.tracebacks))
+    try:
+        reply = protocol.encode_response(request.id, result)
+    except SerializationError as exc:
+        return protocol.encode_error(request.id, _error_info(exc.code, exc, False))
+    if len(reply) > settings.max_message_bytes:
+        error = MessageTooLarge(
+            f"the result of {request.method!r} is {len(reply)} bytes, over the limit of "
+            f"{settings.max_message_bytes} bytes"
+        )
+        return protocol.encode_error(request.id, _error_info(error.code, error, False))
+    return reply
+
+
+def _id_of(frame: bytes) -> int | None:
+    try:
+        return protocol.parse_envelope(frame).id
+    except ProtocolError as exc:
+        return exc.request_id
+
+
+def _error_info(code: str, exc: BaseException, with_traceback: bool) -> ErrorInfo:
+    if isinstance(exc, RPCError):
+        message = exc.message
+    else:
+        try:
+            message = str(exc)
+        except Exception:
+            message = f"<{type(exc).__name__} whose str() failed>"
+    # The text must be encodable UTF-8 whatever the exception held.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = ""
+    if with_traceback:
+        # Skip this module's frame: the user's function is where the story starts.
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    cls = type(exc)
+    type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return ErrorInfo(code, type_name, message, text, exc.args if code == "remote_error" else ())

@@ -1,0 +1,492 @@
+"""The rpc wire format: message kinds, msgpack encoding of values, and limits.
+
+Pure functions, bytes in and messages out; no sockets here. Everything below is
+what a client in another language needs to implement.
+
+Transport
+---------
+A stream socket (TCP or Unix) framed as in Python's ``multiprocessing.connection``:
+each frame is a 4-byte big-endian signed length followed by that many bytes; a
+length of ``-1`` is followed by an 8-byte big-endian unsigned length (frames over
+2 GiB). Receivers refuse frames over their ``max_message_bytes`` (default 64 MiB)
+and close the connection, since the rest of the stream cannot be trusted.
+
+Handshake
+---------
+When the server has an authkey, the ``multiprocessing.connection`` HMAC challenge
+runs both ways first: the server sends ``#CHALLENGE#`` + random bytes, the client
+answers with the HMAC of the random bytes under the authkey, the server replies
+``#WELCOME#`` or ``#FAILURE#``; then the client challenges the server the same
+way. Then the server sends a hello; the client sends its own hello without
+waiting for it. A server without an authkey sends its hello at once.
+
+Messages
+--------
+Every message is one msgpack array (msgpack-rpc layout, plus kwargs and meta):
+
+=============  ==============================================  ===================
+kind           layout                                          direction
+=============  ==============================================  ===================
+0 request      ``[0, id, method, args, kwargs, meta]``          client -> server
+1 response     ``[1, id, error, result]``                       server -> client
+2 notification ``[2, method, args, kwargs]``                    client -> server
+3 cancel       ``[3, id]``                                      client -> server
+4 hello        ``[4, protocol_version, info]``                  both ways, once
+=============  ==============================================  ===================
+
+- ``id``: unsigned integer chosen by the client, unique among its calls in flight
+  on the connection. Responses may come in any order; match them by ``id``.
+- ``method``: UTF-8 string, a registered name such as ``"add"`` or ``"math.hypot"``.
+- ``args``: array; ``kwargs``: map of string keys; ``meta``: map, with the optional
+  key ``"timeout"`` (seconds, float or int, relative to the moment the server
+  reads the request). Unknown meta keys are ignored.
+- ``error``: nil on success, else a map ``{"code": str, "type": str,
+  "message": str}`` with optional ``"traceback": str`` and ``"args": array``.
+  ``code`` names the failure (``remote_error``, ``method_not_found``,
+  ``call_timeout``, ``worker_crashed``, ``server_busy``, ``server_shutting_down``,
+  ``serialization_error``, ``protocol_error``, ``message_too_large``); ``type`` is
+  the remote exception's class name for ``remote_error``.
+  A response with a nil ``id`` reports a connection-level error; the server closes
+  the connection after sending it.
+- ``info`` in hello: a map; the server sends ``{"server": "rpc", "version": str,
+  "max_message_bytes": int}``.
+- Notifications run like requests but are never answered. Cancel is reserved:
+  servers of this version ignore it.
+
+Values
+------
+msgpack's own types (nil, bool, int up to 64 bits, float64, str, bin, array, map)
+plus these extension types; the ext payload is given in the right column:
+
+====  ===========  =====================================================
+code  Python type  payload
+====  ===========  =====================================================
+1     tuple        msgpack array of the items
+2     set          msgpack array of the items
+3     frozenset    msgpack array of the items
+4     datetime     UTF-8 ISO 8601 text (``isoformat()``); naive if no offset
+5     date         UTF-8 ISO 8601 text ``YYYY-MM-DD``
+6     Decimal      UTF-8 text of the decimal (``str()``)
+7     UUID         16 bytes, big-endian
+8     complex      two big-endian float64: real, imaginary
+9     int          big-endian two's complement bytes (for ints beyond 64 bits)
+10    timedelta    msgpack array ``[days, seconds, microseconds]``
+11    time         UTF-8 ISO 8601 text
+====  ===========  =====================================================
+
+Codes 0-63 are rpc's; 64-127 are for users (see :func:`register_type`). Lists
+arrive as lists, dicts as dicts; bytearray and memoryview arrive as bytes; a
+subclass of a supported type (an IntEnum, an OrderedDict, a namedtuple) arrives as
+its base type. A timezone-aware datetime keeps its UTC offset, not its zone name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import struct
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+import msgpack
+
+from .errors import MessageTooLarge, ProtocolError, SerializationError
+
+__all__ = [
+    "REQUEST",
+    "RESPONSE",
+    "NOTIFICATION",
+    "CANCEL",
+    "HELLO",
+    "PROTOCOL_VERSION",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Envelope",
+    "Request",
+    "Response",
+    "ErrorInfo",
+    "Hello",
+    "register_type",
+    "encode_value",
+    "decode_value",
+    "encode_request",
+    "encode_notification",
+    "encode_response",
+    "encode_error",
+    "encode_hello",
+    "parse_envelope",
+    "decode_request",
+    "decode_response",
+    "decode_hello",
+    "response_is_error",
+    "check_size",
+]
+
+REQUEST = 0
+RESPONSE = 1
+NOTIFICATION = 2
+CANCEL = 3
+HELLO = 4
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+USER_CODES = range(64, 128)
+
+# -- values -------------------------------------------------------------------------
+
+_Encoder = Callable[[Any], Any]
+_Decoder = Callable[[Any], Any]
+
+# type -> (ext code, encode to bytes); exact-type lookups keep the hot path cheap.
+_ext_encoders: dict[type, tuple[int, Callable[[Any], bytes]]] = {}
+_ext_decoders: dict[int, Callable[[bytes], Any]] = {}
+# user types, tried with isinstance() after exact lookups miss (for subclasses)
+_user_types: list[tuple[type, int, Callable[[Any], bytes]]] = []
+_user_decoders: dict[int, Callable[[bytes], Any]] = {}
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True, datetime=False)
+
+
+def _unpack(data: bytes | memoryview) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+
+
+def _big_int_bytes(n: int) -> bytes:
+    return n.to_bytes(n.bit_length() // 8 + 1, "big", signed=True)
+
+
+def _default(obj: Any) -> Any:
+    found = _ext_encoders.get(type(obj))
+    if found is not None:
+        code, encode = found
+        return msgpack.ExtType(code, encode(obj))
+    for cls, code, encode in _user_types:
+        if isinstance(obj, cls):
+            return msgpack.ExtType(code, encode(obj))
+    # Subclasses of supported types travel as their base type.
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    for base in (float, str, bytes, dict, list):
+        if isinstance(obj, base):
+            return base(obj)
+    for base in (tuple, frozenset, set, _dt.datetime, _dt.date, _dt.timedelta, _dt.time, Decimal, uuid.UUID):
+        if isinstance(obj, base):
+            code, encode = _ext_encoders[base]
+            return msgpack.ExtType(code, encode(obj))
+    raise TypeError(f"cannot encode a value of type {type(obj).__module__}.{type(obj).__qualname__}")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    decode = _ext_decoders.get(code)
+    if decode is None:
+        raise ValueError(f"unknown extension type {code}")
+    return decode(data)
+
+
+def _builtin(cls: type, code: int, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any]) -> None:
+    _ext_encoders[cls] = (code, encode)
+    _ext_decoders[code] = decode
+
+
+def _items(obj: Any) -> bytes:
+    return _pack(list(obj))
+
+
+def _iso(obj: Any) -> bytes:
+    return obj.isoformat().encode()
+
+
+_COMPLEX = struct.Struct("!dd")
+
+_builtin(tuple, 1, _items, lambda b: tuple(_unpack(b)))
+_builtin(set, 2, _items, lambda b: set(_unpack(b)))
+_builtin(frozenset, 3, _items, lambda b: frozenset(_unpack(b)))
+_builtin(_dt.datetime, 4, _iso, lambda b: _dt.datetime.fromisoformat(b.decode()))
+_builtin(_dt.date, 5, _iso, lambda b: _dt.date.fromisoformat(b.decode()))
+_builtin(Decimal, 6, lambda d: str(d).encode(), lambda b: Decimal(b.decode()))
+_builtin(uuid.UUID, 7, lambda u: u.bytes, lambda b: uuid.UUID(bytes=b))
+_builtin(complex, 8, lambda c: _COMPLEX.pack(c.real, c.imag), lambda b: complex(*_COMPLEX.unpack(b)))
+_builtin(int, 9, _big_int_bytes, lambda b: int.from_bytes(b, "big", signed=True))
+_builtin(
+    _dt.timedelta,
+    10,
+    lambda t: _pack([t.days, t.seconds, t.microseconds]),
+    lambda b: _dt.timedelta(*_unpack(b)),
+)
+_builtin(_dt.time, 11, _iso, lambda b: _dt.time.fromisoformat(b.decode()))
+
+
+def register_type(cls: type, code: int, encode: _Encoder, decode: _Decoder) -> None:
+    """Teach the wire format a type of your own.
+
+    ``encode(obj)`` returns any encodable value (a tuple, a dict, ...) and
+    ``decode(value)`` rebuilds the object from it. ``code`` is an extension code
+    in 64-127, the same in every process that talks; register at import time of a
+    module that both the server's registry and the clients import. Instances of
+    subclasses of ``cls`` are encoded too (and decode as ``cls``).
+    """
+    if code not in USER_CODES:
+        raise ValueError(f"extension code {code} is outside the user range 64-127")
+    if code in _ext_decoders and _ext_decoders[code] is not _user_decoders.get(code):
+        raise ValueError(f"extension code {code} is taken")
+
+    def to_bytes(obj: Any) -> bytes:
+        return _pack(encode(obj))
+
+    def from_bytes(data: bytes) -> Any:
+        return decode(_unpack(data))
+
+    _ext_encoders[cls] = (code, to_bytes)
+    _ext_decoders[code] = from_bytes
+    _user_decoders[code] = from_bytes
+    _user_types[:] = [entry for entry in _user_types if entry[0] is not cls]
+    _user_types.append((cls, code, to_bytes))
+
+
+def encode_value(value: Any) -> bytes:
+    """Encode one value; :class:`SerializationError` if it (or something in it) cannot be."""
+    try:
+        return _pack(value)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise SerializationError(f"cannot encode value: {exc}") from None
+
+
+def decode_value(data: bytes | memoryview) -> Any:
+    """Decode one value; :class:`ProtocolError` if the bytes are not a valid encoding."""
+    try:
+        return _unpack(data)
+    except Exception as exc:  # msgpack raises a zoo of types for bad input
+        raise ProtocolError(f"cannot decode value: {exc}") from None
+
+
+# -- messages -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """A failure as it travels: the wire ``code``, exception type name, message, traceback."""
+
+    code: str
+    type_name: str
+    message: str
+    traceback: str = ""
+    args: tuple[Any, ...] = ()
+
+
+class Envelope(NamedTuple):
+    """What the server reads of an incoming frame: enough to route it, not the arguments."""
+
+    kind: int
+    id: int | None
+    method: str
+    timeout: float | None
+
+
+class Request(NamedTuple):
+    """A request or notification as the handler decodes it (``id`` is None for notifications)."""
+
+    id: int | None
+    method: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
+class Response(NamedTuple):
+    """A decoded response: exactly one of ``error`` and ``result`` is meaningful."""
+
+    id: int | None
+    error: ErrorInfo | None
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The first message each side sends after the handshake."""
+
+    version: int
+    info: dict[str, Any]
+
+
+def check_size(frame: bytes, limit: int) -> None:
+    """Raise :class:`MessageTooLarge` if ``frame`` exceeds ``limit`` bytes."""
+    if len(frame) > limit:
+        raise MessageTooLarge(f"message of {len(frame)} bytes exceeds the limit of {limit} bytes")
+
+
+def encode_request(id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> bytes:
+    meta = {} if timeout is None else {"timeout": timeout}
+    return encode_value([REQUEST, id, method, list(args), kwargs, meta])
+
+
+def encode_notification(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    return encode_value([NOTIFICATION, method, list(args), kwargs])
+
+
+def encode_response(id: int | None, result: Any) -> bytes:
+    return encode_value([RESPONSE, id, None, result])
+
+
+def encode_error(id: int | None, error: ErrorInfo) -> bytes:
+    body: dict[str, Any] = {"code": error.code, "type": error.type_name, "message": error.message}
+    if error.traceback:
+        body["traceback"] = error.traceback
+    if error.args:
+        body["args"] = list(error.args)
+    try:
+        return _pack([RESPONSE, id, body, None])
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        body.pop("args", None)  # the exception's args were not encodable; its text still is
+        return _pack([RESPONSE, id, body, None])
+
+
+def encode_hello(info: dict[str, Any]) -> bytes:
+    return _pack([HELLO, PROTOCOL_VERSION, info])
+
+
+_NIL = 0xC0
+
+
+def response_is_error(frame: bytes) -> bool:
+    """Whether an encoded response carries an error, read without decoding it.
+
+    The error field follows the id; its first byte is nil (0xc0) on success.
+    """
+    marker = frame[2] if len(frame) > 2 else _NIL
+    # id width by its msgpack marker: fixint, uint8/16/32/64, or nil
+    width = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}.get(marker, 1)
+    position = 2 + width
+    return len(frame) > position and frame[position] != _NIL
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise ProtocolError(f"malformed message: {what}")
+
+
+# Below this size a full decode is cheaper than a streaming Unpacker; above it,
+# skipping the arguments avoids copying large payloads in the server.
+_SMALL_FRAME = 4096
+
+
+def _ignore_ext(code: int, data: bytes) -> None:
+    return None
+
+
+def parse_envelope(frame: bytes) -> Envelope:
+    """Read kind, id, method and timeout of a client frame, not decoding the arguments.
+
+    Raises :class:`ProtocolError`; its ``request_id`` attribute is the id when the
+    id could be read, so the caller can still answer the request.
+    """
+    try:
+        if len(frame) <= _SMALL_FRAME:
+            message = msgpack.unpackb(frame, raw=False, strict_map_key=False, ext_hook=_ignore_ext)
+        else:
+            message = _read_streamed(frame)
+    except Exception as exc:  # msgpack raises a zoo of types for bad input
+        raise ProtocolError(f"malformed message: {exc or type(exc).__name__}") from None
+    if type(message) is not list or not message:
+        raise ProtocolError("malformed message: not a non-empty array")
+    kind = message[0]
+    if kind == REQUEST and len(message) == 6:
+        request_id = message[1]
+        if type(request_id) is not int or not 0 <= request_id < 2**64:
+            raise ProtocolError("malformed message: request id must be an unsigned 64-bit int")
+        method, meta = message[2], message[5]
+        try:
+            _expect(type(method) is str, "method must be a string")
+            _expect(type(meta) is dict, "meta must be a map")
+            timeout = meta.get("timeout")
+            _expect(
+                timeout is None or (type(timeout) in (int, float) and 0 <= timeout < 1e9),
+                "timeout must be a number of seconds >= 0",
+            )
+        except ProtocolError as exc:
+            exc.request_id = request_id
+            raise
+        return Envelope(REQUEST, request_id, method, None if timeout is None else float(timeout))
+    if kind == NOTIFICATION and len(message) == 4:
+        _expect(type(message[1]) is str, "method must be a string")
+        return Envelope(NOTIFICATION, None, message[1], None)
+    if kind == CANCEL and len(message) == 2:
+        _expect(type(message[1]) is int, "request id must be an int")
+        return Envelope(CANCEL, message[1], "", None)
+    if kind == HELLO and len(message) == 3:
+        return Envelope(HELLO, None, "", None)
+    raise ProtocolError(f"malformed message: kind {kind!r} with {len(message)} fields")
+
+
+def _read_streamed(frame: bytes) -> list[Any]:
+    """The envelope fields of a large frame; args and kwargs are skipped, not decoded."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame), strict_map_key=False)
+    unpacker.feed(frame)
+    size = unpacker.read_array_header()
+    if size == 6 and (kind := unpacker.unpack()) == REQUEST:
+        request_id, method = unpacker.unpack(), unpacker.unpack()
+        unpacker.skip()
+        unpacker.skip()
+        message = [kind, request_id, method, None, None, unpacker.unpack()]
+    elif size == 4 and (kind := unpacker.unpack()) == NOTIFICATION:
+        method = unpacker.unpack()
+        unpacker.skip()
+        unpacker.skip()
+        message = [kind, method, None, None]
+    else:
+        message = [unpacker.unpack() for _ in range(size)]
+    if unpacker.tell() != len(frame):
+        raise ValueError("trailing bytes after the message")
+    return message
+
+
+def decode_request(frame: bytes) -> Request:
+    """Decode a request or notification in full (the handler's side)."""
+    message = decode_value(frame)
+    _expect(type(message) is list and message, "not a message array")
+    kind = message[0]
+    if kind == REQUEST:
+        _expect(len(message) == 6, "a request is an array of 6")
+        _, request_id, method, args, kwargs, _meta = message
+    elif kind == NOTIFICATION:
+        _expect(len(message) == 4, "a notification is an array of 4")
+        _, method, args, kwargs = message
+        request_id = None
+    else:
+        raise ProtocolError(f"malformed message: kind {kind!r} is not a call")
+    _expect(type(method) is str, "method must be a string")
+    _expect(type(args) is list, "args must be an array")
+    _expect(type(kwargs) is dict and all(type(k) is str for k in kwargs), "kwargs must be a map of strings")
+    return Request(request_id, method, args, kwargs)
+
+
+def decode_response(frame: bytes) -> Response:
+    """Decode a response (the client's side)."""
+    message = decode_value(frame)
+    _expect(type(message) is list and len(message) == 4 and message[0] == RESPONSE, "not a response")
+    _, response_id, error, result = message
+    _expect(response_id is None or type(response_id) is int, "response id must be an int or nil")
+    if error is None:
+        return Response(response_id, None, result)
+    _expect(type(error) is dict, "error must be a map")
+    args = error.get("args", ())
+    info = ErrorInfo(
+        code=str(error.get("code", "rpc_error")),
+        type_name=str(error.get("type", "Exception")),
+        message=str(error.get("message", "")),
+        traceback=str(error.get("traceback", "")),
+        args=tuple(args) if type(args) is list else (),
+    )
+    return Response(response_id, info, None)
+
+
+def decode_hello(frame: bytes) -> Hello:
+    message = decode_value(frame)
+    _expect(type(message) is list and len(message) == 3 and message[0] == HELLO, "expected a hello")
+    _, version, info = message
+    _expect(type(version) is int and type(info) is dict, "malformed hello")
+    return Hello(version, info)

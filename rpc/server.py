@@ -1,0 +1,342 @@
+"""The server: listen, authenticate, read requests, hand them to the handler pool.
+
+Threads of the supervisor process: one accepts connections; one per connection
+authenticates it (under a deadline) and then reads its frames; one per handler
+slot routes replies (see :mod:`rpc.supervisor`); one housekeeper enforces
+handshake and call deadlines. The server reads only each request's envelope and
+forwards the frame to a handler untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from . import __version__, protocol, transport
+from .config import ServerConfig
+from .errors import (
+    AuthenticationError,
+    MessageTooLarge,
+    ProtocolError,
+    RPCError,
+    ServerBusy,
+)
+from .handler import HandlerSettings
+from .logs import make_logger
+from .registry import Registry, import_string_of
+from .supervisor import Call, HandlerPool, PoolSettings
+
+__all__ = ["Server"]
+
+PING = "_rpc.ping"
+HOUSEKEEPING_INTERVAL = 0.05  # seconds: the resolution of handshake and call deadlines
+_DESCRIPTOR_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class _ClientConnection:
+    """One authenticated client as the pool sees it: somewhere to send replies."""
+
+    __slots__ = ("conn", "peer", "_send_lock", "closed", "handshake_deadline", "timed_out")
+
+    def __init__(self, conn: Connection, peer: str) -> None:
+        self.conn = conn
+        self.peer = peer
+        self._send_lock = threading.Lock()
+        self.closed = False
+        self.handshake_deadline: float | None = None
+        self.timed_out = False
+
+    def send(self, frame: bytes) -> None:
+        """Send one frame; a failure drops the connection (its reader then cleans up)."""
+        with self._send_lock:
+            if self.closed:
+                return
+            try:
+                self.conn.send_bytes(frame)
+            except OSError:
+                # A partial frame may be on the wire: nothing more can be sent safely.
+                transport.shutdown(self.conn)
+
+    def close(self) -> None:
+        # Under the send lock, so no sender writes to a descriptor number reused later.
+        with self._send_lock:
+            if not self.closed:
+                self.closed = True
+                self.conn.close()
+
+
+class Server:
+    """An rpc server: a listening socket and a pool of handler processes.
+
+    ``registry`` is a :class:`Registry` defined at module level, or its import
+    string ``"pkg.module:registry"``. Other keywords are :class:`ServerConfig`
+    fields. Use as a context manager, or call :meth:`start` and :meth:`close`.
+    """
+
+    def __init__(self, registry: Registry | str, address: transport.Address = ("127.0.0.1", 0), **options: Any) -> None:
+        self.config = options.pop("config", None) or ServerConfig.build(address=address, **options)
+        self.registry_spec = registry if isinstance(registry, str) else import_string_of(registry)
+        config = self.config
+        self._log = make_logger(config.log_level, config.log_format, component="rpc.server")
+        self._pool = HandlerPool(
+            PoolSettings(
+                workers=config.workers,
+                max_pending=config.max_pending,
+                max_call_seconds=config.max_call_seconds,
+                start_method=config.start_method,
+                startup_timeout=config.startup_timeout,
+                access_log=config.access_log,
+            ),
+            HandlerSettings(self.registry_spec, config.max_message_bytes, config.tracebacks),
+            self._log,
+        )
+        self._listener: transport.ListeningSocket | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._lock = threading.Lock()
+        self._connections: set[_ClientConnection] = set()
+        self._threads: set[threading.Thread] = set()
+        self._closing = threading.Event()
+        self._closed = threading.Event()
+        self._handlers_stopped = threading.Event()
+        self._started = False
+        self._hello = protocol.encode_hello(
+            {"server": "rpc", "version": __version__, "max_message_bytes": config.max_message_bytes}
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def address(self) -> transport.Address:
+        """The bound address: ``(host, port)`` with the real port, or the Unix socket path."""
+        if self._listener is None:
+            return self.config.address
+        return self._listener.address
+
+    def start(self) -> Server:
+        """Listen, start the handlers, and begin accepting; returns when ready to serve."""
+        if self._started:
+            return self
+        self._started = True
+        self._listener = transport.ListeningSocket(self.config.address, self.config.backlog, self.config.unix_socket_mode)
+        try:
+            self._pool.start()
+        except BaseException:
+            self._listener.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._closed.set()
+            raise
+        self._spawn(self._accept_loop, "rpc-accept")
+        self._spawn(self._housekeeping, "rpc-housekeeping")
+        self._log.info(
+            "listening",
+            address=transport.format_address(self.address),
+            workers=self.config.workers,
+            registry=self.registry_spec,
+            authenticated=self.config.authkey is not None,
+        )
+        return self
+
+    def serve_forever(self) -> None:
+        """Start if needed, then block until :meth:`close` is called (from another thread)."""
+        self.start()
+        self._closed.wait()
+
+    def close(self, grace: float | None = None) -> None:
+        """Stop accepting, let calls in flight finish within ``grace`` s, stop the handlers."""
+        if self._closing.is_set():
+            self._closed.wait()
+            return
+        self._closing.set()
+        if not self._started:
+            self._closed.set()
+            return
+        grace = self.config.shutdown_grace if grace is None else grace
+        self._log.info("shutdown_begun", grace=grace)
+        os.write(self._wake_w, b"x")
+        unfinished = self._pool.drain(grace)
+        with self._lock:
+            clients = list(self._connections)
+        for client in clients:
+            transport.shutdown(client.conn)
+        self._pool.stop()
+        self._handlers_stopped.set()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(5.0)
+        if self._listener is not None:
+            self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._log.info("shutdown_finished", connections=len(clients), unfinished_calls=unfinished)
+        self._closed.set()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def handler_pids(self) -> list[int]:
+        """Process ids of the live handler processes."""
+        return self._pool.pids()
+
+    # -- threads -----------------------------------------------------------------------
+
+    def _spawn(self, target: Any, name: str, *args: Any) -> None:
+        thread = threading.Thread(target=self._tracked, args=(target, *args), name=name, daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def _tracked(self, target: Any, *args: Any) -> None:
+        try:
+            target(*args)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        backoff = 0.05
+        while not self._closing.is_set():
+            ready = wait([listener, self._wake_r])  # type: ignore[list-item]
+            if self._wake_r in ready or self._closing.is_set():
+                return
+            try:
+                accepted = listener.accept()
+            except OSError as exc:
+                if exc.errno in _DESCRIPTOR_ERRORS:
+                    # Out of descriptors or memory: back off rather than spin, then retry.
+                    self._log.error("accept_failed", error=os.strerror(exc.errno or 0), retry_in=backoff)
+                    self._closing.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                else:
+                    self._log.warning("accept_failed", error=str(exc))
+                continue
+            backoff = 0.05
+            if accepted is not None:
+                conn, peer = accepted
+                client = _ClientConnection(conn, peer)
+                client.handshake_deadline = time.monotonic() + self.config.handshake_timeout
+                with self._lock:
+                    self._connections.add(client)
+                self._spawn(self._serve_connection, f"rpc-conn-{peer}", client)
+
+    def _housekeeping(self) -> None:
+        while not self._closing.wait(HOUSEKEEPING_INTERVAL):
+            self._pool.check_deadlines()
+            now = time.monotonic()
+            with self._lock:
+                late = [
+                    c for c in self._connections if c.handshake_deadline is not None and now >= c.handshake_deadline
+                ]
+                for client in late:
+                    client.handshake_deadline = None
+                    client.timed_out = True
+            for client in late:
+                transport.shutdown(client.conn)  # wakes the handshake's blocked read
+        # Deadlines still apply while calls drain during shutdown.
+        while not self._handlers_stopped.wait(HOUSEKEEPING_INTERVAL):
+            self._pool.check_deadlines()
+
+    # -- one connection ---------------------------------------------------------------
+
+    def _serve_connection(self, client: _ClientConnection) -> None:
+        log = self._log.bind(peer=client.peer)
+        try:
+            if self._handshake(client, log):
+                self._read_requests(client, log)
+        finally:
+            client.close()
+            self._pool.forget(client)
+            with self._lock:
+                self._connections.discard(client)
+
+    def _handshake(self, client: _ClientConnection, log: Any) -> bool:
+        conn = client.conn
+        try:
+            transport.server_handshake(conn, self.config.authkey)
+            conn.send_bytes(self._hello)
+            hello = protocol.decode_hello(conn.recv_bytes(65536))
+        except (AuthenticationError, ProtocolError, EOFError, OSError) as exc:
+            with self._lock:
+                timed_out = client.timed_out
+                client.handshake_deadline = None
+            reason = "handshake timed out" if timed_out else _reason(exc)
+            log.warning("client_rejected", reason=reason)
+            return False
+        with self._lock:
+            client.handshake_deadline = None
+        if hello.version != protocol.PROTOCOL_VERSION:
+            error = ProtocolError(
+                f"protocol version {hello.version} is not supported; this server speaks {protocol.PROTOCOL_VERSION}"
+            )
+            client.send(_error_frame(None, error))
+            log.warning("client_rejected", reason=error.message)
+            return False
+        # A client that stops reading its replies must not hold a handler slot forever.
+        transport.set_io_timeout(conn, self.config.send_timeout or None, read=False)
+        log.debug("client_connected")
+        return True
+
+    def _read_requests(self, client: _ClientConnection, log: Any) -> None:
+        conn = client.conn
+        limit = self.config.max_message_bytes
+        submit = self._pool.submit
+        while True:
+            try:
+                frame = conn.recv_bytes(limit)
+            except EOFError:
+                log.debug("client_disconnected")
+                return
+            except OSError as exc:
+                if "bad message length" in str(exc):
+                    # The frame body was not read, so the stream cannot be resynchronised.
+                    error = MessageTooLarge(f"message exceeds the server's limit of {limit} bytes")
+                    client.send(_error_frame(None, error))
+                    log.warning("client_dropped", reason="message too large", limit=limit)
+                else:
+                    log.debug("client_disconnected", reason=_reason(exc))
+                return
+            try:
+                envelope = protocol.parse_envelope(frame)
+            except ProtocolError as exc:
+                client.send(_error_frame(exc.request_id, exc))
+                if exc.request_id is None:
+                    log.warning("client_dropped", reason=exc.message)
+                    return
+                continue
+            kind = envelope.kind
+            if kind == protocol.REQUEST:
+                if envelope.method == PING:
+                    client.send(protocol.encode_response(envelope.id, "pong"))
+                    continue
+                deadline = None if envelope.timeout is None else time.monotonic() + envelope.timeout
+                try:
+                    submit(Call(client, envelope.id, envelope.method, frame, deadline))
+                except ServerBusy as exc:
+                    client.send(_error_frame(envelope.id, exc))
+            elif kind == protocol.NOTIFICATION:
+                try:
+                    submit(Call(None, None, envelope.method, frame, None))
+                except ServerBusy:
+                    log.warning("notification_dropped", method=envelope.method, reason="server busy")
+            # Cancel is reserved in this protocol version, and a second hello means nothing.
+
+
+def _error_frame(request_id: int | None, error: RPCError) -> bytes:
+    return protocol.encode_error(request_id, protocol.ErrorInfo(error.code, type(error).__name__, error.message))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "closed during handshake"
+    return str(exc) or type(exc).__name__

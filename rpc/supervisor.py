@@ -1,0 +1,460 @@
+"""The pool of handler processes: dispatch, deadlines, replacement, shutdown.
+
+Each handler runs one call at a time. A call goes straight to an idle handler
+from the thread that read it, or waits in a bounded queue. One thread per handler
+slot reads the handler's replies, hands it the next queued call, and routes the
+reply to the caller; when the handler dies, that thread fails its call with
+``WorkerCrashed`` and starts a replacement. This module never touches client
+sockets: a call's ``connection`` only needs ``send(frame)`` and ``peer``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from . import handler, protocol
+from .errors import (
+    CallTimeout,
+    RPCError,
+    ServerBusy,
+    ServerShuttingDown,
+    StartupError,
+    WorkerCrashed,
+)
+from .logs import Logger
+
+__all__ = ["PoolSettings", "Call", "HandlerPool"]
+
+
+class ReplySink(Protocol):
+    """Where a call's answer goes: the client connection it came from."""
+
+    peer: str
+
+    def send(self, frame: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    workers: int
+    max_pending: int
+    max_call_seconds: float | None
+    start_method: str
+    startup_timeout: float
+    access_log: bool
+
+
+class Call:
+    """One request on its way through the server; answered exactly once."""
+
+    __slots__ = ("connection", "id", "method", "frame", "deadline", "received", "answered")
+
+    def __init__(
+        self, connection: ReplySink | None, id: int | None, method: str, frame: bytes, deadline: float | None
+    ) -> None:
+        self.connection = connection  # None for a notification: nobody waits for it
+        self.id = id
+        self.method = method
+        self.frame = frame
+        self.deadline = deadline
+        self.received = time.monotonic()
+        self.answered = False
+
+
+class _Slot:
+    """A place for one handler process; its process is replaced when it dies."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: Any = None
+        self.conn: Connection | None = None
+        self.pid: int | None = None
+        self.current: Call | None = None
+        self.started: float = 0.0
+        self.kill_reason: str | None = None  # set when the supervisor kills the handler
+        self.kill_at: float | None = None  # when to escalate SIGTERM to SIGKILL
+        self.reaping = False  # the slot thread is collecting the process: signal it no more
+        self.thread: threading.Thread | None = None
+
+
+class HandlerPool:
+    """N handler processes that run calls handed to :meth:`submit`."""
+
+    def __init__(self, settings: PoolSettings, handler_settings: handler.HandlerSettings, log: Logger) -> None:
+        self._settings = settings
+        self._handler_settings = handler_settings
+        self._log = log
+        self._context = multiprocessing.get_context(settings.start_method)
+        self._lock = threading.Lock()
+        self._idle_changed = threading.Condition(self._lock)
+        self._slots = [_Slot(i) for i in range(settings.workers)]
+        self._idle: list[_Slot] = []
+        self._queue: deque[Call] = deque()
+        self._closing = False  # no new calls; queued ones were failed
+        self._stopping = False  # handlers are being stopped; do not replace them
+        self._startup_errors: list[str] = []
+        self._ready = threading.Semaphore(0)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every handler and wait until all have imported the registry."""
+        for slot in self._slots:
+            slot.thread = threading.Thread(target=self._run_slot, args=(slot,), name=f"rpc-slot-{slot.index}", daemon=True)
+            slot.thread.start()
+        for _ in self._slots:
+            self._ready.acquire()
+        if self._startup_errors:
+            self.stop(grace=0)
+            raise StartupError(self._startup_errors[0])
+
+    def pids(self) -> list[int]:
+        """Process ids of the live handlers."""
+        with self._lock:
+            return [slot.pid for slot in self._slots if slot.pid is not None]
+
+    def drain(self, grace: float) -> int:
+        """Take no more calls, fail queued ones, and wait up to ``grace`` s for running ones.
+
+        Returns how many calls were still running when the grace period ended.
+        """
+        with self._lock:
+            self._closing = True
+            queued = list(self._queue)
+            self._queue.clear()
+        for call in queued:
+            self._fail(call, ServerShuttingDown("the server is shutting down; the call did not run"), None)
+        deadline = time.monotonic() + grace
+        with self._lock:
+            while (running := sum(1 for s in self._slots if s.current is not None)) and (
+                remaining := deadline - time.monotonic()
+            ) > 0:
+                self._idle_changed.wait(remaining)
+        return running
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop every handler: close its pipe, then SIGTERM, then SIGKILL. Waits for them.
+
+        Only slot threads reap handler processes; this method signals them and
+        waits for the slot threads, so no process id is signalled after reaping.
+        """
+        with self._lock:
+            self._closing = True
+            self._stopping = True
+            conns = [slot.conn for slot in self._slots if slot.conn is not None]
+        for conn in conns:
+            _shutdown_pipe(conn)  # the handler reads EOF and exits after its call
+        threads = [s.thread for s in self._slots if s.thread is not None and s.thread is not threading.current_thread()]
+        deadline = time.monotonic() + grace
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0))
+        for signum, wait_seconds in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
+            stuck = [slot for slot in self._slots if slot.thread in threads and slot.thread.is_alive()]
+            if not stuck:
+                break
+            for slot in stuck:
+                self._signal(slot, signum)
+            deadline = time.monotonic() + wait_seconds
+            for slot in stuck:
+                assert slot.thread is not None
+                slot.thread.join(max(deadline - time.monotonic(), 0))
+
+    # -- calls ------------------------------------------------------------------------
+
+    def submit(self, call: Call) -> None:
+        """Run ``call`` on an idle handler, or queue it; raises ServerBusy when the queue is full."""
+        if call.deadline is None and self._settings.max_call_seconds is not None:
+            call.deadline = call.received + self._settings.max_call_seconds
+        with self._lock:
+            if self._closing:
+                raise ServerShuttingDown("the server is shutting down; the call did not run")
+            if not self._idle:
+                if len(self._queue) >= self._settings.max_pending:
+                    raise ServerBusy(
+                        f"all {len(self._slots)} handlers are busy and {len(self._queue)} calls are waiting"
+                    )
+                self._queue.append(call)
+                return
+            slot = self._idle.pop()
+            slot.current = call
+            slot.started = time.monotonic()
+            conn = slot.conn
+        self._send(conn, call)
+
+    def check_deadlines(self) -> None:
+        """Fail calls past their deadline; kill the handlers running them. Call periodically."""
+        now = time.monotonic()
+        timed_out: list[tuple[Call, int | None]] = []
+        to_terminate: list[_Slot] = []
+        to_kill: list[_Slot] = []
+        with self._lock:
+            for slot in self._slots:
+                call = slot.current
+                if call is not None and not call.answered and call.deadline is not None and now >= call.deadline:
+                    call.answered = True
+                    timed_out.append((call, slot.pid))
+                    slot.kill_reason = f"call {call.method!r} passed its deadline"
+                    slot.kill_at = now + 1.0
+                    to_terminate.append(slot)
+                elif slot.kill_at is not None and now >= slot.kill_at:
+                    slot.kill_at = None
+                    to_kill.append(slot)
+            if self._queue and any(c.deadline is not None and now >= c.deadline for c in self._queue):
+                waiting = deque(c for c in self._queue if c.deadline is None or now < c.deadline)
+                expired = [c for c in self._queue if c.deadline is not None and now >= c.deadline]
+                self._queue = waiting
+            else:
+                expired = []
+        for slot in to_terminate:
+            self._signal(slot, signal.SIGTERM)
+        for slot in to_kill:
+            self._signal(slot, signal.SIGKILL)
+        for call, pid in timed_out:
+            self._answer(call, _error_frame(call, _timeout(call)), pid, "timeout")
+        for call in expired:
+            self._fail(call, _expired(call), None)
+
+    def forget(self, connection: ReplySink) -> None:
+        """Drop queued calls of a connection that closed; running ones finish unheard."""
+        with self._lock:
+            if any(c.connection is connection for c in self._queue):
+                self._queue = deque(c for c in self._queue if c.connection is not connection)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _signal(self, slot: _Slot, signum: int) -> None:
+        """Signal the slot's handler unless its slot thread has begun reaping it."""
+        with self._lock:
+            pid = None if slot.reaping or slot.process is None else slot.process.pid
+        if pid is not None:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _send(self, conn: Connection | None, call: Call) -> None:
+        try:
+            assert conn is not None
+            conn.send_bytes(call.frame)
+        except (OSError, AssertionError):
+            pass  # the handler died; its slot thread fails the call with WorkerCrashed
+
+    def _next_call(self, now: float) -> tuple[Call | None, list[Call]]:
+        """Under the lock: the next queued call still worth running, and those that expired."""
+        expired = []
+        while self._queue:
+            call = self._queue.popleft()
+            if call.deadline is not None and now >= call.deadline:
+                expired.append(call)
+                continue
+            return call, expired
+        return None, expired
+
+    def _run_slot(self, slot: _Slot) -> None:
+        first = True
+        backoff = 0.1
+        while True:
+            error = self._start_handler(slot)
+            if first:
+                first = False
+                if error is not None:
+                    self._startup_errors.append(error)
+                self._ready.release()
+                if error is not None:
+                    return
+            elif error is not None:
+                if self._stopping:
+                    return
+                self._log.error("handler_start_failed", slot=slot.index, error=error)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            with self._lock:
+                call, expired = (None, []) if self._closing else self._next_call(time.monotonic())
+                if call is not None:
+                    slot.current = call
+                    slot.started = time.monotonic()
+                elif not self._stopping:
+                    self._idle.append(slot)
+            for stale in expired:
+                self._fail(stale, _expired(stale), None)
+            if call is not None:
+                self._send(slot.conn, call)
+            self._serve(slot)
+            reason = self._reap(slot)
+            if self._stopping:
+                return
+            self._log.warning("handler_replaced", slot=slot.index, pid=slot.pid, reason=reason)
+
+    def _start_handler(self, slot: _Slot) -> str | None:
+        """Start a handler process in ``slot`` and wait for its hello; returns an error or None."""
+        parent_conn, child_conn = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=handler.run,
+            args=(child_conn, self._handler_settings),
+            name=f"rpc-handler-{slot.index}",
+            daemon=True,  # multiprocessing kills daemonic children if the supervisor exits abruptly
+        )
+        try:
+            process.start()
+        except Exception as exc:
+            parent_conn.close()
+            child_conn.close()
+            return f"cannot start a handler process: {exc}"
+        child_conn.close()  # so the supervisor reads EOF when the handler dies
+        error = None
+        try:
+            if not parent_conn.poll(self._settings.startup_timeout):
+                error = f"handler did not start within {self._settings.startup_timeout:g} s"
+            else:
+                first = parent_conn.recv_bytes(protocol.DEFAULT_MAX_MESSAGE_BYTES)
+                try:
+                    protocol.decode_hello(first)
+                except RPCError:
+                    response = protocol.decode_response(first)
+                    info = response.error
+                    error = f"handler could not load the registry: {info.message}" if info else "bad hello"
+        except (EOFError, OSError) as exc:
+            error = f"handler exited while starting (exit code {process.exitcode}): {exc or 'EOF'}"
+        if error is not None:
+            parent_conn.close()
+            process.kill()
+            process.join()
+            return error
+        with self._lock:
+            slot.process, slot.conn, slot.pid = process, parent_conn, process.pid
+            slot.kill_reason, slot.kill_at, slot.reaping = None, None, False
+            stopping = self._stopping
+        if stopping:
+            _shutdown_pipe(parent_conn)  # stop() began while this handler started: let it exit
+        self._log.info("handler_started", slot=slot.index, pid=process.pid)
+        return None
+
+    def _serve(self, slot: _Slot) -> None:
+        """Route the handler's replies until its pipe closes (it exited or was killed)."""
+        conn = slot.conn
+        assert conn is not None
+        while True:
+            try:
+                reply = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            now = time.monotonic()
+            with self._lock:
+                call = slot.current
+                if call is None or slot.kill_reason is not None:
+                    continue  # a late result of a call already answered with CallTimeout
+                if call.answered:
+                    continue
+                call.answered = True
+                next_call, expired = (None, []) if self._closing else self._next_call(now)
+                slot.current = next_call
+                if next_call is not None:
+                    slot.started = now
+                else:
+                    self._idle.append(slot)
+                    self._idle_changed.notify_all()
+            # Hand the handler its next call before replying, so it works while we send.
+            if next_call is not None:
+                self._send(conn, next_call)
+            self._answer(call, reply, slot.pid, "error" if protocol.response_is_error(reply) else "ok")
+            for stale in expired:
+                self._fail(stale, _expired(stale), None)
+
+    def _reap(self, slot: _Slot) -> str:
+        """After the handler's pipe closed: fail its call, collect the process, say why."""
+        with self._lock:
+            slot.reaping = True
+        process = slot.process
+        process.join(5.0)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+        code = process.exitcode
+        reason = slot.kill_reason or _exit_reason(code)
+        with self._lock:
+            call = slot.current
+            slot.current = None
+            if slot in self._idle:
+                self._idle.remove(slot)
+            crashed = call is not None and not call.answered
+            if crashed:
+                call.answered = True
+            self._idle_changed.notify_all()
+        if slot.conn is not None:
+            slot.conn.close()
+        if crashed:
+            assert call is not None
+            error = WorkerCrashed(f"the handler process (pid {slot.pid}) died during this call: {reason}")
+            self._answer(call, _error_frame(call, error), slot.pid, "crashed")
+        return reason
+
+    def _fail(self, call: Call, error: RPCError, pid: int | None) -> None:
+        """Answer a call that is not on a handler (queued, rejected) with ``error``."""
+        with self._lock:
+            if call.answered:
+                return
+            call.answered = True
+        self._answer(call, _error_frame(call, error), pid, error.code)
+
+    def _answer(self, call: Call, frame: bytes, pid: int | None, outcome: str) -> None:
+        if call.connection is not None:
+            call.connection.send(frame)
+        if self._settings.access_log:
+            self._log.info(
+                "call",
+                method=call.method,
+                id=call.id,
+                peer=call.connection.peer if call.connection is not None else None,
+                pid=pid,
+                ms=round((time.monotonic() - call.received) * 1000, 3),
+                outcome=outcome,
+            )
+
+
+def _timeout(call: Call) -> CallTimeout:
+    return CallTimeout(f"call {call.method!r} passed its deadline")
+
+
+def _expired(call: Call) -> CallTimeout:
+    return CallTimeout(f"call {call.method!r} passed its deadline while waiting for a handler; it did not run")
+
+
+def _error_frame(call: Call, error: RPCError) -> bytes:
+    return protocol.encode_error(call.id, protocol.ErrorInfo(error.code, type(error).__name__, error.message))
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _shutdown_pipe(conn: Connection) -> None:
+    """Signal EOF to the handler without closing the descriptor a slot thread is reading."""
+    try:
+        sock = socket.socket(fileno=conn.fileno())
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()

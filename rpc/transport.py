@@ -1,0 +1,278 @@
+"""Sockets under ``multiprocessing.connection``: listen, accept, connect, authenticate.
+
+rpc keeps the framing and the HMAC challenge of ``multiprocessing.connection``
+but opens its own sockets, because ``Listener.accept()`` runs the handshake on the
+accepting thread (one silent client would stall every other) and ``Client()``
+has no connect or handshake deadline. Nothing here knows about messages.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import multiprocessing
+import os
+import socket
+import stat
+import struct
+import time
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from typing import Union
+
+from .errors import AuthenticationError, ConfigError, ConnectionClosed, ConnectTimeout, StartupError
+
+__all__ = [
+    "Address",
+    "ListeningSocket",
+    "connect",
+    "is_loopback",
+    "format_address",
+    "shutdown",
+    "server_handshake",
+    "client_handshake",
+]
+
+# (host, port) for TCP; a filesystem path for a Unix socket.
+Address = Union[tuple[str, int], str]
+
+CHALLENGE = b"#CHALLENGE#"
+WELCOME = b"#WELCOME#"
+FAILURE = b"#FAILURE#"
+
+
+def is_unix(address: Address) -> bool:
+    return isinstance(address, (str, os.PathLike))
+
+
+def is_loopback(address: Address) -> bool:
+    """Unix sockets and loopback IPs are local; every other host is not."""
+    if is_unix(address):
+        return True
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def format_address(address: Address) -> str:
+    if is_unix(address):
+        return str(address)
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_address(address: object) -> Address:
+    if isinstance(address, os.PathLike):
+        address = os.fspath(address)
+    if isinstance(address, str):
+        if not address:
+            raise ConfigError("a Unix socket path must not be empty")
+        return address
+    if (
+        isinstance(address, tuple)
+        and len(address) == 2
+        and isinstance(address[0], str)
+        and isinstance(address[1], int)
+        and 0 <= address[1] < 65536
+    ):
+        return address
+    raise ConfigError(f"address must be (host, port) or a Unix socket path, not {address!r}")
+
+
+def _family(address: Address) -> socket.AddressFamily:
+    if is_unix(address):
+        return socket.AF_UNIX
+    return socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+
+
+def set_stream_options(sock: socket.socket) -> None:
+    """No Nagle delay (pipelined small frames would stall ~40 ms) and TCP keepalive."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def _with_socket(conn: Connection, action: str, *args: object) -> None:
+    """Run a socket method on a Connection's descriptor without taking ownership of it."""
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        getattr(sock, action)(*args)
+    finally:
+        sock.detach()
+
+
+def shutdown(conn: Connection) -> None:
+    """Wake any thread blocked reading or writing ``conn``; the owner then closes it."""
+    try:
+        _with_socket(conn, "shutdown", socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed or never connected
+
+
+def set_io_timeout(conn: Connection, seconds: float | None, *, read: bool = True, write: bool = True) -> None:
+    """Bound each blocking read and/or write on ``conn`` (None: no bound)."""
+    seconds = 0.0 if seconds is None else max(seconds, 0.001)
+    value = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+    if read:
+        _with_socket(conn, "setsockopt", socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    if write:
+        _with_socket(conn, "setsockopt", socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+class ListeningSocket:
+    """A bound, listening socket whose ``accept()`` never blocks and never authenticates."""
+
+    def __init__(self, address: object, backlog: int = 1024, unix_mode: int | None = 0o600) -> None:
+        address = _check_address(address)
+        self._unix_path: str | None = None
+        sock = socket.socket(_family(address), socket.SOCK_STREAM)
+        try:
+            if is_unix(address):
+                _remove_stale_socket(address)  # type: ignore[arg-type]
+                sock.bind(address)
+                self._unix_path = address  # type: ignore[assignment]
+                self._unix_inode = os.stat(address).st_ino  # type: ignore[arg-type]
+                if unix_mode is not None:
+                    os.chmod(address, unix_mode)  # type: ignore[arg-type]
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {format_address(address)}: {exc.strerror or exc}") from exc
+        self._sock = sock
+        self.address: Address = address if is_unix(address) else sock.getsockname()[:2]
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def accept(self) -> tuple[Connection, str] | None:
+        """An accepted connection and its peer's name, or None if none is waiting.
+
+        Raises OSError for failures such as running out of file descriptors.
+        """
+        try:
+            sock, peer = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        sock.setblocking(True)
+        set_stream_options(sock)
+        name = format_address(peer[:2]) if isinstance(peer, tuple) else "unix"
+        return Connection(sock.detach()), name
+
+    def close(self) -> None:
+        self._sock.close()
+        path = self._unix_path
+        if path is not None:
+            self._unix_path = None
+            try:
+                if os.stat(path).st_ino == self._unix_inode:  # only remove our own socket file
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a server that is gone; refuse to steal a live one."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"cannot listen on {path}: the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError:
+        return  # let bind() report what is wrong
+    finally:
+        probe.close()
+    raise StartupError(f"cannot listen on {path}: another server is listening there")
+
+
+def connect(address: object, timeout: float) -> Connection:
+    """Open a stream connection within ``timeout`` seconds, not yet authenticated."""
+    address = _check_address(address)
+    sock = socket.socket(_family(address), socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.settimeout(None)
+        set_stream_options(sock)
+    except socket.timeout:
+        sock.close()
+        raise ConnectTimeout(f"connecting to {format_address(address)} took longer than {timeout:g} s") from None
+    except OSError as exc:
+        sock.close()
+        raise ConnectionClosed(f"cannot connect to {format_address(address)}: {exc.strerror or exc}") from None
+    return Connection(sock.detach())
+
+
+def server_handshake(conn: Connection, authkey: bytes | None) -> None:
+    """Authenticate a new client both ways (the caller bounds the time it may take)."""
+    if authkey is None:
+        return
+    try:
+        deliver_challenge(conn, authkey)
+        answer_challenge(conn, authkey)
+    except multiprocessing.AuthenticationError as exc:
+        raise AuthenticationError(str(exc)) from None
+
+
+class _Replay:
+    """A Connection that yields one already-received message before reading on."""
+
+    def __init__(self, conn: Connection, first: bytes) -> None:
+        self._conn = conn
+        self._first: bytes | None = first
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return self._conn.recv_bytes(maxlength)
+
+    def send_bytes(self, data: bytes) -> None:
+        self._conn.send_bytes(data)
+
+
+def client_handshake(conn: Connection, authkey: bytes | None, deadline: float) -> bytes:
+    """Authenticate to the server; returns the server's first message after it (its hello).
+
+    Reads the server's first message before deciding, so a missing or unexpected
+    key gives a clear :class:`AuthenticationError`, never a decode error.
+    """
+    try:
+        set_io_timeout(conn, deadline - time.monotonic())
+        first = conn.recv_bytes(256 if authkey is not None else 65536)
+        if not first.startswith(CHALLENGE):
+            if authkey is not None:
+                raise AuthenticationError("the server did not ask for the authkey: it runs without one")
+            return first
+        if authkey is None:
+            raise AuthenticationError("the server requires an authkey and none was given")
+        try:
+            answer_challenge(_Replay(conn, first), authkey)  # type: ignore[arg-type]
+            set_io_timeout(conn, deadline - time.monotonic())
+            deliver_challenge(conn, authkey)
+        except multiprocessing.AuthenticationError as exc:
+            raise AuthenticationError(f"authentication failed (wrong authkey?): {exc}") from None
+        set_io_timeout(conn, deadline - time.monotonic())
+        hello = conn.recv_bytes(65536)
+        set_io_timeout(conn, None)
+        return hello
+    except BlockingIOError:
+        raise ConnectTimeout("the server did not complete the handshake in time") from None
+    except (EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise ConnectTimeout("the server did not complete the handshake in time") from None
+        raise ConnectionClosed(f"the server closed the connection during the handshake: {exc or 'EOF'}") from None
