@@ -226,7 +226,8 @@ def remote_error_class(type_name: str) -> type[RemoteError]:
     ):
         try:
             cls = type(f"Remote{type_name}", (RemoteError, builtin), {"__module__": __name__})
-        except TypeError:  # an incompatible instance layout; keep the plain class
+            cls("probe", type_name=type_name)  # some builtins (ExceptionGroup) need more to exist
+        except TypeError:  # an incompatible layout or constructor: keep the plain class
             cls = RemoteError
     _remote_classes[type_name] = cls
     return cls

@@ -303,6 +303,7 @@ class Server:
                     error = MessageTooLarge(f"message exceeds the server's limit of {limit} bytes")
                     client.send(_error_frame(None, error))
                     log.warning("client_dropped", reason="message too large", limit=limit)
+                    transport.close_after_error(conn)
                 else:
                     log.debug("client_disconnected", reason=_reason(exc))
                 return
@@ -312,6 +313,7 @@ class Server:
                 client.send(_error_frame(exc.request_id, exc))
                 if exc.request_id is None:
                     log.warning("client_dropped", reason=exc.message)
+                    transport.close_after_error(conn)
                     return
                 continue
             kind = envelope.kind

@@ -112,6 +112,23 @@ def shutdown(conn: Connection) -> None:
         pass  # already closed or never connected
 
 
+def close_after_error(conn: Connection, linger: float = 1.0) -> None:
+    """Finish sending, then discard what the peer still sends, for up to ``linger`` s.
+
+    Closing a socket with unread input makes the kernel reset the connection,
+    which can destroy the error reply before the peer reads it.
+    """
+    try:
+        _with_socket(conn, "shutdown", socket.SHUT_WR)
+        deadline = time.monotonic() + linger
+        while (remaining := deadline - time.monotonic()) > 0:
+            set_io_timeout(conn, remaining, write=False)
+            if not os.read(conn.fileno(), 65536):
+                break
+    except OSError:
+        pass
+
+
 def set_io_timeout(conn: Connection, seconds: float | None, *, read: bool = True, write: bool = True) -> None:
     """Bound each blocking read and/or write on ``conn`` (None: no bound)."""
     seconds = 0.0 if seconds is None else max(seconds, 0.001)

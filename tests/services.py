@@ -1,0 +1,109 @@
+"""Registries served by the integration tests; handler processes import this module."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from pathlib import Path
+
+import rpc
+
+registry = rpc.Registry()
+
+
+@registry.expose
+def add(x, y):
+    """Add two numbers."""
+    return x + y
+
+
+@registry.expose(name="math.hypot")
+def hypot(x, y):
+    """Length of the hypotenuse."""
+    return (x * x + y * y) ** 0.5
+
+
+@registry.expose
+def echo(value):
+    """Return the value unchanged."""
+    return value
+
+
+@registry.expose
+def type_name(value):
+    """The name of the value's type as the handler received it."""
+    return type(value).__name__
+
+
+@registry.expose
+def kwargs_echo(*args, **kwargs):
+    return [list(args), kwargs]
+
+
+@registry.expose
+def fail(kind, message="boom"):
+    """Raise the builtin exception named ``kind``."""
+    raise {"KeyError": KeyError, "ValueError": ValueError, "ZeroDivisionError": ZeroDivisionError}[kind](message)
+
+
+class CustomError(Exception):
+    pass
+
+
+@registry.expose
+def fail_custom():
+    raise CustomError("custom failure")
+
+
+@registry.expose
+def unencodable():
+    return object()
+
+
+@registry.expose
+def sleep(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+@registry.expose
+def pid():
+    return os.getpid()
+
+
+@registry.expose
+def crash(how="exit"):
+    """Die mid-call: os._exit, SIGKILL to itself, or a segfault."""
+    if how == "exit":
+        os._exit(1)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segfault":
+        ctypes.string_at(0)
+    raise ValueError(how)
+
+
+@registry.expose
+def record(directory, seconds):
+    """Sleep, recording start and end times in ``directory`` to measure overlap."""
+    path = Path(directory) / f"{os.getpid()}-{time.monotonic_ns()}"
+    start = time.monotonic()
+    time.sleep(seconds)
+    path.write_text(f"{start} {time.monotonic()}")
+    return os.getpid()
+
+
+@registry.expose
+def touch(path):
+    """Create the file at ``path`` (to tell whether a call ran)."""
+    Path(path).touch()
+
+
+@registry.expose
+def big(size):
+    return b"x" * size
+
+
+broken = "not a registry"

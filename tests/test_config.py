@@ -1,0 +1,50 @@
+"""Server settings are validated before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+
+import rpc
+from rpc.config import ServerConfig
+
+
+def test_defaults_are_valid_and_the_authkey_is_never_in_repr():
+    config = ServerConfig(authkey=b"very-secret-key")
+    assert config.workers >= 1
+    assert "very-secret-key" not in repr(config)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "", "192.0.2.10", "::", "example.com"])
+def test_non_loopback_address_without_authkey_is_refused(host):
+    with pytest.raises(rpc.ConfigError, match="without an authkey"):
+        ServerConfig(address=(host, 9000))
+
+
+@pytest.mark.parametrize("address", [("127.0.0.1", 0), ("::1", 0), ("localhost", 0), "/tmp/rpc.sock"])
+def test_loopback_and_unix_addresses_may_run_without_authkey(address):
+    ServerConfig(address=address)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"workers": 0}, "workers"),
+        ({"workers": -2}, "workers"),
+        ({"max_message_bytes": 0}, "max_message_bytes"),
+        ({"handshake_timeout": -1}, "handshake_timeout"),
+        ({"start_method": "fork"}, "start_method"),
+        ({"authkey": "text"}, "bytes"),
+        ({"authkey": b""}, "empty"),
+        ({"address": ("127.0.0.1", 70000)}, "address"),
+        ({"log_level": "loud"}, "log_level"),
+        ({"no_such_option": 1}, "unknown server option"),
+    ],
+)
+def test_bad_values_are_refused_with_the_option_named(options, message):
+    with pytest.raises(rpc.ConfigError, match=message):
+        ServerConfig.build(**options)
+
+
+def test_server_refuses_bad_options_before_starting():
+    with pytest.raises(rpc.ConfigError):
+        rpc.Server("services:registry", address=("0.0.0.0", 0))

@@ -1,0 +1,241 @@
+"""The wire format as pure code: values, envelopes, errors; no sockets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import uuid
+from collections import OrderedDict, namedtuple
+from decimal import Decimal
+from enum import IntEnum
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rpc import protocol
+from rpc.errors import ProtocolError, SerializationError
+
+EXTENSION_VALUES = [
+    (1, 2, "three"),
+    (),
+    {1, 2, 3},
+    frozenset({"a", "b"}),
+    dt.datetime(2026, 11, 26, 8, 30, 15, 123456),
+    dt.datetime(2026, 11, 26, 8, 30, tzinfo=dt.timezone.utc),
+    dt.datetime(2026, 11, 26, 8, 30, tzinfo=dt.timezone(dt.timedelta(hours=-5, minutes=-30))),
+    dt.date(1999, 12, 31),
+    dt.time(23, 59, 59, 999999),
+    dt.timedelta(days=-3, seconds=5, microseconds=7),
+    Decimal("3.14159265358979323846264338327950288"),
+    Decimal("-0"),
+    Decimal("NaN"),
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    complex(1.5, -2.25),
+    2**64,
+    -(2**63) - 1,
+    10**100,
+    -(10**100),
+]
+
+
+@pytest.mark.parametrize("value", EXTENSION_VALUES, ids=repr)
+def test_extension_types_round_trip_with_type_and_value(value):
+    """Each extension type comes back as the same type with an equal value."""
+    decoded = protocol.decode_value(protocol.encode_value(value))
+    assert type(decoded) is type(value)
+    if isinstance(value, Decimal) and value.is_nan():
+        assert decoded.is_nan()
+    else:
+        assert decoded == value
+    if isinstance(value, dt.datetime):
+        assert decoded.utcoffset() == value.utcoffset()
+
+
+def test_naive_and_aware_datetimes_stay_apart():
+    """A naive datetime stays naive; an aware one keeps its offset."""
+    naive = protocol.decode_value(protocol.encode_value(dt.datetime(2020, 1, 1)))
+    aware = protocol.decode_value(protocol.encode_value(dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)))
+    assert naive.tzinfo is None
+    assert aware.utcoffset() == dt.timedelta(0)
+
+
+def test_nested_extension_types_inside_containers():
+    """Tuples inside lists, sets of tuples and tuple dict keys survive."""
+    value = {"k": [(1, (2, 3)), {(4, 5)}], (6, 7): frozenset({(8,)})}
+    assert protocol.decode_value(protocol.encode_value(value)) == value
+
+
+def test_subclasses_travel_as_their_base_type():
+    """An IntEnum, an OrderedDict and a namedtuple arrive as int, dict and tuple."""
+    Color = IntEnum("Color", "RED GREEN")
+    Point = namedtuple("Point", "x y")
+    decoded = protocol.decode_value(protocol.encode_value([Color.GREEN, OrderedDict(a=1), Point(1, 2)]))
+    assert decoded == [2, {"a": 1}, (1, 2)]
+    assert [type(v) for v in decoded] == [int, dict, tuple]
+
+
+def test_bytes_like_values_arrive_as_bytes():
+    assert protocol.decode_value(protocol.encode_value([bytearray(b"ab"), memoryview(b"cd")])) == [b"ab", b"cd"]
+
+
+@pytest.mark.parametrize("value", [object(), [1, object()], {"f": lambda: 0}, {1j: {object()}}])
+def test_unencodable_values_raise_serialization_error(value):
+    with pytest.raises(SerializationError):
+        protocol.encode_value(value)
+
+
+def test_recursive_list_raises_serialization_error():
+    value: list = []
+    value.append(value)
+    with pytest.raises(SerializationError):
+        protocol.encode_value(value)
+
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary()
+    | st.decimals(allow_nan=False)
+    | st.uuids()
+    | st.dates()
+    | st.datetimes()
+    | st.datetimes(timezones=st.timezones().map(lambda tz: dt.timezone.utc))
+    | st.timedeltas()
+    | st.complex_numbers(allow_nan=False)
+)
+hashables = st.recursive(
+    scalars, lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3), max_leaves=8
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.tuples(inner, inner)
+    | st.dictionaries(st.text() | st.integers(), inner, max_size=4)
+    | st.sets(hashables, max_size=3)
+    | st.frozensets(hashables, max_size=3),
+    max_leaves=20,
+)
+
+
+def _same(a, b) -> bool:
+    """Equal and of the same type, all the way down."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+@settings(max_examples=300, deadline=None)
+@given(values)
+def test_any_nested_value_round_trips_exactly(value):
+    """Property: decode(encode(v)) equals v, with every type preserved."""
+    assert _same(protocol.decode_value(protocol.encode_value(value)), value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_never_crash_the_envelope_parser(data):
+    """Arbitrary bytes give an Envelope or a ProtocolError, nothing else."""
+    try:
+        protocol.parse_envelope(data)
+    except ProtocolError:
+        pass
+
+
+def test_request_envelope_is_read_without_the_arguments():
+    frame = protocol.encode_request(7, "math.hypot", (3, 4), {"k": 1}, 2.5)
+    assert protocol.parse_envelope(frame) == protocol.Envelope(protocol.REQUEST, 7, "math.hypot", 2.5)
+
+
+def test_large_request_envelope_is_streamed_and_skips_payload():
+    """Above the small-frame size the arguments are skipped, not decoded."""
+    frame = protocol.encode_request(9, "echo", (b"x" * 100_000, (1, 2)), {}, None)
+    assert protocol.parse_envelope(frame) == protocol.Envelope(protocol.REQUEST, 9, "echo", None)
+    with pytest.raises(ProtocolError, match="trailing"):
+        protocol.parse_envelope(frame + b"\x00")
+
+
+@pytest.mark.parametrize(
+    "message, request_id",
+    [
+        ({"not": "an array"}, None),
+        ([], None),
+        ([9, 1, 2], None),
+        ([0, -1, "add", [], {}, {}], None),
+        ([0, "id", "add", [], {}, {}], None),
+        ([0, 5, b"add", [], {}, {}], 5),
+        ([0, 5, "add", [], {}, "meta"], 5),
+        ([0, 5, "add", [], {}, {"timeout": "soon"}], 5),
+        ([0, 5, "add", [], {}, {"timeout": -1}], 5),
+        ([0, 5, "add", [], {}], None),
+    ],
+)
+def test_malformed_envelopes_raise_protocol_error_with_the_id_when_readable(message, request_id):
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse_envelope(msgpack.packb(message))
+    assert caught.value.request_id == request_id
+
+
+def test_invalid_utf8_method_name_is_a_protocol_error():
+    frame = msgpack.packb([0, 3, "add", [], {}, {}]).replace(b"add", b"\xff\xfe\xfd")
+    with pytest.raises(ProtocolError):
+        protocol.parse_envelope(frame)
+
+
+def test_decode_request_checks_argument_shapes():
+    with pytest.raises(ProtocolError, match="kwargs"):
+        protocol.decode_request(msgpack.packb([0, 1, "add", [], {1: 2}, {}]))
+    with pytest.raises(ProtocolError, match="args"):
+        protocol.decode_request(msgpack.packb([0, 1, "add", {}, {}, {}]))
+    request = protocol.decode_request(protocol.encode_request(1, "add", (1, (2,)), {"z": 3}, None))
+    assert request == protocol.Request(1, "add", [1, (2,)], {"z": 3})
+
+
+@pytest.mark.parametrize("request_id", [0, 1, 127, 128, 255, 256, 70000, 2**32, 2**64 - 1, None])
+def test_response_is_error_reads_the_error_field_for_every_id_width(request_id):
+    ok = protocol.encode_response(request_id, "result")
+    failed = protocol.encode_error(request_id, protocol.ErrorInfo("remote_error", "ValueError", "bad"))
+    assert protocol.response_is_error(ok) is False
+    assert protocol.response_is_error(failed) is True
+
+
+def test_error_with_unencodable_args_still_encodes_its_message():
+    info = protocol.ErrorInfo("remote_error", "ValueError", "bad", "", (object(),))
+    response = protocol.decode_response(protocol.encode_error(4, info))
+    assert response.error is not None
+    assert (response.id, response.error.message, response.error.args) == (4, "bad", ())
+
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __eq__(self, other):
+        return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
+
+
+def test_user_types_register_with_a_code_and_round_trip():
+    protocol.register_type(Point, 64, lambda p: (p.x, p.y), lambda v: Point(*v))
+    assert protocol.decode_value(protocol.encode_value([Point(1, 2)])) == [Point(1, 2)]
+    with pytest.raises(ValueError):
+        protocol.register_type(Point, 5, lambda p: p, lambda v: v)
+
+
+def test_unknown_extension_code_is_a_protocol_error():
+    with pytest.raises(ProtocolError):
+        protocol.decode_value(msgpack.packb(msgpack.ExtType(120, b"")))
+
+
+def test_hello_round_trips():
+    hello = protocol.decode_hello(protocol.encode_hello({"server": "rpc"}))
+    assert (hello.version, hello.info) == (protocol.PROTOCOL_VERSION, {"server": "rpc"})
