@@ -9,10 +9,12 @@ forwards the frame to a handler untouched.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import threading
 import time
+import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -35,6 +37,16 @@ __all__ = ["Server"]
 PING = "_rpc.ping"
 HOUSEKEEPING_INTERVAL = 0.05  # seconds: the resolution of handshake and call deadlines
 _DESCRIPTOR_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+# Servers still running when the interpreter exits are closed first: their
+# handler processes are not daemonic, and multiprocessing would wait for them.
+_running_servers: weakref.WeakSet[Server] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_servers() -> None:
+    for server in list(_running_servers):
+        server.close(grace=min(server.config.shutdown_grace, 2.0))
 
 
 class _ClientConnection:
@@ -130,6 +142,7 @@ class Server:
             os.close(self._wake_w)
             self._closed.set()
             raise
+        _running_servers.add(self)
         self._spawn(self._accept_loop, "rpc-accept")
         self._spawn(self._housekeeping, "rpc-housekeeping")
         self._log.info(
@@ -175,6 +188,7 @@ class Server:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._log.info("shutdown_finished", connections=len(clients), unfinished_calls=unfinished)
+        _running_servers.discard(self)
         self._closed.set()
 
     def __enter__(self) -> Server:

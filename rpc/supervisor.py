@@ -304,7 +304,9 @@ class HandlerPool:
             target=handler.run,
             args=(child_conn, self._handler_settings),
             name=f"rpc-handler-{slot.index}",
-            daemon=True,  # multiprocessing kills daemonic children if the supervisor exits abruptly
+            # Not daemonic, so exposed functions may start processes of their own. A
+            # handler exits by itself when the supervisor dies (see rpc.handler).
+            daemon=False,
         )
         try:
             process.start()
