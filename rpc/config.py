@@ -7,7 +7,12 @@ reads the environment or global settings.
 from __future__ import annotations
 
 import os
+import secrets
+import stat
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from . import protocol
@@ -15,7 +20,15 @@ from .errors import ConfigError
 from .logs import LOG_FORMATS, LOG_LEVELS
 from .transport import Address, _check_address, format_address, is_loopback
 
-__all__ = ["ServerConfig", "START_METHODS"]
+__all__ = [
+    "ServerConfig",
+    "START_METHODS",
+    "Settings",
+    "load_settings",
+    "parse_address",
+    "resolve_authkey",
+    "FILE_KEYS",
+]
 
 START_METHODS = ("spawn", "forkserver")
 
@@ -79,12 +92,9 @@ class ServerConfig:
             _non_negative_number(self, name)
         if self.max_call_seconds is not None:
             _non_negative_number(self, "max_call_seconds")
-        if self.start_method not in START_METHODS:
-            raise ConfigError(f"start_method must be one of {', '.join(START_METHODS)}, not {self.start_method!r}")
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
-        if self.log_format not in LOG_FORMATS:
-            raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
+        for name, allowed in (("start_method", START_METHODS), ("log_level", LOG_LEVELS), ("log_format", LOG_FORMATS)):
+            if getattr(self, name) not in allowed:
+                raise _invalid(name, f"must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
 
     @classmethod
     def names(cls) -> list[str]:
@@ -99,19 +109,258 @@ class ServerConfig:
         return cls(**options)
 
 
+def _invalid(name: str, message: str) -> ConfigError:
+    error = ConfigError(f"{name} {message}")
+    error.key = name  # type: ignore[attr-defined]  # lets the loader say where the value came from
+    return error
+
+
 def _positive_int(config: ServerConfig, name: str) -> None:
     value = getattr(config, name)
     if type(value) is not int or value < 1:
-        raise ConfigError(f"{name} must be a whole number >= 1, not {value!r}")
+        raise _invalid(name, f"must be a whole number >= 1, not {value!r}")
 
 
 def _non_negative_int(config: ServerConfig, name: str) -> None:
     value = getattr(config, name)
     if type(value) is not int or value < 0:
-        raise ConfigError(f"{name} must be a whole number >= 0, not {value!r}")
+        raise _invalid(name, f"must be a whole number >= 0, not {value!r}")
 
 
 def _non_negative_number(config: ServerConfig, name: str) -> None:
     value = getattr(config, name)
     if type(value) not in (int, float) or value < 0 or value != value:
-        raise ConfigError(f"{name} must be a number >= 0, not {value!r}")
+        raise _invalid(name, f"must be a number >= 0, not {value!r}")
+
+
+# -- the daemon's settings: file, environment, flags ------------------------------------
+
+DEFAULT_ADDRESS = "127.0.0.1:8765"
+DEFAULT_REGISTRY = "rpc.demo:registry"
+MIN_AUTHKEY_BYTES = 32
+ENV_PREFIX = "RPC_"
+
+# Keys of a config file (and RPC_<KEY> variables), with the type each takes.
+FILE_KEYS: dict[str, type] = {
+    "address": str,
+    "registry": str,
+    "authkey_file": str,
+    "workers": int,
+    "max_message_bytes": int,
+    "max_call_seconds": float,
+    "handshake_timeout": float,
+    "max_pending": int,
+    "shutdown_grace": float,
+    "backlog": int,
+    "start_method": str,
+    "startup_timeout": float,
+    "send_timeout": float,
+    "tracebacks": bool,
+    "access_log": bool,
+    "log_level": str,
+    "log_format": str,
+}
+_TYPE_WORDS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}
+
+
+def default_authkey_file(environ: Mapping[str, str]) -> Path:
+    """``$XDG_CONFIG_HOME/rpc/authkey``, or ``~/.config/rpc/authkey``."""
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".config")
+    return Path(base) / "rpc" / "authkey"
+
+
+def parse_address(text: str) -> Address:
+    """``host:port``, ``[v6 host]:port``, or a Unix socket path (anything with a ``/``)."""
+    if text.startswith("unix:"):
+        return text[len("unix:") :]
+    if "/" in text:
+        return text
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"address {text!r} must be HOST:PORT or a Unix socket path")
+    return (host, int(port))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``rpc serve`` and the client commands were told, and where each value came from.
+
+    ``values`` maps file keys to values; ``sources`` maps the same keys to a phrase
+    naming where the value came from ("config/rpc.toml", "RPC_WORKERS", "--workers").
+    """
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    config_file: Path | None
+    authkey_from_env: bytes | None = field(default=None, repr=False)
+
+    @property
+    def registry(self) -> str:
+        return str(self.values.get("registry", DEFAULT_REGISTRY))
+
+    def address(self) -> Address:
+        text = str(self.values.get("address", DEFAULT_ADDRESS))
+        try:
+            address = parse_address(text)
+        except ConfigError as exc:
+            raise self._error("address", exc.message) from None
+        if isinstance(address, str):
+            address = str(self._relative_to_source("address", address))
+        return address
+
+    def authkey_file(self, environ: Mapping[str, str]) -> Path:
+        if "authkey_file" in self.values:
+            return self._relative_to_source("authkey_file", os.path.expanduser(str(self.values["authkey_file"])))
+        return default_authkey_file(environ)
+
+    def server_config(self, authkey: bytes) -> ServerConfig:
+        """The frozen server config; a bad value raises ConfigError naming key and source."""
+        options = {k: v for k, v in self.values.items() if k not in ("address", "registry", "authkey_file")}
+        if options.get("max_call_seconds") == 0:
+            options["max_call_seconds"] = None  # 0 in a file means "no limit"
+        try:
+            return ServerConfig(address=self.address(), authkey=authkey, **options)
+        except ConfigError as exc:
+            key = getattr(exc, "key", None)
+            if key in self.sources:
+                raise self._error(key, exc.message) from None
+            raise
+
+    def _error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.sources.get(key, 'default')}: {message}")
+
+    def _relative_to_source(self, key: str, path: str) -> Path:
+        """Relative paths in a config file are relative to the file's folder."""
+        if self.config_file is not None and self.sources.get(key) == str(self.config_file):
+            return self.config_file.parent / path
+        return Path(path)
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None, environ: Mapping[str, str], flags: Mapping[str, Any]
+) -> Settings:
+    """Merge flags over ``RPC_*`` variables over the config file; defaults fill the rest.
+
+    ``flags`` holds only options given on the command line. Unknown keys and values
+    of the wrong type raise :class:`ConfigError` naming the key and where it came from.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    path = config_file or environ.get("RPC_CONFIG") or None
+    if path is not None:
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                document = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        for key, value in document.items():
+            if key not in FILE_KEYS:
+                raise ConfigError(f"{path}: unknown key {key!r}; allowed keys: {', '.join(FILE_KEYS)}")
+            values[key] = _check_type(key, value, str(path))
+            sources[key] = str(path)
+    for key, kind in FILE_KEYS.items():
+        variable = ENV_PREFIX + key.upper()
+        if environ.get(variable):
+            values[key] = _parse_text(key, environ[variable], kind, variable)
+            sources[key] = variable
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = value
+            sources[key] = "--" + key.replace("_", "-")
+    authkey = environ.get("RPC_AUTHKEY")
+    return Settings(values, sources, Path(path) if path else None, authkey.encode() if authkey else None)
+
+
+def _check_type(key: str, value: Any, source: str) -> Any:
+    kind = FILE_KEYS[key]
+    ok = (
+        type(value) is kind
+        or (kind is float and type(value) is int)
+    )
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {_TYPE_WORDS[kind]}, not {value!r}")
+    return float(value) if kind is float else value
+
+
+def _parse_text(key: str, text: str, kind: type, source: str) -> Any:
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{source}: {key} must be {_TYPE_WORDS[kind]}, not {text!r}") from None
+
+
+# -- authkeys ----------------------------------------------------------------------------
+
+
+def check_authkey(key: bytes, source: str) -> bytes:
+    if len(key) < MIN_AUTHKEY_BYTES:
+        raise ConfigError(
+            f"the authkey from {source} is {len(key)} bytes; at least {MIN_AUTHKEY_BYTES} are required "
+            "(make one with: python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
+    return key
+
+
+def read_authkey_file(path: Path) -> bytes:
+    """Read a key file that only its owner can read, as ssh insists for private keys."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"authkey file {path} does not exist (rpc serve creates it; or set RPC_AUTHKEY)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read authkey file {path}: {exc.strerror}") from None
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            f"authkey file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+            f"it must be private: chmod 600 {path}"
+        )
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise ConfigError(f"authkey file {path} belongs to another user")
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read authkey file {path}: {exc.strerror}") from None
+    return check_authkey(key, str(path))
+
+
+def create_authkey_file(path: Path) -> bytes:
+    """Write a new random key to ``path`` (mode 0600, its folder 0700) and return it."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot create authkey file {path}: {exc.strerror}") from None
+    key = secrets.token_hex(MIN_AUTHKEY_BYTES).encode()
+    with os.fdopen(fd, "wb") as f:
+        f.write(key + b"\n")
+    return key
+
+
+def resolve_authkey(settings: Settings, environ: Mapping[str, str], create: bool) -> tuple[bytes, Path | None, bool]:
+    """The authkey: ``RPC_AUTHKEY``, else the key file (created if ``create`` and missing).
+
+    Returns the key, the file it came from (None for the environment) and whether
+    the file was just created. An ``--authkey-file`` flag overrides ``RPC_AUTHKEY``.
+    """
+    flag_given = settings.sources.get("authkey_file", "").startswith("--")
+    if settings.authkey_from_env is not None and not flag_given:
+        return check_authkey(settings.authkey_from_env, "RPC_AUTHKEY"), None, False
+    path = settings.authkey_file(environ)
+    if create and not path.exists():
+        return create_authkey_file(path), path, True
+    return read_authkey_file(path), path, False

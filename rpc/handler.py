@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from . import protocol
+from .logs import make_logger
 from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, SerializationError
 from .protocol import ErrorInfo
 from .registry import Registry, load_registry
@@ -35,6 +36,8 @@ class HandlerSettings:
     registry: str
     max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES
     tracebacks: bool = True
+    log_level: str = "info"
+    log_format: str = "auto"
 
 
 def run(conn: Connection, settings: HandlerSettings) -> None:
@@ -42,12 +45,15 @@ def run(conn: Connection, settings: HandlerSettings) -> None:
     # Ctrl-C reaches the whole process group; the supervisor decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
+    log = make_logger(settings.log_level, settings.log_format, component="rpc.handler")
     try:
         registry = load_registry(settings.registry)
     except BaseException as exc:  # report why, whatever the import raised
+        log.error("registry_import_failed", registry=settings.registry, error=str(exc))
         conn.send_bytes(protocol.encode_error(None, _error_info("startup_error", exc, True)))
         return
     conn.send_bytes(protocol.encode_hello({"pid": os.getpid()}))
+    log.debug("handler_ready", registry=settings.registry, methods=len(registry))
     while True:
         try:
             frame = conn.recv_bytes()

@@ -8,6 +8,7 @@ human-readable lines on a terminal and JSON lines otherwise.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -39,15 +40,23 @@ def make_logger(level: str = "info", fmt: str = "auto", stream: TextIO | None = 
     else:
         renderer = structlog.processors.JSONRenderer()
     logger = structlog.wrap_logger(
-        structlog.PrintLogger(out),
+        # One write per line, so lines of the supervisor and handlers never interleave.
+        structlog.WriteLogger(out),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_pid,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
     )
     return logger.bind(**context) if context else logger
+
+
+def _add_pid(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Every line says which process it is about: the emitting one unless it names another."""
+    event.setdefault("pid", os.getpid())
+    return event
 
 
 def _isatty(stream: TextIO) -> bool:

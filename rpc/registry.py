@@ -101,9 +101,12 @@ class Registry:
 
 def _describe(name: str, fn: Callable[..., Any]) -> MethodInfo:
     try:
-        signature = str(inspect.signature(fn))
-    except (TypeError, ValueError):
-        signature = "(...)"
+        signature = str(inspect.signature(fn, eval_str=True))
+    except Exception:  # annotations that cannot be evaluated: show them as written
+        try:
+            signature = str(inspect.signature(fn))
+        except (TypeError, ValueError):
+            signature = "(...)"
     doc = inspect.getdoc(fn) or ""
     return MethodInfo(name, signature, doc.strip().splitlines()[0] if doc.strip() else "")
 

@@ -22,6 +22,7 @@ from . import __version__, protocol, transport
 from .config import ServerConfig
 from .errors import (
     AuthenticationError,
+    ConfigError,
     MessageTooLarge,
     ProtocolError,
     RPCError,
@@ -89,8 +90,17 @@ class Server:
     fields. Use as a context manager, or call :meth:`start` and :meth:`close`.
     """
 
-    def __init__(self, registry: Registry | str, address: transport.Address = ("127.0.0.1", 0), **options: Any) -> None:
-        self.config = options.pop("config", None) or ServerConfig.build(address=address, **options)
+    def __init__(
+        self,
+        registry: Registry | str,
+        address: transport.Address = ("127.0.0.1", 0),
+        *,
+        config: ServerConfig | None = None,
+        **options: Any,
+    ) -> None:
+        if config is not None and options:
+            raise ConfigError("pass either config= or server options, not both")
+        self.config = config if config is not None else ServerConfig.build(address=address, **options)
         self.registry_spec = registry if isinstance(registry, str) else import_string_of(registry)
         config = self.config
         self._log = make_logger(config.log_level, config.log_format, component="rpc.server")
@@ -103,7 +113,9 @@ class Server:
                 startup_timeout=config.startup_timeout,
                 access_log=config.access_log,
             ),
-            HandlerSettings(self.registry_spec, config.max_message_bytes, config.tracebacks),
+            HandlerSettings(
+                self.registry_spec, config.max_message_bytes, config.tracebacks, config.log_level, config.log_format
+            ),
             self._log,
         )
         self._listener: transport.ListeningSocket | None = None
@@ -190,6 +202,19 @@ class Server:
         self._log.info("shutdown_finished", connections=len(clients), unfinished_calls=unfinished)
         _running_servers.discard(self)
         self._closed.set()
+
+    def abort(self) -> None:
+        """Make a :meth:`close` under way stop now: calls in flight are cut off."""
+        self._log.warning("shutdown_forced")
+        self._pool.hurry()
+
+    def reload(self) -> bool:
+        """Replace the handlers one at a time with freshly imported code; no call fails.
+
+        Returns False (and keeps the running handlers) if the new code cannot be imported.
+        """
+        self._log.info("reload_begun")
+        return self._pool.reload()
 
     def __enter__(self) -> Server:
         return self.start()

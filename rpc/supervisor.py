@@ -84,6 +84,7 @@ class _Slot:
         self.kill_reason: str | None = None  # set when the supervisor kills the handler
         self.kill_at: float | None = None  # when to escalate SIGTERM to SIGKILL
         self.reaping = False  # the slot thread is collecting the process: signal it no more
+        self.retired: threading.Event | None = None  # set once a reload has replaced this handler
         self.thread: threading.Thread | None = None
 
 
@@ -102,6 +103,7 @@ class HandlerPool:
         self._queue: deque[Call] = deque()
         self._closing = False  # no new calls; queued ones were failed
         self._stopping = False  # handlers are being stopped; do not replace them
+        self._hurry = False  # a second shutdown request: stop waiting for calls in flight
         self._startup_errors: list[str] = []
         self._ready = threading.Semaphore(0)
 
@@ -136,11 +138,61 @@ class HandlerPool:
             self._fail(call, ServerShuttingDown("the server is shutting down; the call did not run"), None)
         deadline = time.monotonic() + grace
         with self._lock:
-            while (running := sum(1 for s in self._slots if s.current is not None)) and (
-                remaining := deadline - time.monotonic()
-            ) > 0:
+            while (
+                (running := sum(1 for s in self._slots if s.current is not None))
+                and not self._hurry
+                and (remaining := deadline - time.monotonic()) > 0
+            ):
                 self._idle_changed.wait(remaining)
         return running
+
+    def hurry(self) -> None:
+        """Cut short a :meth:`drain` or :meth:`stop` under way: stop handlers now."""
+        with self._lock:
+            self._hurry = True
+            self._idle_changed.notify_all()
+
+    def reload(self) -> bool:
+        """Replace the handlers one at a time with processes that import the code afresh.
+
+        A probe handler imports the registry first; if that fails, nothing is
+        replaced. Each handler finishes its current call before it is replaced,
+        and the others keep serving meanwhile, so no call fails.
+        """
+        error = self._probe()
+        if error is not None:
+            self._log.error("reload_failed", error=error)
+            return False
+        for slot in self._slots:
+            done = threading.Event()
+            with self._lock:
+                if self._stopping:
+                    return False
+                slot.retired = done
+                idle = slot in self._idle
+                if idle:
+                    self._idle.remove(slot)
+                conn = slot.conn
+            if idle and conn is not None:
+                _shutdown_pipe(conn)
+            if not done.wait(self._settings.startup_timeout + 10):
+                self._log.error("reload_failed", error=f"handler {slot.index} was not replaced in time")
+                return False
+        self._log.info("reload_finished", workers=len(self._slots))
+        return True
+
+    def _probe(self) -> str | None:
+        """Start a throwaway handler to check that the registry imports; returns an error or None."""
+        probe = _Slot(-1)
+        error = self._start_handler(probe, log=False)
+        if error is None:
+            assert probe.conn is not None and probe.process is not None
+            probe.conn.close()
+            probe.process.join(10)
+            if probe.process.exitcode is None:
+                probe.process.kill()
+                probe.process.join()
+        return error
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop every handler: close its pipe, then SIGTERM, then SIGKILL. Waits for them.
@@ -152,6 +204,8 @@ class HandlerPool:
             self._closing = True
             self._stopping = True
             conns = [slot.conn for slot in self._slots if slot.conn is not None]
+            if self._hurry:
+                grace = 0
         for conn in conns:
             _shutdown_pipe(conn)  # the handler reads EOF and exits after its call
         threads = [s.thread for s in self._slots if s.thread is not None and s.thread is not threading.current_thread()]
@@ -281,12 +335,15 @@ class HandlerPool:
                 continue
             backoff = 0.1
             with self._lock:
+                retired, slot.retired = slot.retired, None
                 call, expired = (None, []) if self._closing else self._next_call(time.monotonic())
                 if call is not None:
                     slot.current = call
                     slot.started = time.monotonic()
                 elif not self._stopping:
                     self._idle.append(slot)
+            if retired is not None:
+                retired.set()
             for stale in expired:
                 self._fail(stale, _expired(stale), None)
             if call is not None:
@@ -295,9 +352,12 @@ class HandlerPool:
             reason = self._reap(slot)
             if self._stopping:
                 return
-            self._log.warning("handler_replaced", slot=slot.index, pid=slot.pid, reason=reason)
+            if reason == "reload":
+                self._log.info("handler_reloading", slot=slot.index, pid=slot.pid)
+            else:
+                self._log.warning("handler_replaced", slot=slot.index, pid=slot.pid, reason=reason)
 
-    def _start_handler(self, slot: _Slot) -> str | None:
+    def _start_handler(self, slot: _Slot, log: bool = True) -> str | None:
         """Start a handler process in ``slot`` and wait for its hello; returns an error or None."""
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
@@ -340,7 +400,8 @@ class HandlerPool:
             stopping = self._stopping
         if stopping:
             _shutdown_pipe(parent_conn)  # stop() began while this handler started: let it exit
-        self._log.info("handler_started", slot=slot.index, pid=process.pid)
+        if log:
+            self._log.info("handler_started", slot=slot.index, pid=process.pid)
         return None
 
     def _serve(self, slot: _Slot) -> None:
@@ -360,12 +421,14 @@ class HandlerPool:
                 if call.answered:
                     continue
                 call.answered = True
-                next_call, expired = (None, []) if self._closing else self._next_call(now)
+                retiring = slot.retired is not None
+                next_call, expired = (None, []) if self._closing or retiring else self._next_call(now)
                 slot.current = next_call
                 if next_call is not None:
                     slot.started = now
                 else:
-                    self._idle.append(slot)
+                    if not retiring:
+                        self._idle.append(slot)
                     self._idle_changed.notify_all()
             # Hand the handler its next call before replying, so it works while we send.
             if next_call is not None:
@@ -373,6 +436,8 @@ class HandlerPool:
             self._answer(call, reply, slot.pid, "error" if protocol.response_is_error(reply) else "ok")
             for stale in expired:
                 self._fail(stale, _expired(stale), None)
+            if retiring:
+                _shutdown_pipe(conn)  # the handler exits; _run_slot starts its replacement
 
     def _reap(self, slot: _Slot) -> str:
         """After the handler's pipe closed: fail its call, collect the process, say why."""
@@ -384,7 +449,7 @@ class HandlerPool:
             process.kill()
             process.join()
         code = process.exitcode
-        reason = slot.kill_reason or _exit_reason(code)
+        reason = slot.kill_reason or ("reload" if slot.retired is not None else _exit_reason(code))
         with self._lock:
             call = slot.current
             slot.current = None

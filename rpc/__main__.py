@@ -1,0 +1,8 @@
+"""``python -m rpc``: the same as the ``rpc`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""`rpc serve` and the client commands as users run them: real processes, signals and files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import rpc
+from helpers import child_pids, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "config" / "rpc.toml")
+
+
+def _key(daemon) -> bytes:
+    return (Path(daemon.env["XDG_CONFIG_HOME"]) / "rpc" / "authkey").read_bytes().strip()
+
+
+def _client(daemon, **options):
+    return rpc.connect(daemon.env["RPC_ADDRESS"], authkey=_key(daemon), **options)
+
+
+def test_serve_with_the_shipped_config_then_call_methods_and_ping(daemon):
+    daemon.start("--config", CONFIG)
+    key_file = Path(daemon.env["XDG_CONFIG_HOME"]) / "rpc" / "authkey"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert str(key_file) in daemon.log()  # says where the new key is
+
+    result = daemon.rpc("call", "add", "2", "3")
+    assert (result.returncode, result.stdout) == (0, "5\n"), result.stderr
+
+    methods = daemon.rpc("methods")
+    assert methods.returncode == 0
+    for name in ("add", "echo", "sleep", "fib", "info"):
+        assert name in methods.stdout
+    assert "Add two numbers" in methods.stdout
+
+    ping = daemon.rpc("ping")
+    assert ping.returncode == 0 and "pong" in ping.stdout
+
+
+def test_call_takes_json_literals_words_and_keywords(daemon):
+    daemon.start()
+    assert daemon.rpc("call", "echo", '{"a": [1, 2.5, null]}').stdout == '{"a": [1, 2.5, null]}\n'
+    assert daemon.rpc("call", "echo", "plain words").stdout == '"plain words"\n'
+    assert daemon.rpc("call", "add", "x=[1]", "y=[2]").stdout == "[1, 2]\n"
+
+
+def test_call_errors_exit_1_with_type_and_message(daemon):
+    daemon.start()
+    missing = daemon.rpc("call", "nope")
+    assert missing.returncode == 1 and "MethodNotFound" in missing.stderr
+    failing = daemon.rpc("call", "sleep", "1000")
+    assert failing.returncode == 1 and "ValueError: seconds must be between 0 and 60" in failing.stderr
+    assert "Traceback" not in failing.stderr
+    verbose = daemon.rpc("call", "sleep", "1000", "--verbose")
+    assert "Traceback" in verbose.stderr and "demo.py" in verbose.stderr
+    timeout = daemon.rpc("call", "sleep", "5", "--timeout", "0.5")
+    assert timeout.returncode == 1 and "CallTimeout" in timeout.stderr
+
+
+def test_client_commands_without_a_server_exit_1(daemon):
+    Path(daemon.env["XDG_CONFIG_HOME"], "rpc").mkdir(parents=True)
+    key = Path(daemon.env["XDG_CONFIG_HOME"], "rpc", "authkey")
+    key.write_text("k" * 40)
+    key.chmod(0o600)
+    result = daemon.rpc("ping")
+    assert result.returncode == 1 and "cannot connect" in result.stderr
+
+
+def test_sigterm_lets_calls_in_flight_finish_then_exits_0_leaving_no_process(daemon):
+    process = daemon.start("--workers", "3")
+    handlers = wait_for(lambda: len(child_pids(process.pid)) >= 3 and child_pids(process.pid))
+    results, errors = [], []
+
+    def slow_call() -> None:
+        try:
+            with _client(daemon, timeout=30) as client:
+                results.append(client.sleep(1.5))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=slow_call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # let the three calls reach their handlers
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(30)
+    assert process.wait(30) == 0
+    assert time.monotonic() - started < 10  # within shutdown_grace
+    assert (results, errors) == ([1.5, 1.5, 1.5], [])
+    assert not [pid for pid in handlers if Path(f"/proc/{pid}").exists()]
+    assert not Path(daemon.env["RPC_ADDRESS"]).exists()  # the socket file is removed
+
+
+def test_a_second_signal_stops_at_once(daemon):
+    process = daemon.start("--workers", "1")
+    client = _client(daemon)
+    outcome = []
+    caller = threading.Thread(target=lambda: outcome.append(_outcome(client.sleep, 30)))
+    caller.start()
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert process.poll() is None  # still waiting for the call
+    process.send_signal(signal.SIGINT)
+    assert process.wait(10) == 1
+    caller.join(10)
+    assert isinstance(outcome[0], (rpc.WorkerCrashed, rpc.ConnectionClosed))
+
+
+def _outcome(function, *args):
+    try:
+        return function(*args)
+    except Exception as exc:
+        return exc
+
+
+def test_a_killed_handler_is_replaced_and_logged_with_the_reason(daemon):
+    process = daemon.start("--workers", "2")
+    handlers = wait_for(lambda: len(child_pids(process.pid)) >= 2 and child_pids(process.pid))
+    victim = sorted(handlers)[0]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: "killed by SIGKILL" in daemon.log())
+    replaced = [json.loads(line) for line in daemon.log().splitlines() if '"handler_replaced"' in line]
+    assert replaced[0]["pid"] == victim and replaced[0]["reason"] == "killed by SIGKILL"
+    assert daemon.rpc("call", "add", "2", "3").stdout == "5\n"
+
+
+def test_sighup_reloads_changed_code_without_failing_a_call(daemon):
+    module = daemon.cwd / "reloadable.py"
+    module.write_text("import rpc\nregistry = rpc.Registry()\nregistry.register(lambda: 1, name='version')\n")
+    daemon.env["PYTHONDONTWRITEBYTECODE"] = "1"
+    process = daemon.start("--workers", "2", "reloadable:registry")
+    seen, errors = [], []
+    stop = threading.Event()
+
+    with _client(daemon, timeout=30) as client:
+
+        def keep_calling() -> None:
+            while not stop.is_set():
+                try:
+                    seen.append(client.version())
+                except Exception as exc:
+                    errors.append(exc)
+
+        caller = threading.Thread(target=keep_calling)
+        caller.start()
+        try:
+            wait_for(lambda: len(seen) > 20)
+            module.write_text(
+                "import rpc\nregistry = rpc.Registry()\n\n# version two\nregistry.register(lambda: 2, name='version')\n"
+            )
+            process.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: seen[-1] == 2, timeout=30)
+            assert wait_for(lambda: "reload_finished" in daemon.log(), timeout=30)
+            count = len(seen)
+            wait_for(lambda: len(seen) > count + 20)
+        finally:
+            stop.set()
+            caller.join(10)
+        assert errors == []
+        assert seen[-1] == 2 and 1 in seen
+        assert not client.closed  # the same connection served before, during and after
+
+
+def test_a_reload_whose_code_does_not_import_keeps_the_old_handlers(daemon):
+    module = daemon.cwd / "fragile.py"
+    module.write_text("import rpc\nregistry = rpc.Registry()\nregistry.register(lambda: 1, name='version')\n")
+    process = daemon.start("--workers", "1", "fragile:registry")
+    module.write_text("raise RuntimeError('broken on purpose')\n")
+    process.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "reload_failed" in daemon.log(), timeout=30)
+    assert daemon.rpc("call", "version").stdout == "1\n"
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [
+        ("colour = 'blue'\n", "unknown key 'colour'"),
+        ("workers = -2\n", "workers must be a whole number >= 1"),
+        ("workers = 'many'\n", "workers must be a whole number"),
+        ("log_level = 'loud'\n", "log_level must be one of"),
+        ("address = 'nowhere'\n", "must be HOST:PORT"),
+        ("not toml at all [\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_file_exits_2_naming_the_problem_and_starts_nothing(daemon, config_text, message):
+    config = daemon.cwd / "bad.toml"
+    config.write_text(config_text)
+    del daemon.env["RPC_ADDRESS"]
+    result = daemon.rpc("serve", "--config", str(config), timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+    if "unknown" in message or "workers" in message:
+        assert str(config) in result.stderr  # names the file
+    assert "listening" not in result.stderr
+
+
+def _key_file(daemon, mode: int, content: str = "k" * 64) -> Path:
+    path = daemon.cwd / "authkey"
+    path.write_text(content)
+    path.chmod(mode)
+    return path
+
+
+def test_a_world_readable_authkey_file_is_refused(daemon):
+    path = _key_file(daemon, 0o644)
+    result = daemon.rpc("serve", "--authkey-file", str(path))
+    assert result.returncode == 2 and "readable by others" in result.stderr and "chmod 600" in result.stderr
+
+
+def test_an_unreadable_authkey_file_is_refused(daemon):
+    if os.geteuid() == 0:  # root reads any file: use a path that cannot be read as a file
+        path = daemon.cwd / "authkey"
+        path.mkdir(mode=0o700)
+    else:
+        path = _key_file(daemon, 0o000)
+    result = daemon.rpc("serve", "--authkey-file", str(path))
+    assert result.returncode == 2 and "cannot read authkey file" in result.stderr
+
+
+def test_a_short_authkey_is_refused(daemon):
+    result = daemon.rpc("serve", env={**daemon.env, "RPC_AUTHKEY": "short"})
+    assert result.returncode == 2 and "at least 32" in result.stderr
+    path = _key_file(daemon, 0o600, "x" * 10)
+    result = daemon.rpc("serve", "--authkey-file", str(path))
+    assert result.returncode == 2 and "at least 32" in result.stderr
+
+
+def test_a_registry_that_does_not_exist_exits_2(daemon):
+    result = daemon.rpc("serve", "no_such_module_here:registry")
+    assert result.returncode == 2 and "no_such_module_here" in result.stderr
+
+
+def test_no_output_ever_contains_the_authkey(daemon):
+    secret = "s3cr3t-" + "k" * 40
+    daemon.env["RPC_AUTHKEY"] = secret
+    daemon.env["RPC_LOG_LEVEL"] = "debug"
+    daemon.env["RPC_ACCESS_LOG"] = "true"
+    process = daemon.start()
+    outputs = [
+        daemon.rpc("call", "add", "2", "3"),
+        daemon.rpc("call", "nope", "--verbose"),
+        daemon.rpc("call", "sleep", "1000", "--verbose"),
+        daemon.rpc("methods"),
+        daemon.rpc("ping"),
+        daemon.rpc("call", "add", "1", "2", env={**daemon.env, "RPC_AUTHKEY": "w" * 40}),
+    ]
+    process.send_signal(signal.SIGTERM)
+    process.wait(30)
+    text = daemon.log() + "".join(o.stdout + o.stderr for o in outputs)
+    assert '"call"' in text and "AuthenticationError" in text  # the commands really ran
+    assert secret not in text
+    assert secret.encode().hex() not in text
+
+
+def test_the_console_script_is_installed():
+    import shutil
+    import sys
+
+    script = shutil.which("rpc", path=os.path.dirname(sys.executable))
+    assert script is not None
