@@ -4,7 +4,7 @@ import os
 
 import rpc
 
-with rpc.connect(("127.0.0.1", 8765), authkey=os.environ["RPC_AUTHKEY"].encode(), timeout=10) as client:
+with rpc.connect(("127.0.0.1", 8766), authkey=os.environ["RPC_AUTHKEY"].encode(), timeout=10) as client:
     print("add(2, 3) =", client.add(2, 3))
     print("text.shout('hi', times=2) =", client.text.shout("hi", times=2))
     for method in client.methods():

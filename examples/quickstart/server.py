@@ -1,4 +1,4 @@
-"""Serve service.registry on 127.0.0.1:8765 until Ctrl-C. The authkey comes from RPC_AUTHKEY."""
+"""Serve service.registry on 127.0.0.1:8766 until Ctrl-C. The authkey comes from RPC_AUTHKEY."""
 
 import os
 
@@ -7,7 +7,7 @@ from service import registry
 
 if __name__ == "__main__":  # handler processes import this file too: start only once
     authkey = os.environ["RPC_AUTHKEY"].encode()
-    with rpc.Server(registry, address=("127.0.0.1", 8765), authkey=authkey, workers=2) as server:
+    with rpc.Server(registry, address=("127.0.0.1", 8766), authkey=authkey, workers=2) as server:
         print("serving on", server.address, flush=True)
         try:
             server.serve_forever()
