@@ -269,3 +269,15 @@ def test_the_console_script_is_installed():
 
     script = shutil.which("rpc", path=os.path.dirname(sys.executable))
     assert script is not None
+
+
+def test_handler_processes_log_to_the_same_output_with_their_pid(daemon):
+    daemon.env["RPC_LOG_LEVEL"] = "debug"
+    process = daemon.start("--workers", "2")
+    handlers = wait_for(lambda: len(child_pids(process.pid)) >= 2 and child_pids(process.pid))
+    assert wait_for(lambda: daemon.log().count('"handler_ready"') >= 2)
+    lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    ready = [line for line in lines if line["event"] == "handler_ready"]
+    assert {line["pid"] for line in ready} == handlers
+    assert all(line["component"] == "rpc.handler" for line in ready)
+    assert {line["pid"] for line in lines if line["event"] == "listening"} == {process.pid}
