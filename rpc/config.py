@@ -64,6 +64,8 @@ class ServerConfig:
     access_log: bool = False
     log_level: str = "info"
     log_format: str = "auto"
+    #: append log lines here instead of stderr (handlers send their stderr here too)
+    log_file: str | None = None
     #: permissions of a Unix socket file; None leaves the umask's choice
     unix_socket_mode: int | None = 0o600
     #: a client that does not read its replies for this long is dropped
@@ -159,6 +161,7 @@ FILE_KEYS: dict[str, type] = {
     "access_log": bool,
     "log_level": str,
     "log_format": str,
+    "log_file": str,
 }
 _TYPE_WORDS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}
 

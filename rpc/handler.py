@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from . import protocol
-from .logs import make_logger
+from .logs import make_logger, open_log_file
 from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, SerializationError
 from .protocol import ErrorInfo
 from .registry import Registry, load_registry
@@ -38,6 +38,7 @@ class HandlerSettings:
     tracebacks: bool = True
     log_level: str = "info"
     log_format: str = "auto"
+    log_file: str | None = None
 
 
 def run(conn: Connection, settings: HandlerSettings) -> None:
@@ -45,7 +46,12 @@ def run(conn: Connection, settings: HandlerSettings) -> None:
     # Ctrl-C reaches the whole process group; the supervisor decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
-    log = make_logger(settings.log_level, settings.log_format, component="rpc.handler")
+    stream = None
+    if settings.log_file is not None:
+        stream = open_log_file(settings.log_file)
+        # What the functions print to stderr (and any crash report) lands in the log too.
+        os.dup2(stream.fileno(), 2)
+    log = make_logger(settings.log_level, settings.log_format, stream, component="rpc.handler")
     try:
         registry = load_registry(settings.registry)
     except BaseException as exc:  # report why, whatever the import raised

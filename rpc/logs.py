@@ -14,12 +14,17 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "make_logger", "Logger"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "make_logger", "open_log_file", "Logger"]
 
 LOG_FORMATS = ("auto", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 Logger = Any  # a structlog bound logger; structlog's own typing is looser than mypy likes
+
+
+def open_log_file(path: str) -> TextIO:
+    """A log file opened for appending, one line per write."""
+    return open(path, "a", buffering=1, encoding="utf-8")
 
 
 def make_logger(level: str = "info", fmt: str = "auto", stream: TextIO | None = None, **context: Any) -> Logger:

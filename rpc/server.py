@@ -29,7 +29,7 @@ from .errors import (
     ServerBusy,
 )
 from .handler import HandlerSettings
-from .logs import make_logger
+from .logs import make_logger, open_log_file
 from .registry import Registry, import_string_of
 from .supervisor import Call, HandlerPool, PoolSettings
 
@@ -103,7 +103,8 @@ class Server:
         self.config = config if config is not None else ServerConfig.build(address=address, **options)
         self.registry_spec = registry if isinstance(registry, str) else import_string_of(registry)
         config = self.config
-        self._log = make_logger(config.log_level, config.log_format, component="rpc.server")
+        self._log_stream = open_log_file(config.log_file) if config.log_file else None
+        self._log = make_logger(config.log_level, config.log_format, self._log_stream, component="rpc.server")
         self._pool = HandlerPool(
             PoolSettings(
                 workers=config.workers,
@@ -114,7 +115,12 @@ class Server:
                 access_log=config.access_log,
             ),
             HandlerSettings(
-                self.registry_spec, config.max_message_bytes, config.tracebacks, config.log_level, config.log_format
+                self.registry_spec,
+                config.max_message_bytes,
+                config.tracebacks,
+                config.log_level,
+                config.log_format,
+                config.log_file,
             ),
             self._log,
         )
@@ -152,6 +158,8 @@ class Server:
             self._listener.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+            self._close_log()
+            self._closing.set()
             self._closed.set()
             raise
         _running_servers.add(self)
@@ -178,6 +186,9 @@ class Server:
             return
         self._closing.set()
         if not self._started:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._close_log()
             self._closed.set()
             return
         grace = self.config.shutdown_grace if grace is None else grace
@@ -201,7 +212,12 @@ class Server:
         os.close(self._wake_w)
         self._log.info("shutdown_finished", connections=len(clients), unfinished_calls=unfinished)
         _running_servers.discard(self)
+        self._close_log()
         self._closed.set()
+
+    def _close_log(self) -> None:
+        if self._log_stream is not None:
+            self._log_stream.close()
 
     def abort(self) -> None:
         """Make a :meth:`close` under way stop now: calls in flight are cut off."""

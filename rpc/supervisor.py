@@ -227,8 +227,9 @@ class HandlerPool:
 
     def submit(self, call: Call) -> None:
         """Run ``call`` on an idle handler, or queue it; raises ServerBusy when the queue is full."""
-        if call.deadline is None and self._settings.max_call_seconds is not None:
-            call.deadline = call.received + self._settings.max_call_seconds
+        if self._settings.max_call_seconds is not None:
+            cap = call.received + self._settings.max_call_seconds
+            call.deadline = cap if call.deadline is None else min(call.deadline, cap)
         with self._lock:
             if self._closing:
                 raise ServerShuttingDown("the server is shutting down; the call did not run")

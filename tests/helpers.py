@@ -7,32 +7,50 @@ import time
 from pathlib import Path
 
 
-def child_pids(pid: int | None = None) -> set[int]:
-    """Child processes of ``pid`` (default: this process), zombies included, read from /proc.
-
-    multiprocessing's resource tracker is left out: the interpreter starts it once
-    for any spawned process and it lives until the interpreter exits.
-    """
-    pid = os.getpid() if pid is None else pid
-    children = set()
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, command line) of every process, read from /proc."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
         # the command name is in parentheses and may contain spaces
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) != pid:
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            cmdline = b""
-        if b"resource_tracker" not in cmdline:
-            children.add(int(entry.name))
-    return children
+        table[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    return table
+
+
+def _is_helper(pid: int, table: dict[int, tuple[int, bytes]]) -> bool:
+    parent, cmdline = table[pid]
+    if b"resource_tracker" not in cmdline and b"forkserver import main" not in cmdline:
+        return False
+    # what a forkserver forks shares its command line; only the forkserver itself is the helper
+    return table.get(parent, (0, b""))[1] != cmdline
+
+
+def child_pids(pid: int | None = None) -> set[int]:
+    """Descendant processes of ``pid`` (default: this process), zombies included.
+
+    multiprocessing's helper processes are left out, but not what they start: the
+    resource tracker and the forkserver live as long as the interpreter (the pytest
+    plugin stops the forkserver when the session ends), while the handlers a
+    forkserver forks are the server's own.
+    """
+    pid = os.getpid() if pid is None else pid
+    table = _processes()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, stack = set(), list(children.get(pid, []))
+    while stack:
+        current = stack.pop()
+        if not _is_helper(current, table):
+            found.add(current)
+        stack.extend(children.get(current, []))
+    return found
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):

@@ -40,7 +40,7 @@ EXTENSION_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("value", EXTENSION_VALUES, ids=repr)
+@pytest.mark.parametrize("value", EXTENSION_VALUES, ids=lambda v: type(v).__name__)
 def test_extension_types_round_trip_with_type_and_value(value):
     """Each extension type comes back as the same type with an equal value."""
     decoded = protocol.decode_value(protocol.encode_value(value))

@@ -78,15 +78,15 @@ def test_sigterm_lets_calls_in_flight_finish_then_exits_0_leaving_no_process(dae
     process = daemon.start("--workers", "3")
     handlers = wait_for(lambda: len(child_pids(process.pid)) >= 3 and child_pids(process.pid))
     results, errors = [], []
+    clients = [_client(daemon, timeout=30) for _ in range(3)]  # connected before the signal
 
-    def slow_call() -> None:
+    def slow_call(client) -> None:
         try:
-            with _client(daemon, timeout=30) as client:
-                results.append(client.sleep(1.5))
+            results.append(client.sleep(1.5))
         except Exception as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=slow_call) for _ in range(3)]
+    threads = [threading.Thread(target=slow_call, args=(client,)) for client in clients]
     for thread in threads:
         thread.start()
     time.sleep(0.5)  # let the three calls reach their handlers
