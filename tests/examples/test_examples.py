@@ -42,7 +42,7 @@ def test_the_testing_example_suite_passes():
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 passed" in result.stdout
+    assert "5 passed" in result.stdout
 
 
 def test_the_deploy_config_and_unit_are_valid():

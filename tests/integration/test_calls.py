@@ -11,13 +11,11 @@ import pytest
 
 import rpc
 import services
-from rpc.testing import serve
 
 
 @pytest.fixture(scope="module")
-def server():
-    with serve("services:registry", workers=2) as running:
-        yield running
+def server(rpc_server_module):
+    return rpc_server_module("services:registry", workers=2)
 
 
 @pytest.fixture
@@ -28,11 +26,11 @@ def client(server):
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 @pytest.mark.parametrize("registry", [services.registry, "services:registry"], ids=["object", "import-string"])
-def test_the_readme_example_works_on_every_transport(transport, registry):
+def test_the_readme_example_works_on_every_transport(rpc_server, transport, registry):
     """A Registry object or its import string, over TCP or a Unix socket: add(2, 3) == 5."""
-    with serve(registry, transport=transport, workers=1) as running:
-        with rpc.connect(running.address, authkey=running.authkey) as client:
-            assert client.add(2, 3) == 5
+    running = rpc_server(registry, transport=transport, workers=1)
+    with rpc.connect(running.address, authkey=running.authkey) as client:
+        assert client.add(2, 3) == 5
 
 
 def test_server_with_explicit_address_and_authkey():
@@ -168,9 +166,8 @@ def test_threads_sharing_one_client_each_get_their_own_results(client):
         assert results[thread] == [thread * 1000 + i for i in range(200)]
 
 
-def test_a_result_too_large_for_the_server_limit_is_refused(tmp_path):
-    with serve("services:registry", workers=1, max_message_bytes=4096) as running:
-        with running.client() as client:
-            with pytest.raises(rpc.MessageTooLarge):
-                client.big(10_000)
-            assert len(client.big(1000)) == 1000
+def test_a_result_too_large_for_the_server_limit_is_refused(rpc_server):
+    with rpc_server("services:registry", workers=1, max_message_bytes=4096).client() as client:
+        with pytest.raises(rpc.MessageTooLarge):
+            client.big(10_000)
+        assert len(client.big(1000)) == 1000

@@ -19,9 +19,8 @@ from rpc.testing import serve
 
 
 @pytest.fixture(scope="module")
-def server():
-    with serve("services:registry", workers=2, handshake_timeout=1.0, transport="tcp") as running:
-        yield running
+def server(rpc_server_module):
+    return rpc_server_module("services:registry", workers=2, handshake_timeout=1.0, transport="tcp")
 
 
 def test_wrong_authkey_is_refused_and_others_are_served(server):
@@ -71,22 +70,22 @@ def _authenticated_raw(server):
     return conn
 
 
-def test_a_frame_over_max_message_bytes_is_refused_and_the_server_keeps_serving():
-    with serve("services:registry", workers=1, max_message_bytes=10_000) as running:
-        with running.client() as client:
-            # the client knows the server's limit and refuses before sending
-            with pytest.raises(rpc.MessageTooLarge):
-                client.echo(b"x" * 20_000)
-            assert client.add(1, 2) == 3
-        raw = _authenticated_raw(running)
-        raw.send_bytes(protocol.encode_request(1, "echo", (b"x" * 20_000,), {}, None))
-        response = protocol.decode_response(raw.recv_bytes())
-        assert response.id is None and response.error.code == "message_too_large"
-        with pytest.raises(EOFError):
-            raw.recv_bytes()
-        raw.close()
-        with running.client() as client:
-            assert client.add(1, 2) == 3
+def test_a_frame_over_max_message_bytes_is_refused_and_the_server_keeps_serving(rpc_server):
+    running = rpc_server("services:registry", workers=1, max_message_bytes=10_000)
+    with running.client() as client:
+        # the client knows the server's limit and refuses before sending
+        with pytest.raises(rpc.MessageTooLarge):
+            client.echo(b"x" * 20_000)
+        assert client.add(1, 2) == 3
+    raw = _authenticated_raw(running)
+    raw.send_bytes(protocol.encode_request(1, "echo", (b"x" * 20_000,), {}, None))
+    response = protocol.decode_response(raw.recv_bytes())
+    assert response.id is None and response.error.code == "message_too_large"
+    with pytest.raises(EOFError):
+        raw.recv_bytes()
+    raw.close()
+    with running.client() as client:
+        assert client.add(1, 2) == 3
 
 
 @pytest.mark.parametrize("length", [2**31 - 1, 2**62])
@@ -121,137 +120,138 @@ def test_garbage_with_a_readable_id_gets_an_error_reply_on_a_usable_connection(s
 
 
 @pytest.mark.parametrize("how", ["exit", "kill", "segfault"])
-def test_a_handler_dying_mid_call_fails_that_call_only(how):
-    with serve("services:registry", workers=2) as running:
-        with running.client(timeout=30) as client:
-            before = set(running.handler_pids())
-            with pytest.raises(rpc.WorkerCrashed):
-                client.crash(how)
-            assert client.add(1, 2) == 3
-            assert wait_for(lambda: len(running.handler_pids()) == 2 and set(running.handler_pids()) != before)
-
-
-def test_other_calls_survive_a_crash_on_another_handler():
-    with serve("services:registry", workers=2) as running:
-        slow_client, crash_client = running.client(timeout=30), running.client(timeout=30)
-        result = {}
-        slow = threading.Thread(target=lambda: result.setdefault("v", slow_client.sleep(0.5, "done")))
-        slow.start()
-        time.sleep(0.1)
+def test_a_handler_dying_mid_call_fails_that_call_only(rpc_server, how):
+    running = rpc_server("services:registry", workers=2)
+    with running.client(timeout=30) as client:
+        before = set(running.handler_pids())
         with pytest.raises(rpc.WorkerCrashed):
-            crash_client.crash("exit")
-        slow.join(10)
-        assert result == {"v": "done"}
+            client.crash(how)
+        assert client.add(1, 2) == 3
+        assert wait_for(lambda: len(running.handler_pids()) == 2 and set(running.handler_pids()) != before)
 
 
-def test_a_call_past_its_timeout_fails_and_its_handler_is_replaced():
-    with serve("services:registry", workers=1) as running:
-        with running.client() as client:
-            (old,) = running.handler_pids()
-            started = time.monotonic()
-            with pytest.raises(rpc.CallTimeout):
-                client.call("sleep", 30, timeout=0.3)
-            assert time.monotonic() - started < 5
-            assert client.call("add", 1, 2, timeout=30) == 3  # the next call succeeds
-            assert old not in running.handler_pids()
+def test_other_calls_survive_a_crash_on_another_handler(rpc_server):
+    running = rpc_server("services:registry", workers=2)
+    slow_client, crash_client = running.client(timeout=30), running.client(timeout=30)
+    result = {}
+    slow = threading.Thread(target=lambda: result.setdefault("v", slow_client.sleep(0.5, "done")))
+    slow.start()
+    time.sleep(0.1)
+    with pytest.raises(rpc.WorkerCrashed):
+        crash_client.crash("exit")
+    slow.join(10)
+    assert result == {"v": "done"}
 
 
-def test_the_server_enforces_max_call_seconds():
-    with serve("services:registry", workers=1, max_call_seconds=0.3) as running:
-        with running.client() as client:
-            with pytest.raises(rpc.CallTimeout):
-                client.sleep(30)
-            assert client.add(1, 2) == 3
+def test_a_call_past_its_timeout_fails_and_its_handler_is_replaced(rpc_server):
+    running = rpc_server("services:registry", workers=1)
+    with running.client() as client:
+        (old,) = running.handler_pids()
+        started = time.monotonic()
+        with pytest.raises(rpc.CallTimeout):
+            client.call("sleep", 30, timeout=0.3)
+        assert time.monotonic() - started < 5
+        assert client.call("add", 1, 2, timeout=30) == 3  # the next call succeeds
+        assert old not in running.handler_pids()
 
 
-def test_handlers_run_calls_concurrently(tmp_path):
+def test_the_server_enforces_max_call_seconds(rpc_server):
+    running = rpc_server("services:registry", workers=1, max_call_seconds=0.3)
+    with running.client() as client:
+        with pytest.raises(rpc.CallTimeout):
+            client.sleep(30)
+        assert client.add(1, 2) == 3
+
+
+def test_handlers_run_calls_concurrently(rpc_server, tmp_path):
     """2 handlers, 2 clients, 0.5 s each: the recorded executions overlap."""
-    with serve("services:registry", workers=2) as running:
-        clients = [running.client(timeout=30) for _ in range(2)]
-        threads = [threading.Thread(target=c.record, args=(str(tmp_path), 0.5)) for c in clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+    running = rpc_server("services:registry", workers=2)
+    clients = [running.client(timeout=30) for _ in range(2)]
+    threads = [threading.Thread(target=c.record, args=(str(tmp_path), 0.5)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
     spans = [tuple(map(float, p.read_text().split())) for p in tmp_path.iterdir()]
     assert len(spans) == 2
     (a_start, a_end), (b_start, b_end) = spans
     assert a_start < b_end and b_start < a_end  # the two executions overlapped
 
 
-def test_a_full_queue_answers_server_busy_at_once():
-    with serve("services:registry", workers=1, max_pending=1) as running:
-        first, second, third = (running.client(timeout=30) for _ in range(3))
-        running_call = threading.Thread(target=first.sleep, args=(1.0,))
-        running_call.start()
-        time.sleep(0.2)
-        queued = threading.Thread(target=second.sleep, args=(0.0,))
-        queued.start()
-        time.sleep(0.2)
-        started = time.monotonic()
-        with pytest.raises(rpc.ServerBusy):
-            third.add(1, 2)
-        assert time.monotonic() - started < 0.5
-        running_call.join(10)
-        queued.join(10)
-        assert third.add(1, 2) == 3  # service recovers when load drops
+def test_a_full_queue_answers_server_busy_at_once(rpc_server):
+    running = rpc_server("services:registry", workers=1, max_pending=1)
+    first, second, third = (running.client(timeout=30) for _ in range(3))
+    running_call = threading.Thread(target=first.sleep, args=(1.0,))
+    running_call.start()
+    time.sleep(0.2)
+    queued = threading.Thread(target=second.sleep, args=(0.0,))
+    queued.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    with pytest.raises(rpc.ServerBusy):
+        third.add(1, 2)
+    assert time.monotonic() - started < 0.5
+    running_call.join(10)
+    queued.join(10)
+    assert third.add(1, 2) == 3  # service recovers when load drops
 
 
-def test_a_call_whose_deadline_passes_in_the_queue_never_runs(tmp_path):
-    with serve("services:registry", workers=1) as running:
-        busy, waiting = running.client(timeout=30), running.client()
-        blocker = threading.Thread(target=busy.sleep, args=(1.0,))
-        blocker.start()
-        time.sleep(0.2)
-        marker = tmp_path / "ran"
-        with pytest.raises(rpc.CallTimeout):
-            waiting.call("touch", str(marker), timeout=0.3)
-        blocker.join(10)
-        time.sleep(0.2)
-        assert not marker.exists()
+def test_a_call_whose_deadline_passes_in_the_queue_never_runs(rpc_server, tmp_path):
+    running = rpc_server("services:registry", workers=1)
+    busy, waiting = running.client(timeout=30), running.client()
+    blocker = threading.Thread(target=busy.sleep, args=(1.0,))
+    blocker.start()
+    time.sleep(0.2)
+    marker = tmp_path / "ran"
+    with pytest.raises(rpc.CallTimeout):
+        waiting.call("touch", str(marker), timeout=0.3)
+    blocker.join(10)
+    time.sleep(0.2)
+    assert not marker.exists()
 
 
-def test_calls_fail_with_connection_closed_when_the_server_goes_away():
-    with serve("services:registry", workers=1) as running:
-        client = running.client()
-        result = {}
+def test_calls_fail_with_connection_closed_when_the_server_goes_away(rpc_server):
+    running = rpc_server("services:registry", workers=1)
+    client = running.client()
+    result = {}
 
-        def call() -> None:
-            try:
-                client.sleep(5)
-            except rpc.RPCError as exc:
-                result["error"] = exc
+    def call() -> None:
+        try:
+            client.sleep(5)
+        except rpc.RPCError as exc:
+            result["error"] = exc
 
-        thread = threading.Thread(target=call)
-        thread.start()
-        time.sleep(0.3)
-        running.server.close(grace=0.1)
-        thread.join(10)
-        assert isinstance(result["error"], (rpc.ConnectionClosed, rpc.WorkerCrashed))
-        with pytest.raises(rpc.ConnectionClosed):
-            client.add(1, 2)
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.3)
+    running.server.close(grace=0.1)
+    thread.join(10)
+    assert isinstance(result["error"], (rpc.ConnectionClosed, rpc.WorkerCrashed))
+    with pytest.raises(rpc.ConnectionClosed):
+        client.add(1, 2)
 
 
-def test_close_lets_calls_in_flight_finish_and_leaves_no_child_process():
+def test_close_lets_calls_in_flight_finish_and_leaves_no_child_process(rpc_server):
     before = child_pids()
-    with serve("services:registry", workers=2) as running:
-        assert set(running.handler_pids()) <= child_pids()
-        client = running.client(timeout=30)
-        result = {}
-        thread = threading.Thread(target=lambda: result.setdefault("v", client.sleep(0.5, "finished")))
-        thread.start()
-        time.sleep(0.2)
-        running.server.close()
-        thread.join(10)
-        assert result == {"v": "finished"}
+    running = rpc_server("services:registry", workers=2)
+    assert set(running.handler_pids()) <= child_pids()
+    client = running.client(timeout=30)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("v", client.sleep(0.5, "finished")))
+    thread.start()
+    time.sleep(0.2)
+    running.server.close()
+    thread.join(10)
+    assert result == {"v": "finished"}
     assert child_pids() <= before
     assert not child_pids() - before
 
 
-def test_the_unix_socket_file_is_removed_on_close():
-    with serve("services:registry", workers=1, transport="unix") as running:
-        path = running.address
-        assert os.path.exists(path)
+def test_the_unix_socket_file_is_removed_on_close(rpc_server):
+    running = rpc_server("services:registry", workers=1, transport="unix")
+    path = running.address
+    assert os.path.exists(path)
+    running.close()
     assert not os.path.exists(path)
 
 
@@ -276,23 +276,23 @@ def test_a_registry_that_cannot_be_imported_fails_start_with_the_reason():
     assert not child_pids() - before
 
 
-def test_sigterm_to_a_handler_is_reported_as_a_crash():
-    with serve("services:registry", workers=1) as running:
-        client = running.client(timeout=30)
-        (pid,) = running.handler_pids()
-        thread_result = {}
+def test_sigterm_to_a_handler_is_reported_as_a_crash(rpc_server):
+    running = rpc_server("services:registry", workers=1)
+    client = running.client(timeout=30)
+    (pid,) = running.handler_pids()
+    thread_result = {}
 
-        def call() -> None:
-            try:
-                client.sleep(5)
-            except rpc.RPCError as exc:
-                thread_result["error"] = exc
+    def call() -> None:
+        try:
+            client.sleep(5)
+        except rpc.RPCError as exc:
+            thread_result["error"] = exc
 
-        thread = threading.Thread(target=call)
-        thread.start()
-        time.sleep(0.3)
-        os.kill(pid, signal.SIGTERM)
-        thread.join(10)
-        assert isinstance(thread_result["error"], rpc.WorkerCrashed)
-        assert "SIGTERM" in str(thread_result["error"])
-        assert client.add(1, 2) == 3
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGTERM)
+    thread.join(10)
+    assert isinstance(thread_result["error"], rpc.WorkerCrashed)
+    assert "SIGTERM" in str(thread_result["error"])
+    assert client.add(1, 2) == 3
