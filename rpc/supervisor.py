@@ -104,6 +104,7 @@ class HandlerPool:
         self._closing = False  # no new calls; queued ones were failed
         self._stopping = False  # handlers are being stopped; do not replace them
         self._hurry = False  # a second shutdown request: stop waiting for calls in flight
+        self._unanswered = 0  # calls accepted and not yet answered, queued or running
         self._startup_errors: list[str] = []
         self._ready = threading.Semaphore(0)
 
@@ -128,7 +129,8 @@ class HandlerPool:
     def drain(self, grace: float) -> int:
         """Take no more calls, fail queued ones, and wait up to ``grace`` s for running ones.
 
-        Returns how many calls were still running when the grace period ended.
+        Returns how many calls were still unanswered when the grace period ended.
+        A call counts until its answer is sent, not just until its handler is done.
         """
         with self._lock:
             self._closing = True
@@ -138,13 +140,9 @@ class HandlerPool:
             self._fail(call, ServerShuttingDown("the server is shutting down; the call did not run"), None)
         deadline = time.monotonic() + grace
         with self._lock:
-            while (
-                (running := sum(1 for s in self._slots if s.current is not None))
-                and not self._hurry
-                and (remaining := deadline - time.monotonic()) > 0
-            ):
+            while self._unanswered and not self._hurry and (remaining := deadline - time.monotonic()) > 0:
                 self._idle_changed.wait(remaining)
-        return running
+            return self._unanswered
 
     def hurry(self) -> None:
         """Cut short a :meth:`drain` or :meth:`stop` under way: stop handlers now."""
@@ -239,7 +237,9 @@ class HandlerPool:
                         f"all {len(self._slots)} handlers are busy and {len(self._queue)} calls are waiting"
                     )
                 self._queue.append(call)
+                self._unanswered += 1
                 return
+            self._unanswered += 1
             slot = self._idle.pop()
             slot.current = call
             slot.started = time.monotonic()
@@ -282,8 +282,13 @@ class HandlerPool:
     def forget(self, connection: ReplySink) -> None:
         """Drop queued calls of a connection that closed; running ones finish unheard."""
         with self._lock:
-            if any(c.connection is connection for c in self._queue):
+            dropped = [c for c in self._queue if c.connection is connection]
+            if dropped:
                 self._queue = deque(c for c in self._queue if c.connection is not connection)
+                for call in dropped:
+                    call.answered = True  # nobody is left to answer
+                self._unanswered -= len(dropped)
+                self._idle_changed.notify_all()
 
     # -- internals --------------------------------------------------------------------
 
@@ -477,8 +482,15 @@ class HandlerPool:
         self._answer(call, _error_frame(call, error), pid, error.code)
 
     def _answer(self, call: Call, frame: bytes, pid: int | None, outcome: str) -> None:
-        if call.connection is not None:
-            call.connection.send(frame)
+        """Send the one answer of ``call``; it counts as in flight until it is sent."""
+        try:
+            if call.connection is not None:
+                call.connection.send(frame)
+        finally:
+            with self._lock:
+                self._unanswered -= 1
+                if not self._unanswered:
+                    self._idle_changed.notify_all()
         if self._settings.access_log:
             self._log.info(
                 "call",

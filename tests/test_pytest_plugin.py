@@ -173,5 +173,6 @@ def test_no_process_outlives_the_run(suite, extra):
         timeout=300,
         env=env,
     )
-    assert "8 passed" in result.stdout, result.stdout + result.stderr
+    if "8 passed" not in result.stdout:
+        pytest.fail(f"the inner run failed:\n{result.stdout}\n{result.stderr}", pytrace=False)
     assert "ORPHANS: none" in result.stdout

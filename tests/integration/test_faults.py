@@ -296,3 +296,50 @@ def test_sigterm_to_a_handler_is_reported_as_a_crash(rpc_server):
     assert isinstance(thread_result["error"], rpc.WorkerCrashed)
     assert "SIGTERM" in str(thread_result["error"])
     assert client.add(1, 2) == 3
+
+
+def test_close_waits_until_answers_are_sent_not_just_computed(rpc_server):
+    """Many calls finishing right as close() begins all get their answers."""
+    running = rpc_server("services:registry", workers=2)
+    clients = [running.client(timeout=30) for _ in range(6)]
+    results, errors = [], []
+
+    def call(client) -> None:
+        try:
+            results.append(client.sleep(0.3, "done"))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(c,)) for c in clients[:2]]
+    for t in threads:
+        t.start()
+    time.sleep(0.29)
+    running.server.close()
+    for t in threads:
+        t.join(10)
+    assert errors == [] and results == ["done", "done"]
+
+
+def test_a_client_leaving_with_queued_calls_does_not_hold_up_close(rpc_server):
+    running = rpc_server("services:registry", workers=1)
+    busy = running.client(timeout=30)
+    blocker = threading.Thread(target=busy.sleep, args=(0.5,))
+    blocker.start()
+    time.sleep(0.1)
+    leaving = running.client()
+    threads = [threading.Thread(target=lambda: _ignore(leaving.sleep, 0.1)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    leaving.close()  # its three queued calls are dropped with the connection
+    blocker.join(10)
+    started = time.monotonic()
+    running.server.close()
+    assert time.monotonic() - started < 2
+
+
+def _ignore(function, *args):
+    try:
+        function(*args)
+    except rpc.RPCError:
+        pass
