@@ -13,6 +13,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 from . import __version__, protocol, transport
@@ -34,20 +37,29 @@ _DEFAULT: Any = object()
 
 
 class _Pending:
-    """A call waiting for its response."""
+    """A call waiting for its response; ``future`` is set for calls made with ``submit``."""
 
-    __slots__ = ("id", "done", "result", "error")
+    __slots__ = ("id", "done", "result", "error", "future")
 
-    def __init__(self, id: int) -> None:
+    def __init__(self, id: int, future: Future[Any] | None = None) -> None:
         self.id = id
         self.done = False
         self.result: Any = None
         self.error: RPCError | None = None
+        self.future = future
 
     def outcome(self) -> Any:
         if self.error is not None:
             raise self.error
         return self.result
+
+    def settle_future(self) -> None:
+        """Complete the future, outside any lock: it runs the caller's callbacks."""
+        if self.future is not None:
+            if self.error is not None:
+                self.future.set_exception(self.error)
+            else:
+                self.future.set_result(self.result)
 
 
 class _Method:
@@ -118,7 +130,9 @@ class Client:
         self._cond = threading.Condition(threading.Lock())
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
-        self._reading = False
+        self._reading = False  # whether some thread is reading replies
+        self._futures = 0  # submitted calls not yet answered
+        self._reader_thread: threading.Thread | None = None
         self._failure: RPCError | None = None  # set once the connection is unusable
 
     # -- public API --------------------------------------------------------------------
@@ -137,6 +151,41 @@ class Client:
         frame = protocol.encode_notification(name, args, kwargs)
         protocol.check_size(frame, self._server_limit)
         self._send(frame)
+
+    def submit(self, name: str, /, *args: Any, timeout: float | None = _DEFAULT, **kwargs: Any) -> Future[Any]:
+        """Start a call and return a :class:`concurrent.futures.Future` of its result.
+
+        Many submitted calls may be in flight on the connection at once; their
+        replies are read by a background thread while any is outstanding.
+        """
+        timeout = self.timeout if timeout is _DEFAULT else timeout
+        future: Future[Any] = Future()
+        future.set_running_or_notify_cancel()  # sent at once: it cannot be cancelled
+        self._start(name, args, kwargs, timeout, future)
+        return future
+
+    def map(
+        self,
+        name: str,
+        /,
+        *iterables: Iterable[Any],
+        timeout: float | None = _DEFAULT,
+        max_in_flight: int = 64,
+    ) -> Iterator[Any]:
+        """Call ``name`` once per item of ``iterables`` (zipped, as positional arguments).
+
+        Yields the results in order, keeping at most ``max_in_flight`` calls in
+        flight; an error is raised when its result's turn comes.
+        """
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        in_flight: deque[Future[Any]] = deque()
+        for args in zip(*iterables):
+            if len(in_flight) >= max_in_flight:
+                yield in_flight.popleft().result()
+            in_flight.append(self.submit(name, *args, timeout=timeout))
+        while in_flight:
+            yield in_flight.popleft().result()
 
     def methods(self) -> list[MethodInfo]:
         """The methods the server exposes: name, signature text, first docstring line."""
@@ -169,19 +218,31 @@ class Client:
     # -- calls -------------------------------------------------------------------------
 
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        pending = self._start(name, args, kwargs, timeout, None)
+        return self._wait(pending, None if timeout is None else time.monotonic() + timeout, name)
+
+    def _start(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None, future: Future[Any] | None
+    ) -> _Pending:
+        """Register a call under a fresh id and send its request."""
         if type(name) is not str:
             raise TypeError(f"method name must be a string, not {type(name).__name__}")
         request_id = next(self._ids)
         frame = protocol.encode_request(request_id, name, args, kwargs, timeout)
         protocol.check_size(frame, self._server_limit)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending = _Pending(request_id)
+        pending = _Pending(request_id, future)
         with self._cond:
             if self._failure is not None:
                 raise self._failure
+            # Registered before sending, so the reply cannot arrive before it is expected.
             self._pending[request_id] = pending
+            if future is not None:
+                self._futures += 1
+                if self._reader_thread is None:
+                    self._reader_thread = threading.Thread(target=self._read_for_futures, name="rpc-client-reader", daemon=True)
+                    self._reader_thread.start()
         self._send(frame)
-        return self._wait(pending, deadline, name)
+        return pending
 
     def _send(self, frame: bytes) -> None:
         with self._send_lock:
@@ -209,54 +270,78 @@ class Client:
                         break
                     cond.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
             try:
-                self._read_until(pending, deadline)
+                while not pending.done and self._read_one(deadline):
+                    pass
             finally:
-                with cond:
-                    self._reading = False
-                    if self._failure is not None:
-                        self._conn.close()
-                    cond.notify_all()
+                self._stop_reading()
 
-    def _read_until(self, pending: _Pending, deadline: float | None) -> None:
-        """Read and route responses until ``pending`` is answered or the deadline passes."""
-        conn = self._conn
-        while not pending.done:
-            try:
-                if deadline is not None and not conn.poll(max(deadline - time.monotonic(), 0)):
+    def _read_for_futures(self) -> None:
+        """The background reader: reads replies while submitted calls are outstanding."""
+        cond = self._cond
+        while True:
+            with cond:
+                while self._reading and self._futures and self._failure is None:
+                    cond.wait()
+                if not self._futures or self._failure is not None:
+                    self._reader_thread = None
                     return
-                frame = conn.recv_bytes(self._max_message_bytes)
-            except EOFError:
-                self._fail_all(ConnectionClosed("the server closed the connection"))
-                return
-            except OSError as exc:
-                if "bad message length" in str(exc):
-                    error: RPCError = ProtocolError(
-                        f"a response exceeded this client's max_message_bytes ({self._max_message_bytes})"
-                    )
-                else:
-                    error = ConnectionClosed(f"connection lost: {exc}")
-                self._fail_all(error)
-                return
+                self._reading = True
             try:
-                response = protocol.decode_response(frame)
-            except ProtocolError as exc:
-                self._fail_all(exc)
-                return
-            if response.id is None:
-                # A connection-level error from the server, which closes the connection.
-                self._fail_all(_exception(response.error) if response.error else ConnectionClosed("bad response"))
-                return
-            with self._cond:
-                waiting = self._pending.pop(response.id, None)
-                if waiting is None:
-                    continue  # the caller timed out and left
-                if response.error is not None:
-                    waiting.error = _exception(response.error)
-                else:
-                    waiting.result = response.result
-                waiting.done = True
-                if waiting is not pending:
-                    self._cond.notify_all()
+                while self._futures and self._read_one(None):
+                    pass
+            finally:
+                self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        with self._cond:
+            self._reading = False
+            if self._failure is not None:
+                self._conn.close()
+            self._cond.notify_all()  # another waiting thread may take over reading
+
+    def _read_one(self, deadline: float | None) -> bool:
+        """Read one response and hand it to its call. False: deadline passed or connection failed."""
+        conn = self._conn
+        try:
+            if deadline is not None and not conn.poll(max(deadline - time.monotonic(), 0)):
+                return False
+            frame = conn.recv_bytes(self._max_message_bytes)
+        except EOFError:
+            self._fail_all(ConnectionClosed("the server closed the connection"))
+            return False
+        except OSError as exc:
+            if "bad message length" in str(exc):
+                error: RPCError = ProtocolError(
+                    f"a response exceeded this client's max_message_bytes ({self._max_message_bytes})"
+                )
+            else:
+                error = ConnectionClosed(f"connection lost: {exc}")
+            self._fail_all(error)
+            return False
+        try:
+            response = protocol.decode_response(frame)
+        except ProtocolError as exc:
+            self._fail_all(exc)
+            return False
+        if response.id is None:
+            # A connection-level error from the server, which closes the connection.
+            self._fail_all(_exception(response.error) if response.error else ConnectionClosed("bad response"))
+            return False
+        with self._cond:
+            waiting = self._pending.pop(response.id, None)
+            if waiting is None:
+                return True  # its caller timed out and left
+            if response.error is not None:
+                waiting.error = _exception(response.error)
+            else:
+                waiting.result = response.result
+            waiting.done = True
+            if waiting.future is not None:
+                self._futures -= 1
+            else:
+                self._cond.notify_all()  # wake its waiting thread
+        waiting.settle_future()
+        return True
 
     def _fail_all(self, error: RPCError) -> None:
         """Make the connection unusable and fail every call in flight with ``error``."""
@@ -266,11 +351,15 @@ class Client:
                 transport.shutdown(self._conn)
                 if not self._reading:
                     self._conn.close()
-            for waiting in self._pending.values():
+            failed = list(self._pending.values())
+            for waiting in failed:
                 waiting.error = error
                 waiting.done = True
             self._pending.clear()
+            self._futures = 0
             self._cond.notify_all()
+        for waiting in failed:
+            waiting.settle_future()
 
 
 def _exception(info: protocol.ErrorInfo) -> RPCError:

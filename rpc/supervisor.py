@@ -393,8 +393,13 @@ class HandlerPool:
                     response = protocol.decode_response(first)
                     info = response.error
                     error = f"handler could not load the registry: {info.message}" if info else "bad hello"
-        except (EOFError, OSError) as exc:
-            error = f"handler exited while starting (exit code {process.exitcode}): {exc or 'EOF'}"
+        except (EOFError, OSError):
+            process.join(1.0)
+            error = (
+                f"handler exited while starting ({_exit_reason(process.exitcode)}); its traceback is on stderr. "
+                "Handlers import the main module first: run from a file whose server starts under "
+                "`if __name__ == '__main__':`"
+            )
         if error is not None:
             parent_conn.close()
             process.kill()
