@@ -1,0 +1,1 @@
+"""rpc's benchmark suite: ``python -m bench`` (see ``python -m bench --help``)."""
