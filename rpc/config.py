@@ -70,6 +70,10 @@ class ServerConfig:
     unix_socket_mode: int | None = 0o600
     #: a client that does not read its replies for this long is dropped
     send_timeout: float = 30.0
+    #: replies waiting for a slow client beyond which its requests are not read
+    max_outbox_bytes: int = 16 * 1024 * 1024
+    #: close connections with no call in flight and no request for this long; None: never
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", _check_address(self.address))
@@ -92,8 +96,10 @@ class ServerConfig:
         _non_negative_int(self, "max_pending")
         for name in ("handshake_timeout", "shutdown_grace", "startup_timeout", "send_timeout"):
             _non_negative_number(self, name)
-        if self.max_call_seconds is not None:
-            _non_negative_number(self, "max_call_seconds")
+        _positive_int(self, "max_outbox_bytes")
+        for name in ("max_call_seconds", "idle_timeout"):
+            if getattr(self, name) is not None:
+                _non_negative_number(self, name)
         for name, allowed in (("start_method", START_METHODS), ("log_level", LOG_LEVELS), ("log_format", LOG_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise _invalid(name, f"must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -157,6 +163,8 @@ FILE_KEYS: dict[str, type] = {
     "start_method": str,
     "startup_timeout": float,
     "send_timeout": float,
+    "max_outbox_bytes": int,
+    "idle_timeout": float,
     "tracebacks": bool,
     "access_log": bool,
     "log_level": str,
@@ -220,8 +228,9 @@ class Settings:
     def server_config(self, authkey: bytes) -> ServerConfig:
         """The frozen server config; a bad value raises ConfigError naming key and source."""
         options = {k: v for k, v in self.values.items() if k not in ("address", "registry", "authkey_file")}
-        if options.get("max_call_seconds") == 0:
-            options["max_call_seconds"] = None  # 0 in a file means "no limit"
+        for name in ("max_call_seconds", "idle_timeout"):
+            if options.get(name) == 0:
+                options[name] = None  # 0 in a file means "no limit"
         try:
             return ServerConfig(address=self.address(), authkey=authkey, **options)
         except ConfigError as exc:

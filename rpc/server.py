@@ -28,6 +28,7 @@ from .errors import (
     RPCError,
     ServerBusy,
 )
+from .connection import ClientConnection
 from .handler import HandlerSettings
 from .logs import make_logger, open_log_file
 from .registry import Registry, import_string_of
@@ -48,38 +49,6 @@ _running_servers: weakref.WeakSet[Server] = weakref.WeakSet()
 def _close_running_servers() -> None:
     for server in list(_running_servers):
         server.close(grace=min(server.config.shutdown_grace, 2.0))
-
-
-class _ClientConnection:
-    """One authenticated client as the pool sees it: somewhere to send replies."""
-
-    __slots__ = ("conn", "peer", "_send_lock", "closed", "handshake_deadline", "timed_out")
-
-    def __init__(self, conn: Connection, peer: str) -> None:
-        self.conn = conn
-        self.peer = peer
-        self._send_lock = threading.Lock()
-        self.closed = False
-        self.handshake_deadline: float | None = None
-        self.timed_out = False
-
-    def send(self, frame: bytes) -> None:
-        """Send one frame; a failure drops the connection (its reader then cleans up)."""
-        with self._send_lock:
-            if self.closed:
-                return
-            try:
-                self.conn.send_bytes(frame)
-            except OSError:
-                # A partial frame may be on the wire: nothing more can be sent safely.
-                transport.shutdown(self.conn)
-
-    def close(self) -> None:
-        # Under the send lock, so no sender writes to a descriptor number reused later.
-        with self._send_lock:
-            if not self.closed:
-                self.closed = True
-                self.conn.close()
 
 
 class Server:
@@ -127,7 +96,7 @@ class Server:
         self._listener: transport.ListeningSocket | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._lock = threading.Lock()
-        self._connections: set[_ClientConnection] = set()
+        self._connections: set[ClientConnection] = set()
         self._threads: set[threading.Thread] = set()
         self._closing = threading.Event()
         self._closed = threading.Event()
@@ -279,7 +248,7 @@ class Server:
             backoff = 0.05
             if accepted is not None:
                 conn, peer = accepted
-                client = _ClientConnection(conn, peer)
+                client = ClientConnection(conn, peer, self.config.max_outbox_bytes)
                 client.handshake_deadline = time.monotonic() + self.config.handshake_timeout
                 with self._lock:
                     self._connections.add(client)
@@ -298,13 +267,25 @@ class Server:
                     client.timed_out = True
             for client in late:
                 transport.shutdown(client.conn)  # wakes the handshake's blocked read
+            if self.config.idle_timeout:
+                self._drop_idle(now - self.config.idle_timeout)
         # Deadlines still apply while calls drain during shutdown.
         while not self._handlers_stopped.wait(HOUSEKEEPING_INTERVAL):
             self._pool.check_deadlines()
 
+    def _drop_idle(self, cutoff: float) -> None:
+        """Close connections with nothing in flight and no request since ``cutoff``."""
+        with self._lock:
+            clients = [c for c in self._connections if c.handshake_deadline is None]
+        for client in clients:
+            since = client.idle_since()
+            if since is not None and since < cutoff:
+                self._log.info("client_dropped", peer=client.peer, reason="idle", idle_timeout=self.config.idle_timeout)
+                transport.shutdown(client.conn)
+
     # -- one connection ---------------------------------------------------------------
 
-    def _serve_connection(self, client: _ClientConnection) -> None:
+    def _serve_connection(self, client: ClientConnection) -> None:
         log = self._log.bind(peer=client.peer)
         try:
             if self._handshake(client, log):
@@ -315,7 +296,7 @@ class Server:
             with self._lock:
                 self._connections.discard(client)
 
-    def _handshake(self, client: _ClientConnection, log: Any) -> bool:
+    def _handshake(self, client: ClientConnection, log: Any) -> bool:
         conn = client.conn
         try:
             transport.server_handshake(conn, self.config.authkey)
@@ -334,7 +315,7 @@ class Server:
             error = ProtocolError(
                 f"protocol version {hello.version} is not supported; this server speaks {protocol.PROTOCOL_VERSION}"
             )
-            client.send(_error_frame(None, error))
+            client.reply(_error_frame(None, error))
             log.warning("client_rejected", reason=error.message)
             return False
         # A client that stops reading its replies must not hold a handler slot forever.
@@ -342,11 +323,12 @@ class Server:
         log.debug("client_connected")
         return True
 
-    def _read_requests(self, client: _ClientConnection, log: Any) -> None:
+    def _read_requests(self, client: ClientConnection, log: Any) -> None:
         conn = client.conn
         limit = self.config.max_message_bytes
         submit = self._pool.submit
         while True:
+            client.wait_for_room()  # backpressure: stop reading while its replies pile up unread
             try:
                 frame = conn.recv_bytes(limit)
             except EOFError:
@@ -356,16 +338,17 @@ class Server:
                 if "bad message length" in str(exc):
                     # The frame body was not read, so the stream cannot be resynchronised.
                     error = MessageTooLarge(f"message exceeds the server's limit of {limit} bytes")
-                    client.send(_error_frame(None, error))
+                    client.reply(_error_frame(None, error))
                     log.warning("client_dropped", reason="message too large", limit=limit)
                     transport.close_after_error(conn)
                 else:
                     log.debug("client_disconnected", reason=_reason(exc))
                 return
+            client.last_read = time.monotonic()
             try:
                 envelope = protocol.parse_envelope(frame)
             except ProtocolError as exc:
-                client.send(_error_frame(exc.request_id, exc))
+                client.reply(_error_frame(exc.request_id, exc))
                 if exc.request_id is None:
                     log.warning("client_dropped", reason=exc.message)
                     transport.close_after_error(conn)
@@ -374,13 +357,15 @@ class Server:
             kind = envelope.kind
             if kind == protocol.REQUEST:
                 if envelope.method == PING:
-                    client.send(protocol.encode_response(envelope.id, "pong"))
+                    client.reply(protocol.encode_response(envelope.id, "pong"))
                     continue
                 deadline = None if envelope.timeout is None else time.monotonic() + envelope.timeout
+                client.expect_answer(+1)  # before submitting: the answer may come back at once
                 try:
                     submit(Call(client, envelope.id, envelope.method, frame, deadline))
                 except ServerBusy as exc:
-                    client.send(_error_frame(envelope.id, exc))
+                    client.expect_answer(-1)
+                    client.reply(_error_frame(envelope.id, exc))
             elif kind == protocol.NOTIFICATION:
                 try:
                     submit(Call(None, None, envelope.method, frame, None))
