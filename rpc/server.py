@@ -332,7 +332,10 @@ class Server:
             try:
                 frame = conn.recv_bytes(limit)
             except EOFError:
-                log.debug("client_disconnected")
+                if client.broken:
+                    log.warning("client_dropped", reason="it stopped reading its replies")
+                else:
+                    log.debug("client_disconnected")
                 return
             except OSError as exc:
                 if "bad message length" in str(exc):
@@ -341,6 +344,8 @@ class Server:
                     client.reply(_error_frame(None, error))
                     log.warning("client_dropped", reason="message too large", limit=limit)
                     transport.close_after_error(conn)
+                elif client.broken:
+                    log.warning("client_dropped", reason="it stopped reading its replies")
                 else:
                     log.debug("client_disconnected", reason=_reason(exc))
                 return

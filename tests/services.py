@@ -107,3 +107,53 @@ def big(size):
 
 
 broken = "not a registry"
+
+
+@registry.expose
+def spin_ignoring_sigterm(seconds):
+    """Hold the GIL in a busy loop with SIGTERM ignored (only SIGKILL stops it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return "finished"
+
+
+@registry.expose
+def leave(how):
+    """Raise what asks a program to stop: sys.exit(), SystemExit, KeyboardInterrupt."""
+    import sys
+
+    if how == "sys.exit":
+        sys.exit(3)
+    if how == "SystemExit":
+        raise SystemExit("bye")
+    raise KeyboardInterrupt
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text for you")
+
+
+@registry.expose
+def fail_unprintable():
+    raise Unprintable()
+
+
+@registry.expose
+def fail_surrogate():
+    raise ValueError("bad \udcff text")
+
+
+@registry.expose
+def recursive_list():
+    value = []
+    value.append(value)
+    return value
+
+
+@registry.expose
+def identify(client, call):
+    """Return the arguments, so each caller can check it got its own answer."""
+    return [client, call, os.getpid()]

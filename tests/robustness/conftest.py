@@ -1,0 +1,71 @@
+"""Shared tools of the adversarial suite: resource baselines and raw connections."""
+
+from __future__ import annotations
+
+import os
+import threading
+from multiprocessing.connection import Client as RawClient
+
+import pytest
+
+from helpers import child_pids, wait_for
+from rpc import protocol
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+class Baseline:
+    """Open descriptors, threads and child processes of this process (which runs the server)."""
+
+    def __init__(self) -> None:
+        self.fds, self.threads, self.children = fd_count(), threading.active_count(), len(child_pids())
+
+    def now(self) -> tuple[int, int, int]:
+        return fd_count(), threading.active_count(), len(child_pids())
+
+    def assert_restored(self, timeout: float = 15.0) -> None:
+        """Wait until descriptors, threads and children are back to the baseline."""
+        expected = (self.fds, self.threads, self.children)
+        wait_for(lambda: self.now() == expected, timeout=timeout)
+        assert self.now() == expected, f"(fds, threads, children) {self.now()} != baseline {expected}"
+
+
+@pytest.fixture
+def server(rpc_server):
+    """A fresh server per test: 2 handlers, TCP, short deadlines so attacks resolve quickly."""
+    return rpc_server(
+        "services:registry", workers=2, transport="tcp", handshake_timeout=1.0, send_timeout=1.0, max_pending=64
+    )
+
+
+@pytest.fixture
+def baseline(server):
+    """Resources with the server up and idle; the test checks they come back."""
+    with server.client() as client:  # warm up: first-use threads and imports
+        client.add(1, 2)
+    wait_for(lambda: threading.active_count() == Baseline().threads, timeout=2)
+    return Baseline()
+
+
+def raw_connection(server):
+    """An authenticated raw connection past the hello exchange, to send anything at all."""
+    conn = RawClient(server.address, authkey=server.authkey)
+    protocol.decode_hello(conn.recv_bytes())
+    conn.send_bytes(protocol.encode_hello({}))
+    return conn
+
+
+def still_serves(server) -> None:
+    """A valid client's call succeeds."""
+    with server.client(timeout=10) as client:
+        assert client.add(2, 3) == 5

@@ -1,0 +1,210 @@
+"""Handshake and transport attacks (cases 1-8): bad peers are cut off, everyone else is served."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import rpc
+from conftest import fd_count, raw_connection, rss_mb, still_serves
+from helpers import wait_for
+from rpc import protocol
+
+
+def test_1_wrong_or_missing_authkey_fails_clearly_before_the_deadline(server, baseline):
+    for key in (b"wrong" * 8, None):
+        started = time.monotonic()
+        with pytest.raises(rpc.AuthenticationError):
+            rpc.connect(server.address, authkey=key, connect_timeout=5)
+        assert time.monotonic() - started < 5
+    still_serves(server)
+    baseline.assert_restored()
+
+
+def test_3_silent_and_slow_handshakes_are_dropped_at_one_overall_deadline(server, baseline):
+    silent = [socket.create_connection(server.address) for _ in range(50)]
+    slow = socket.create_connection(server.address)
+    slow.recv(1024)  # the challenge
+    dropped_at = []
+
+    def trickle() -> None:
+        started = time.monotonic()
+        try:
+            for _ in range(20):  # one byte at a time: each read makes progress, the whole never ends
+                slow.send(b"\x00")
+                time.sleep(0.2)
+        except OSError:
+            pass
+        dropped_at.append(time.monotonic() - started)
+
+    trickler = threading.Thread(target=trickle)
+    trickler.start()
+    started = time.monotonic()
+    still_serves(server)  # valid clients see normal service meanwhile
+    assert time.monotonic() - started < 1.0
+    for sock in silent:
+        sock.settimeout(5)
+        sock.recv(1024)  # the challenge...
+        assert sock.recv(1024) == b""  # ...then EOF at the deadline
+    assert time.monotonic() - started < 3.0
+    trickler.join(10)
+    assert dropped_at and dropped_at[0] < 3.0  # an overall deadline, not one per read
+    for sock in silent + [slow]:
+        sock.close()
+    baseline.assert_restored()
+
+
+def test_4_a_burst_of_500_connections_is_served_or_refused_none_hangs(server, baseline):
+    start = threading.Barrier(500)
+    outcomes: list[object] = []
+
+    def connect_and_call() -> None:
+        try:
+            start.wait()
+            with rpc.connect(server.address, authkey=server.authkey, timeout=30, connect_timeout=20) as client:
+                outcomes.append(client.add(1, 1))
+        except rpc.RPCError as exc:  # an explicit refusal is acceptable, a hang is not
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=connect_and_call) for _ in range(500)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert len(outcomes) == 500
+    assert outcomes.count(2) >= 450, [o for o in outcomes if o != 2][:5]
+    still_serves(server)
+    baseline.assert_restored(timeout=30)
+
+
+@pytest.mark.parametrize("header", [struct.pack("!i", 2**31 - 1), struct.pack("!iQ", -1, 2**62)], ids=["2^31-1", "2^62"])
+def test_5_huge_length_headers_are_refused_without_allocating(server, baseline, header):
+    before = rss_mb()
+    for _ in range(20):
+        conn = raw_connection(server)
+        sock = socket.socket(fileno=conn.fileno())
+        try:
+            sock.sendall(header)
+        finally:
+            sock.detach()
+        response = protocol.decode_response(conn.recv_bytes())
+        assert response.error.code == "message_too_large"
+        with pytest.raises(EOFError):
+            conn.recv_bytes()
+        conn.close()
+    assert rss_mb() - before < 20
+    still_serves(server)
+    baseline.assert_restored()
+
+
+def test_6_cut_frames_and_clients_leaving_mid_call_leak_nothing(server, baseline):
+    for i in range(1000):
+        conn = raw_connection(server)
+        if i % 2:
+            conn.send_bytes(protocol.encode_request(1, "sleep", (0.01,), {}, None))  # leaves with a call in flight
+        else:
+            sock = socket.socket(fileno=conn.fileno())
+            try:
+                sock.sendall(struct.pack("!i", 100) + b"short")  # a frame cut short
+            finally:
+                sock.detach()
+        conn.close()
+    still_serves(server)
+    baseline.assert_restored(timeout=30)
+
+
+def test_7_a_client_that_never_reads_is_throttled_then_dropped(server, baseline):
+    before = rss_mb()
+    greedy = raw_connection(server)
+    sock = socket.socket(fileno=greedy.fileno())
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sent = 0
+    sock.settimeout(0.5)
+    payload = b"x" * (256 << 10)
+    try:
+        for i in range(2000):  # asks for 500 MB of echoed replies and reads none
+            frame = protocol.encode_request(i, "echo", (payload,), {}, None)
+            sock.sendall(struct.pack("!i", len(frame)) + frame)
+            sent += 1
+    except (socket.timeout, OSError):
+        pass  # the server stopped reading our requests: backpressure
+    finally:
+        sock.detach()
+    assert sent < 2000
+    started = time.monotonic()
+    still_serves(server)  # others are unaffected
+    assert time.monotonic() - started < 2
+    assert rss_mb() - before < 200  # bounded by the outbox limit, not by what was asked
+    assert wait_for(lambda: "stopped reading its replies" in server.log_text(), timeout=10)  # dropped
+    greedy.close()
+    still_serves(server)
+    baseline.assert_restored(timeout=30)
+
+
+STOPPABLE_CLIENT = """
+import sys, rpc
+client = rpc.connect(sys.argv[1], authkey=bytes.fromhex(sys.argv[2]))
+client.add(1, 2)
+print("connected", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_8_a_peer_that_vanishes_is_reclaimed_by_the_idle_timeout(rpc_server):
+    server = rpc_server("services:registry", workers=1, idle_timeout=1.0)
+    still_serves(server)
+    peer = subprocess.Popen(
+        [sys.executable, "-c", STOPPABLE_CLIENT, server.address, server.authkey.hex()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert peer.stdout.readline().strip() == "connected"
+        with_peer = fd_count()  # includes the server's end of the peer's connection
+        os.kill(peer.pid, signal.SIGSTOP)  # gone without closing: no FIN, no RST
+        assert wait_for(lambda: fd_count() == with_peer - 1, timeout=10)
+        assert "reason=idle" in server.log_text()
+    finally:
+        os.kill(peer.pid, signal.SIGKILL)
+        peer.wait()
+    still_serves(server)
+
+
+STOPPABLE_SERVER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import rpc
+server = rpc.Server("services:registry", address=sys.argv[1], workers=1, log_level="warning")
+server.start()
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
+def test_8_a_client_waiting_on_a_stopped_server_times_out_by_its_deadline(tmp_path):
+    address = str(tmp_path / "rpc.sock")
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, "-c", STOPPABLE_SERVER, address, tests], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        client = rpc.connect(address)
+        assert client.add(1, 2) == 3
+        os.kill(process.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(rpc.CallTimeout):
+            client.call("add", 1, 2, timeout=0.5)
+        assert time.monotonic() - started < 2
+        client.close()
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
