@@ -74,6 +74,8 @@ class ServerConfig:
     max_outbox_bytes: int = 16 * 1024 * 1024
     #: close connections with no call in flight and no request for this long; None: never
     idle_timeout: float | None = None
+    #: address-space limit of each handler process in bytes (RLIMIT_AS); None: none
+    handler_memory_limit: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", _check_address(self.address))
@@ -97,6 +99,8 @@ class ServerConfig:
         for name in ("handshake_timeout", "shutdown_grace", "startup_timeout", "send_timeout"):
             _non_negative_number(self, name)
         _positive_int(self, "max_outbox_bytes")
+        if self.handler_memory_limit is not None:
+            _positive_int(self, "handler_memory_limit")
         for name in ("max_call_seconds", "idle_timeout"):
             if getattr(self, name) is not None:
                 _non_negative_number(self, name)
@@ -165,6 +169,7 @@ FILE_KEYS: dict[str, type] = {
     "send_timeout": float,
     "max_outbox_bytes": int,
     "idle_timeout": float,
+    "handler_memory_limit": int,
     "tracebacks": bool,
     "access_log": bool,
     "log_level": str,
@@ -228,7 +233,7 @@ class Settings:
     def server_config(self, authkey: bytes) -> ServerConfig:
         """The frozen server config; a bad value raises ConfigError naming key and source."""
         options = {k: v for k, v in self.values.items() if k not in ("address", "registry", "authkey_file")}
-        for name in ("max_call_seconds", "idle_timeout"):
+        for name in ("max_call_seconds", "idle_timeout", "handler_memory_limit"):
             if options.get(name) == 0:
                 options[name] = None  # 0 in a file means "no limit"
         try:

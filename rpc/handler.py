@@ -9,6 +9,7 @@ data; only the process dying is left for the supervisor to notice.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import threading
 import traceback
@@ -39,6 +40,7 @@ class HandlerSettings:
     log_level: str = "info"
     log_format: str = "auto"
     log_file: str | None = None
+    memory_limit: int | None = None
 
 
 def run(conn: Connection, settings: HandlerSettings) -> None:
@@ -52,6 +54,9 @@ def run(conn: Connection, settings: HandlerSettings) -> None:
         # What the functions print to stderr (and any crash report) lands in the log too.
         os.dup2(stream.fileno(), 2)
     log = make_logger(settings.log_level, settings.log_format, stream, component="rpc.handler")
+    if settings.memory_limit is not None:
+        # A call that decodes or builds something huge gets MemoryError, not the OOM killer.
+        resource.setrlimit(resource.RLIMIT_AS, (settings.memory_limit, settings.memory_limit))
     try:
         registry = load_registry(settings.registry)
     except BaseException as exc:  # report why, whatever the import raised

@@ -390,7 +390,9 @@ def parse_envelope(frame: bytes) -> Envelope:
         else:
             message = _read_streamed(frame)
     except Exception as exc:  # msgpack raises a zoo of types for bad input
-        raise ProtocolError(f"malformed message: {exc or type(exc).__name__}") from None
+        error = ProtocolError(f"malformed message: {exc or type(exc).__name__}")
+        error.request_id = _readable_id(frame)
+        raise error from None
     if type(message) is not list or not message:
         raise ProtocolError("malformed message: not a non-empty array")
     kind = message[0]
@@ -420,6 +422,20 @@ def parse_envelope(frame: bytes) -> Envelope:
     if kind == HELLO and len(message) == 3:
         return Envelope(HELLO, None, "", None)
     raise ProtocolError(f"malformed message: kind {kind!r} with {len(message)} fields")
+
+
+def _readable_id(frame: bytes) -> int | None:
+    """The id of a request whose later fields are broken, if its first fields are sound."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(frame), 1))
+        unpacker.feed(frame)
+        if unpacker.read_array_header() == 6 and unpacker.unpack() == REQUEST:
+            request_id = unpacker.unpack()
+            if type(request_id) is int and 0 <= request_id < 2**64:
+                return request_id
+    except Exception:
+        pass
+    return None
 
 
 def _read_streamed(frame: bytes) -> list[Any]:

@@ -90,6 +90,7 @@ class Server:
                 config.log_level,
                 config.log_format,
                 config.log_file,
+                config.handler_memory_limit,
             ),
             self._log,
         )

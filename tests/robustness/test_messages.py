@@ -1,0 +1,158 @@
+"""Malformed and hostile messages (cases 9-13, and a fuzzer): an error to that caller, service for the rest."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rpc
+from conftest import raw_connection, rss_mb, still_serves
+from rpc import protocol
+
+
+def exchange(server, frame: bytes):
+    """Send one frame on a fresh raw connection; the response, and whether the server then closed."""
+    conn = raw_connection(server)
+    try:
+        conn.send_bytes(frame)
+        response = protocol.decode_response(conn.recv_bytes())
+        closed = not conn.poll(0.5) or _eof(conn)
+        return response, closed
+    finally:
+        conn.close()
+
+
+def _eof(conn) -> bool:
+    try:
+        conn.recv_bytes()
+    except EOFError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"\xc1", b"\x96\x00", b"\xdd\xff\xff\xff\xff", b"not msgpack at all"],
+    ids=["reserved-byte", "truncated", "huge-array-header", "text"],
+)
+def test_9_undecodable_frames_close_that_connection_only(server, baseline, frame):
+    response, closed = exchange(server, frame)
+    assert response.id is None and response.error.code == "protocol_error"
+    still_serves(server)
+    baseline.assert_restored()
+
+
+def test_9_trailing_bytes_and_bad_utf8_get_an_error_reply(server, baseline):
+    good = protocol.encode_request(5, "add", (1, 2), {}, None)
+    response, _ = exchange(server, good + b"\x00")
+    assert response.error.code == "protocol_error"
+    bad_name = msgpack.packb([0, 6, "add", [1, 2], {}, {}]).replace(b"\xa3add", b"\xa3\xff\xfe\xfd")
+    response, _ = exchange(server, bad_name)
+    assert (response.id, response.error.code) == (6, "protocol_error")
+    still_serves(server)
+    baseline.assert_restored()
+
+
+@pytest.mark.parametrize(
+    "message, expected_id",
+    [
+        ({"kind": 0}, None),
+        ([], None),
+        ([0, 7, "add"], None),
+        ([0, 7, 42, [], {}, {}], 7),
+        ([0, 7, "add", [1, 2], {}, "meta"], 7),
+        ([0, 7, "add", {"not": "a list"}, {}, {}], 7),
+        ([0, 7, "add", [1, 2], {1: "not a str key"}, {}], 7),
+        ([9, 7, "add", [], {}, {}], None),
+    ],
+    ids=["map", "empty", "short", "int-method", "str-meta", "map-args", "int-kwarg-key", "kind-9"],
+)
+def test_10_a_wrong_envelope_gets_an_error_for_that_caller(server, baseline, message, expected_id):
+    response, _ = exchange(server, msgpack.packb(message))
+    assert response.error is not None and response.error.code == "protocol_error"
+    assert response.id == expected_id
+    still_serves(server)
+    baseline.assert_restored()
+
+
+def test_11_nesting_100000_deep_is_a_limit_error_not_a_crash(server, baseline):
+    nested = b"\x91" * 100_000 + b"\xc0"
+    frame = b"\x96\x00\x07\xa4echo\x91" + nested + b"\x80\x80"
+    response, _ = exchange(server, frame)
+    assert response.id == 7 and response.error is not None
+    with server.client() as client:
+        deep: list = []
+        for _ in range(100_000):
+            deep = [deep]
+        with pytest.raises(rpc.SerializationError):
+            client.echo(deep)
+    still_serves(server)
+    baseline.assert_restored()
+
+
+def test_11_a_decompression_style_bomb_hits_the_handler_memory_limit(rpc_server):
+    """4 MiB of empty arrays decode to about 250 MB of lists: refused under a 400 MB limit."""
+    server = rpc_server("services:registry", workers=1, handler_memory_limit=400 << 20)
+    before = rss_mb()
+    bomb = b"\x96\x00\x08\xa4echo\x91\xdd" + (4 << 20).to_bytes(4, "big") + b"\x90" * (4 << 20) + b"\x80\x80"
+    response, _ = exchange(server, bomb)
+    assert response.id == 8 and response.error is not None
+    assert rss_mb() - before < 50  # the supervisor forwarded the payload without decoding it
+    still_serves(server)
+
+
+@pytest.mark.parametrize("name", ["", "__class__", "os.system", "add.__globals__", "_rpc", "add.__call__"])
+def test_12_hostile_method_names_are_not_found(server, baseline, name):
+    with server.client() as client:
+        with pytest.raises(rpc.MethodNotFound):
+            client.call(name)
+    baseline.assert_restored()
+
+
+def test_13_wrong_arguments_are_a_type_error_and_cost_no_handler(server, baseline):
+    pids = set(server.handler_pids())
+    with server.client() as client:
+        with pytest.raises(TypeError):
+            client.add(1)
+        with pytest.raises(TypeError):
+            client.add(1, 2, unexpected=3)
+    assert set(server.handler_pids()) == pids
+    baseline.assert_restored()
+
+
+valid = protocol.encode_request(1, "add", (1, 2), {"k": [1.5, None]}, 3.0)
+
+
+@st.composite
+def frames(draw):
+    kind = draw(st.sampled_from(["random", "flip", "truncate", "splice"]))
+    if kind == "random":
+        return draw(st.binary(max_size=200))
+    data = bytearray(valid)
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, len(data) - 1))
+            data[i] = draw(st.integers(0, 255))
+        return bytes(data)
+    if kind == "truncate":
+        return bytes(data[: draw(st.integers(0, len(data) - 1))])
+    return bytes(data) + draw(st.binary(min_size=1, max_size=50))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=frames())
+def test_fuzzed_frames_never_stop_the_server(server, frame):
+    """Random and mutated frames: an answer or a closed connection, and service for the next client."""
+    conn = raw_connection(server)
+    try:
+        conn.send_bytes(frame)
+        if conn.poll(5):
+            try:
+                protocol.decode_response(conn.recv_bytes())
+            except EOFError:
+                pass
+    finally:
+        conn.close()
+    still_serves(server)
