@@ -1,0 +1,235 @@
+"""Load and lifecycle (cases 20-25): every call answered exactly once, clean stops, no leaks."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import rpc
+from conftest import Baseline, still_serves
+from helpers import wait_for
+
+TESTS = str(Path(__file__).resolve().parents[1])
+
+
+def test_20_200_clients_times_100_calls_each_get_their_own_answers(rpc_server):
+    server = rpc_server("services:registry", workers=2)  # the default queue holds 1024 waiting calls
+    still_serves(server)
+    baseline = Baseline()
+    answers: dict[int, list] = {}
+    errors = []
+
+    def run(client_id: int) -> None:
+        try:
+            with server.client(timeout=60) as client:
+                answers[client_id] = [client.identify(client_id, call)[:2] for call in range(100)]
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert answers == {i: [[i, call] for call in range(100)] for i in range(200)}
+    baseline.assert_restored(timeout=30)
+
+
+def test_21_overload_gets_server_busy_quickly_and_accepted_calls_complete(rpc_server):
+    server = rpc_server("services:registry", workers=1, max_pending=4)
+    outcomes, durations = [], []
+
+    def call(i: int) -> None:
+        started = time.monotonic()
+        try:
+            with server.client(timeout=30) as client:
+                outcomes.append(client.sleep(0.2, i))
+        except rpc.ServerBusy as exc:
+            outcomes.append(exc)
+        durations.append((outcomes[-1], time.monotonic() - started))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    busy = [o for o in outcomes if isinstance(o, rpc.ServerBusy)]
+    done = [o for o in outcomes if isinstance(o, int)]
+    assert busy and done and len(busy) + len(done) == 20
+    assert all(d < 1.0 for o, d in durations if isinstance(o, rpc.ServerBusy))  # refused at once
+    still_serves(server)  # service recovers when load drops
+
+
+@pytest.mark.slow
+def test_22_soak_killing_a_handler_every_second_fails_only_their_calls(rpc_server):
+    seconds = float(os.environ.get("RPC_SOAK_SECONDS", "30"))
+    server = rpc_server("services:registry", workers=2)
+    stop = threading.Event()
+    results: dict[str, int] = {"ok": 0, "crashed": 0}
+    unexpected = []
+
+    def load(i: int) -> None:
+        with server.client(timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    assert client.identify(i, 0)[:2] == [i, 0]
+                    results["ok"] += 1
+                except rpc.WorkerCrashed:
+                    results["crashed"] += 1
+                except Exception as exc:
+                    unexpected.append(exc)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + seconds
+    kills = 0
+    while time.monotonic() < end:
+        time.sleep(1)
+        pids = server.handler_pids()
+        if pids:
+            try:
+                os.kill(random.choice(pids), signal.SIGKILL)
+                kills += 1
+            except ProcessLookupError:
+                pass
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert unexpected == []
+    assert results["ok"] > 100 and results["crashed"] <= kills
+    assert "Traceback" not in server.log_text()
+    still_serves(server)
+
+
+def _daemon(tmp_path, *args: str) -> tuple[subprocess.Popen, dict]:
+    env = {
+        **os.environ,
+        "RPC_AUTHKEY": "k" * 40,
+        "RPC_ADDRESS": str(tmp_path / "rpc.sock"),
+        "RPC_LOG_FORMAT": "json",
+        "PYTHONPATH": TESTS,
+        "XDG_CONFIG_HOME": str(tmp_path),
+    }
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "rpc", "serve", *args], env=env, stdout=log, stderr=log)
+    assert wait_for(lambda: "listening" in (tmp_path / "serve.log").read_text() or process.poll() is not None, 30)
+    return process, env
+
+
+def _children(pid: int) -> set[int]:
+    from helpers import child_pids
+
+    return child_pids(pid)
+
+
+def test_23_sigterm_finishes_running_calls_and_refuses_queued_ones(tmp_path):
+    process, env = _daemon(tmp_path, "--workers", "1", "services:registry")
+    handlers = wait_for(lambda: _children(process.pid))
+    clients = [rpc.connect(env["RPC_ADDRESS"], authkey=env["RPC_AUTHKEY"].encode(), timeout=30) for _ in range(4)]
+    outcomes: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        try:
+            outcomes[i] = clients[i].sleep(1.0, i)
+        except rpc.RPCError as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    threads[0].start()
+    time.sleep(0.3)  # the first call runs; the other three wait in the queue
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    assert process.wait(30) == 0
+    assert outcomes[0] == 0
+    assert all(isinstance(outcomes[i], rpc.ServerShuttingDown) for i in (1, 2, 3)), outcomes
+    assert not [pid for pid in handlers if Path(f"/proc/{pid}").exists()]
+    assert not Path(env["RPC_ADDRESS"]).exists()
+
+
+def test_24_when_the_supervisor_is_killed_handlers_exit_and_clients_learn_at_once(tmp_path):
+    process, env = _daemon(tmp_path, "--workers", "2", "services:registry")
+    handlers = wait_for(lambda: len(_children(process.pid)) >= 2 and _children(process.pid))
+    client = rpc.connect(env["RPC_ADDRESS"], authkey=env["RPC_AUTHKEY"].encode(), timeout=30)
+    outcome = []
+    waiting = threading.Thread(target=lambda: outcome.append(_try(client.sleep, 10)))
+    waiting.start()
+    time.sleep(0.3)
+    process.kill()
+    process.wait()
+    started = time.monotonic()
+    waiting.join(10)
+    assert isinstance(outcome[0], rpc.ConnectionClosed)
+    assert time.monotonic() - started < 2
+    assert wait_for(lambda: not [p for p in handlers if Path(f"/proc/{p}").exists()], timeout=5)
+
+
+def _try(function, *args):
+    try:
+        return function(*args)
+    except rpc.RPCError as exc:
+        return exc
+
+
+LIMITED_SERVER = """
+import resource, sys
+sys.path.insert(0, sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+import rpc
+server = rpc.Server("services:registry", address=sys.argv[1], workers=1, log_format="json")
+server.start()
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_25_running_out_of_descriptors_backs_off_and_recovers(tmp_path):
+    address = str(tmp_path / "rpc.sock")
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(
+        [sys.executable, "-c", LIMITED_SERVER, address, TESTS], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        hogs = []
+        for _ in range(80):  # far more than the server's 48 descriptors
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(1)
+            try:
+                sock.connect(address)
+            except OSError:
+                sock.close()
+                break
+            hogs.append(sock)
+        assert wait_for(lambda: "accept_failed" in log.read_text(), timeout=10)
+        cpu_before = _cpu_seconds(process.pid)
+        time.sleep(2)
+        assert _cpu_seconds(process.pid) - cpu_before < 0.5  # backing off, not spinning
+        for sock in hogs:
+            sock.close()
+        # descriptors come back as the handshake deadline drops the idle sockets
+        with rpc.connect(address, timeout=10, connect_timeout=15) as client:
+            assert client.add(1, 2) == 3
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
