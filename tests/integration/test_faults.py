@@ -226,7 +226,7 @@ def test_calls_fail_with_connection_closed_when_the_server_goes_away(rpc_server)
     time.sleep(0.3)
     running.server.close(grace=0.1)
     thread.join(10)
-    assert isinstance(result["error"], (rpc.ConnectionClosed, rpc.WorkerCrashed))
+    assert isinstance(result["error"], (rpc.ConnectionClosed, rpc.WorkerCrashed, rpc.ServerShuttingDown))
     with pytest.raises(rpc.ConnectionClosed):
         client.add(1, 2)
 

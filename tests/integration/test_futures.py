@@ -87,4 +87,5 @@ def test_futures_fail_with_connection_closed_when_the_server_goes_away(rpc_serve
     client = running.client()
     future = client.submit("sleep", 5)
     running.server.close(grace=0.1)
-    assert isinstance(future.exception(timeout=30), (rpc.ConnectionClosed, rpc.WorkerCrashed))
+    # cut off while running, or refused if the request arrived after close() began
+    assert isinstance(future.exception(timeout=30), (rpc.ConnectionClosed, rpc.WorkerCrashed, rpc.ServerShuttingDown))
