@@ -127,7 +127,11 @@ class Client:
         self._server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
         self._conn = conn
         self._ids = itertools.count(1)
-        self._cond = threading.Condition(threading.Lock())
+        # The plain lock guards the state; the condition (on the same lock) is only for
+        # threads that must wait, and is notified only when there are some.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._reading = False  # whether some thread is reading replies
@@ -231,7 +235,7 @@ class Client:
         frame = protocol.encode_request(request_id, name, args, kwargs, timeout)
         protocol.check_size(frame, self._server_limit)
         pending = _Pending(request_id, future)
-        with self._cond:
+        with self._lock:
             if self._failure is not None:
                 raise self._failure
             # Registered before sending, so the reply cannot arrive before it is expected.
@@ -256,9 +260,8 @@ class Client:
                 raise error from None
 
     def _wait(self, pending: _Pending, deadline: float | None, name: str) -> Any:
-        cond = self._cond
         while True:
-            with cond:
+            with self._lock:
                 while True:
                     if pending.done:
                         return pending.outcome()
@@ -268,7 +271,11 @@ class Client:
                     if not self._reading:
                         self._reading = True
                         break
-                    cond.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
+                    self._waiters += 1
+                    try:
+                        self._cond.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
+                    finally:
+                        self._waiters -= 1
             try:
                 while not pending.done and self._read_one(deadline):
                     pass
@@ -277,11 +284,14 @@ class Client:
 
     def _read_for_futures(self) -> None:
         """The background reader: reads replies while submitted calls are outstanding."""
-        cond = self._cond
         while True:
-            with cond:
+            with self._lock:
                 while self._reading and self._futures and self._failure is None:
-                    cond.wait()
+                    self._waiters += 1
+                    try:
+                        self._cond.wait()
+                    finally:
+                        self._waiters -= 1
                 if not self._futures or self._failure is not None:
                     self._reader_thread = None
                     return
@@ -293,11 +303,12 @@ class Client:
                 self._stop_reading()
 
     def _stop_reading(self) -> None:
-        with self._cond:
+        with self._lock:
             self._reading = False
             if self._failure is not None:
                 self._conn.close()
-            self._cond.notify_all()  # another waiting thread may take over reading
+            if self._waiters:
+                self._cond.notify_all()  # another waiting thread may take over reading
 
     def _read_one(self, deadline: float | None) -> bool:
         """Read one response and hand it to its call. False: deadline passed or connection failed."""
@@ -327,7 +338,7 @@ class Client:
             # A connection-level error from the server, which closes the connection.
             self._fail_all(_exception(response.error) if response.error else ConnectionClosed("bad response"))
             return False
-        with self._cond:
+        with self._lock:
             waiting = self._pending.pop(response.id, None)
             if waiting is None:
                 return True  # its caller timed out and left
@@ -338,14 +349,14 @@ class Client:
             waiting.done = True
             if waiting.future is not None:
                 self._futures -= 1
-            else:
+            elif self._waiters:
                 self._cond.notify_all()  # wake its waiting thread
         waiting.settle_future()
         return True
 
     def _fail_all(self, error: RPCError) -> None:
         """Make the connection unusable and fail every call in flight with ``error``."""
-        with self._cond:
+        with self._lock:
             if self._failure is None:
                 self._failure = error if isinstance(error, TransportError) else ConnectionClosed(str(error))
                 transport.shutdown(self._conn)

@@ -76,6 +76,8 @@ class ServerConfig:
     idle_timeout: float | None = None
     #: address-space limit of each handler process in bytes (RLIMIT_AS); None: none
     handler_memory_limit: int | None = None
+    #: lend a one-call-at-a-time client's socket to a spare handler (the latency fast path)
+    lease: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", _check_address(self.address))
@@ -170,6 +172,7 @@ FILE_KEYS: dict[str, type] = {
     "max_outbox_bytes": int,
     "idle_timeout": float,
     "handler_memory_limit": int,
+    "lease": bool,
     "tracebacks": bool,
     "access_log": bool,
     "log_level": str,

@@ -60,6 +60,26 @@ class ClientConnection:
         # detached on close so the descriptor is closed once, by the Connection.
         self._sock = socket.socket(fileno=conn.fileno())
 
+    def begin_lease(self) -> None:
+        """The socket is lent to a handler: this client counts as busy until it is back."""
+        with self._lock:
+            self.pending += 1
+            self._lease_done = threading.Event()
+            self._lease_result: tuple[str, bytes | None] = ("crashed", None)
+
+    def end_lease(self, reason: str, unserved: bytes | None) -> None:
+        """The handler gave the socket back; ``unserved`` is a frame it left for the server."""
+        with self._lock:
+            self.pending -= 1
+            self.last_read = time.monotonic()
+            self._lease_result = (reason, unserved)
+        self._lease_done.set()
+
+    def wait_lease(self) -> tuple[str, bytes | None]:
+        """Block until the lent socket is back; why it came back, and any frame left to handle."""
+        self._lease_done.wait()
+        return self._lease_result
+
     def expect_answer(self, count: int) -> None:
         """Count calls accepted from this client (+1) or refused after all (-1)."""
         with self._lock:

@@ -12,13 +12,14 @@ import os
 import resource
 import signal
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing import parent_process
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from . import protocol
+from . import lease, protocol
 from .logs import make_logger, open_log_file
 from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, SerializationError
 from .protocol import ErrorInfo
@@ -41,10 +42,12 @@ class HandlerSettings:
     log_format: str = "auto"
     log_file: str | None = None
     memory_limit: int | None = None
+    max_call_seconds: float | None = None
+    access_log: bool = False
 
 
-def run(conn: Connection, settings: HandlerSettings) -> None:
-    """Entry point of a handler process."""
+def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> None:
+    """Entry point of a handler process. ``call_state`` is the shared array of a lent socket's call."""
     # Ctrl-C reaches the whole process group; the supervisor decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
@@ -65,12 +68,32 @@ def run(conn: Connection, settings: HandlerSettings) -> None:
         return
     conn.send_bytes(protocol.encode_hello({"pid": os.getpid()}))
     log.debug("handler_ready", registry=settings.registry, methods=len(registry))
+    state = lease.CallState(call_state) if call_state is not None else None
+
+    def run_call(frame: bytes) -> bytes:
+        return execute(registry, frame, settings)
+
+    def log_call(envelope: protocol.Envelope, reply: bytes, started: float) -> None:
+        if settings.access_log:
+            outcome = "error" if protocol.response_is_error(reply) else "ok"
+            ms = round((time.monotonic() - started) * 1000, 3)
+            log.info("call", method=envelope.method, id=envelope.id, ms=ms, outcome=outcome, leased=True)
+
     while True:
         try:
             frame = conn.recv_bytes()
         except (EOFError, OSError):
             return  # the supervisor closed the pipe: stop
-        conn.send_bytes(execute(registry, frame, settings))
+        kind = protocol.internal_kind(frame)
+        if kind is None:
+            conn.send_bytes(execute(registry, frame, settings))
+        elif kind == protocol.LEASE and state is not None:
+            conn.send_bytes(
+                lease.serve_lease(
+                    conn, frame, run_call, state, settings.max_message_bytes, settings.max_call_seconds, log_call
+                )
+            )
+        # a RECALL that arrives after its lease ended needs nothing
 
 
 def _exit_with_parent() -> None:

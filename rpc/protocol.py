@@ -129,6 +129,11 @@ NOTIFICATION = 2
 CANCEL = 3
 HELLO = 4
 
+# Between the server and its handler processes only, never on the wire:
+LEASE = 16  # [16, request frame, peer]: serve this client's socket (its descriptor follows)
+LEASE_END = 17  # [17, reason, unserved frame or nil, calls served]: the socket is the server's again
+RECALL = 18  # [18]: end the lease after the current call
+
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -362,6 +367,17 @@ def response_is_error(frame: bytes) -> bool:
     width = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}.get(marker, 1)
     position = 2 + width
     return len(frame) > position and frame[position] != _NIL
+
+
+def encode_internal(*fields: Any) -> bytes:
+    """A message between the server and a handler (LEASE, LEASE_END, RECALL)."""
+    return _pack(list(fields))
+
+
+def internal_kind(frame: bytes) -> int | None:
+    """The kind of a server-handler message, or None for an ordinary request or response."""
+    kind = frame[1] if len(frame) > 1 and 0x91 <= frame[0] <= 0x9F else None
+    return kind if kind in (LEASE, LEASE_END, RECALL) else None
 
 
 def _expect(condition: bool, what: str) -> None:

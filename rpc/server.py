@@ -82,6 +82,7 @@ class Server:
                 start_method=config.start_method,
                 startup_timeout=config.startup_timeout,
                 access_log=config.access_log,
+                lease=config.lease,
             ),
             HandlerSettings(
                 self.registry_spec,
@@ -91,6 +92,8 @@ class Server:
                 config.log_format,
                 config.log_file,
                 config.handler_memory_limit,
+                config.max_call_seconds,
+                config.access_log,
             ),
             self._log,
         )
@@ -257,22 +260,26 @@ class Server:
 
     def _housekeeping(self) -> None:
         while not self._closing.wait(HOUSEKEEPING_INTERVAL):
-            self._pool.check_deadlines()
-            now = time.monotonic()
-            with self._lock:
-                late = [
-                    c for c in self._connections if c.handshake_deadline is not None and now >= c.handshake_deadline
-                ]
-                for client in late:
-                    client.handshake_deadline = None
-                    client.timed_out = True
-            for client in late:
-                transport.shutdown(client.conn)  # wakes the handshake's blocked read
-            if self.config.idle_timeout:
-                self._drop_idle(now - self.config.idle_timeout)
+            try:
+                self._housekeeping_step()
+            except Exception:  # deadlines must keep being enforced whatever went wrong once
+                self._log.exception("housekeeping_failed")
         # Deadlines still apply while calls drain during shutdown.
         while not self._handlers_stopped.wait(HOUSEKEEPING_INTERVAL):
             self._pool.check_deadlines()
+
+    def _housekeeping_step(self) -> None:
+        self._pool.check_deadlines()
+        now = time.monotonic()
+        with self._lock:
+            late = [c for c in self._connections if c.handshake_deadline is not None and now >= c.handshake_deadline]
+            for client in late:
+                client.handshake_deadline = None
+                client.timed_out = True
+        for client in late:
+            transport.shutdown(client.conn)  # wakes the handshake's blocked read
+        if self.config.idle_timeout:
+            self._drop_idle(now - self.config.idle_timeout)
 
     def _drop_idle(self, cutoff: float) -> None:
         """Close connections with nothing in flight and no request since ``cutoff``."""
@@ -328,10 +335,15 @@ class Server:
         conn = client.conn
         limit = self.config.max_message_bytes
         submit = self._pool.submit
+        unserved: bytes | None = None  # a frame a handler read from a lent socket and left to us
+        lend_next = True  # False for the frame after a lease ended because the client pipelines
         while True:
             client.wait_for_room()  # backpressure: stop reading while its replies pile up unread
+            returned = unserved is not None or not lend_next  # never lend a handed-back frame again
+            lend_next = True
             try:
-                frame = conn.recv_bytes(limit)
+                frame = unserved if unserved is not None else conn.recv_bytes(limit)
+                unserved = None
             except EOFError:
                 if client.broken:
                     log.warning("client_dropped", reason="it stopped reading its replies")
@@ -366,9 +378,20 @@ class Server:
                     client.reply(protocol.encode_response(envelope.id, "pong"))
                     continue
                 deadline = None if envelope.timeout is None else time.monotonic() + envelope.timeout
+                call = Call(client, envelope.id, envelope.method, frame, deadline)
+                if not returned and client.pending == 0 and self._pool.try_lease(call, client):
+                    # A handler serves this socket directly for now; resume when it is back.
+                    reason, unserved = client.wait_lease()
+                    lend_next = reason != "pipelined"
+                    if reason == "broken":
+                        log.warning("client_dropped", reason="it stopped reading its replies")
+                    if reason in ("closed", "broken"):
+                        transport.shutdown(conn)
+                        return
+                    continue
                 client.expect_answer(+1)  # before submitting: the answer may come back at once
                 try:
-                    submit(Call(client, envelope.id, envelope.method, frame, deadline))
+                    submit(call)
                 except ServerBusy as exc:
                     client.expect_answer(-1)
                     client.reply(_error_frame(envelope.id, exc))

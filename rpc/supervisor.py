@@ -19,10 +19,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from . import handler, protocol
+from . import handler, lease, protocol, transport
 from .errors import (
     CallTimeout,
     RPCError,
@@ -52,6 +53,7 @@ class PoolSettings:
     start_method: str
     startup_timeout: float
     access_log: bool
+    lease: bool = True
 
 
 class Call:
@@ -85,6 +87,12 @@ class _Slot:
         self.kill_at: float | None = None  # when to escalate SIGTERM to SIGKILL
         self.reaping = False  # the slot thread is collecting the process: signal it no more
         self.retired: threading.Event | None = None  # set once a reload has replaced this handler
+        self.lease: Any = None  # the client whose socket this handler is serving directly
+        self.lease_frame: bytes | None = None  # the request that came with the lease
+        self.recalled = False
+        # Orders LEASE (a frame, then the descriptor) against RECALL on the pipe.
+        self.lease_lock = threading.Lock()
+        self.call_state: Any = None  # shared memory: the call running on a lent socket
         self.thread: threading.Thread | None = None
 
 
@@ -99,6 +107,8 @@ class HandlerPool:
         self._lock = threading.Lock()
         self._idle_changed = threading.Condition(self._lock)
         self._slots = [_Slot(i) for i in range(settings.workers)]
+        for slot in self._slots:
+            slot.call_state = self._context.RawArray("d", lease.CallState.SIZE)
         self._idle: list[_Slot] = []
         self._queue: deque[Call] = deque()
         self._closing = False  # no new calls; queued ones were failed
@@ -136,6 +146,9 @@ class HandlerPool:
             self._closing = True
             queued = list(self._queue)
             self._queue.clear()
+            lent = [slot for slot in self._slots if slot.lease is not None]
+        for slot in lent:
+            self._recall(slot)
         for call in queued:
             self._fail(call, ServerShuttingDown("the server is shutting down; the call did not run"), None)
         deadline = time.monotonic() + grace
@@ -170,9 +183,12 @@ class HandlerPool:
                 idle = slot in self._idle
                 if idle:
                     self._idle.remove(slot)
+                lent = slot.lease is not None
                 conn = slot.conn
             if idle and conn is not None:
                 _shutdown_pipe(conn)
+            elif lent:
+                self._recall(slot)
             if not done.wait(self._settings.startup_timeout + 10):
                 self._log.error("reload_failed", error=f"handler {slot.index} was not replaced in time")
                 return False
@@ -228,23 +244,67 @@ class HandlerPool:
         if self._settings.max_call_seconds is not None:
             cap = call.received + self._settings.max_call_seconds
             call.deadline = cap if call.deadline is None else min(call.deadline, cap)
+        conn = recall = None
         with self._lock:
             if self._closing:
                 raise ServerShuttingDown("the server is shutting down; the call did not run")
-            if not self._idle:
-                if len(self._queue) >= self._settings.max_pending:
-                    raise ServerBusy(
-                        f"all {len(self._slots)} handlers are busy and {len(self._queue)} calls are waiting"
-                    )
+            if self._idle:
+                slot = self._idle.pop()
+                slot.current = call
+                slot.started = time.monotonic()
+                conn = slot.conn
+            elif len(self._queue) >= self._settings.max_pending:
+                raise ServerBusy(f"all {len(self._slots)} handlers are busy and {len(self._queue)} calls are waiting")
+            else:
                 self._queue.append(call)
-                self._unanswered += 1
-                return
+                recall = self._recall_one()
             self._unanswered += 1
+        if conn is not None:
+            self._send(conn, call)
+        elif recall is not None:
+            self._recall(recall)
+
+    def try_lease(self, call: Call, client: Any) -> bool:
+        """Lend ``client``'s socket to an idle handler for ``call`` and what follows.
+
+        Only while handlers are to spare (one stays idle for others) and none is
+        waited for, so lending never delays another client's call.
+        """
+        if not self._settings.lease:
+            return False
+        with self._lock:
+            if self._closing or self._queue or len(self._idle) < 2:
+                return False
             slot = self._idle.pop()
-            slot.current = call
+            slot.lease, slot.recalled, slot.lease_frame = client, False, call.frame
+            lease.CallState(slot.call_state).reset()  # the handler is idle: nobody writes it now
             slot.started = time.monotonic()
-            conn = slot.conn
-        self._send(conn, call)
+            self._unanswered += 1  # the lease counts as one call until the socket is back
+            conn, pid = slot.conn, slot.pid
+            client.begin_lease()
+            # Taken before the pool lock is let go, so no RECALL can come between the two parts.
+            slot.lease_lock.acquire()
+        try:
+            assert conn is not None and pid is not None
+            conn.send_bytes(protocol.encode_internal(protocol.LEASE, call.frame, client.peer))
+            reduction.send_handle(conn, client.conn.fileno(), pid)
+        except (OSError, AssertionError):
+            pass  # the handler died: its slot thread ends the lease
+        finally:
+            slot.lease_lock.release()
+        return True
+
+    def _recall_one(self) -> _Slot | None:
+        """Under the lock: pick one lent handler to give its socket back."""
+        for slot in self._slots:
+            if slot.lease is not None and not slot.recalled:
+                slot.recalled = True
+                return slot
+        return None
+
+    def _recall(self, slot: _Slot) -> None:
+        with slot.lease_lock:
+            _send_internal(slot.conn, protocol.RECALL)
 
     def check_deadlines(self) -> None:
         """Fail calls past their deadline; kill the handlers running them. Call periodically."""
@@ -255,6 +315,13 @@ class HandlerPool:
         with self._lock:
             for slot in self._slots:
                 call = slot.current
+                if slot.lease is not None and slot.kill_reason is None:
+                    what, deadline, _, _ = lease.CallState(slot.call_state).read()
+                    if what == lease.CallState.RUNNING and deadline is not None and now >= deadline:
+                        slot.kill_reason = "a call on a lent socket passed its deadline"
+                        slot.kill_at = now + 1.0
+                        to_terminate.append(slot)
+                        continue
                 if call is not None and not call.answered and call.deadline is not None and now >= call.deadline:
                     call.answered = True
                     timed_out.append((call, slot.pid))
@@ -368,7 +435,7 @@ class HandlerPool:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=handler.run,
-            args=(child_conn, self._handler_settings),
+            args=(child_conn, self._handler_settings, slot.call_state),
             name=f"rpc-handler-{slot.index}",
             # Not daemonic, so exposed functions may start processes of their own. A
             # handler exits by itself when the supervisor dies (see rpc.handler).
@@ -425,6 +492,9 @@ class HandlerPool:
             except (EOFError, OSError):
                 return
             now = time.monotonic()
+            if protocol.internal_kind(reply) == protocol.LEASE_END:
+                self._lease_ended(slot, reply, now)
+                continue
             with self._lock:
                 call = slot.current
                 if call is None or slot.kill_reason is not None:
@@ -450,6 +520,30 @@ class HandlerPool:
             if retiring:
                 _shutdown_pipe(conn)  # the handler exits; _run_slot starts its replacement
 
+    def _lease_ended(self, slot: _Slot, message: bytes, now: float) -> None:
+        """The handler gave a lent socket back: take the slot back into service."""
+        _, reason, unserved, _served = protocol.decode_value(message)
+        with self._lock:
+            client, slot.lease = slot.lease, None
+            if client is None:
+                return
+            retiring = slot.retired is not None
+            next_call, expired = (None, []) if self._closing or retiring else self._next_call(now)
+            slot.current = next_call
+            if next_call is not None:
+                slot.started = now
+            elif not retiring:
+                self._idle.append(slot)
+            self._unanswered -= 1
+            self._idle_changed.notify_all()
+        if next_call is not None:
+            self._send(slot.conn, next_call)
+        client.end_lease(reason, unserved)
+        for stale in expired:
+            self._fail(stale, _expired(stale), None)
+        if retiring:
+            _shutdown_pipe(slot.conn)
+
     def _reap(self, slot: _Slot) -> str:
         """After the handler's pipe closed: fail its call, collect the process, say why."""
         with self._lock:
@@ -472,11 +566,40 @@ class HandlerPool:
             self._idle_changed.notify_all()
         if slot.conn is not None:
             slot.conn.close()
+        self._reap_lease(slot, reason)
         if crashed:
             assert call is not None
             error = WorkerCrashed(f"the handler process (pid {slot.pid}) died during this call: {reason}")
             self._answer(call, _error_frame(call, error), slot.pid, "crashed")
         return reason
+
+    def _reap_lease(self, slot: _Slot, reason: str) -> None:
+        """A handler died serving a lent socket: answer its call, then give the socket back.
+
+        The handler is dead, so the server can write to the socket without
+        interleaving; if it died halfway through a reply, the stream is broken.
+        """
+        with self._lock:
+            client, slot.lease = slot.lease, None
+            if client is None:
+                return
+            self._unanswered -= 1
+            self._idle_changed.notify_all()
+        what, _deadline, request_id, answered = lease.CallState(slot.call_state).read()
+        if what == lease.CallState.IDLE and not answered:
+            # It died before starting the call it was lent the socket for: the server runs it.
+            client.end_lease("crashed", slot.lease_frame)
+            return
+        if what == lease.CallState.WRITING:
+            transport.shutdown(client.conn)
+        elif what == lease.CallState.RUNNING:
+            error: RPCError
+            if slot.kill_reason is not None:
+                error = CallTimeout("the call passed its deadline")
+            else:
+                error = WorkerCrashed(f"the handler process (pid {slot.pid}) died during this call: {reason}")
+            client.reply(protocol.encode_error(request_id, protocol.ErrorInfo(error.code, type(error).__name__, error.message)))
+        client.end_lease("crashed", None)
 
     def _fail(self, call: Call, error: RPCError, pid: int | None) -> None:
         """Answer a call that is not on a handler (queued, rejected) with ``error``."""
@@ -529,6 +652,14 @@ def _exit_reason(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def _send_internal(conn: Connection | None, *fields: Any) -> None:
+    try:
+        if conn is not None:
+            conn.send_bytes(protocol.encode_internal(*fields))
+    except OSError:
+        pass  # the handler is gone; its slot thread deals with that
 
 
 def _shutdown_pipe(conn: Connection) -> None:

@@ -1,0 +1,80 @@
+"""The latency fast path: a spare handler serves a one-call-at-a-time client's socket directly."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import rpc
+from helpers import wait_for
+
+
+def test_sequential_calls_are_served_on_a_lent_socket(rpc_server):
+    server = rpc_server("services:registry", workers=2, access_log=True)
+    with server.client() as client:
+        assert [client.add(i, 1) for i in range(50)] == [i + 1 for i in range(50)]
+    assert "leased=True" in server.log_text()
+
+
+def test_no_lending_when_turned_off(rpc_server):
+    server = rpc_server("services:registry", workers=2, access_log=True, lease=False)
+    with server.client() as client:
+        assert [client.add(i, 1) for i in range(20)] == [i + 1 for i in range(20)]
+    assert "leased=True" not in server.log_text()
+
+
+def test_a_waiting_call_gets_the_lent_handler_back(rpc_server):
+    """Client A holds a lent handler; B keeps the other busy; C must not wait on A's lease."""
+    server = rpc_server("services:registry", workers=2)
+    a, b, c = (server.client(timeout=30) for _ in range(3))
+    stop = threading.Event()
+    a_results = []
+
+    def steady() -> None:
+        while not stop.is_set():
+            a_results.append(a.add(1, 1))
+
+    steady_caller = threading.Thread(target=steady)
+    steady_caller.start()
+    time.sleep(0.1)
+    busy = threading.Thread(target=b.sleep, args=(1.0,))
+    busy.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert c.add(2, 2) == 4
+    waited = time.monotonic() - started
+    stop.set()
+    steady_caller.join(10)
+    busy.join(10)
+    assert waited < 0.8  # served before B's one-second call ended: A's lease was recalled
+    assert a_results and set(a_results) == {2}
+
+
+def test_pipelined_slow_calls_still_spread_over_handlers(rpc_server, tmp_path):
+    server = rpc_server("services:registry", workers=2)
+    with server.client(timeout=30) as client:
+        pids = list(client.map("record", [str(tmp_path)] * 6, [0.1] * 6))
+    assert len(set(pids)) == 2  # both handlers ran some of them
+
+
+def test_a_crash_on_a_lent_socket_fails_that_call_and_the_socket_is_reused(rpc_server):
+    server = rpc_server("services:registry", workers=2)
+    with server.client(timeout=30) as client:
+        assert client.add(1, 1) == 2  # the socket is lent now
+        with pytest.raises(rpc.WorkerCrashed):
+            client.crash("kill")
+        assert [client.add(i, i) for i in range(10)] == [2 * i for i in range(10)]
+    assert wait_for(lambda: len(server.handler_pids()) == 2)
+
+
+def test_a_timeout_on_a_lent_socket_answers_at_the_deadline(rpc_server):
+    server = rpc_server("services:registry", workers=2)
+    with server.client() as client:
+        assert client.add(1, 1) == 2
+        started = time.monotonic()
+        with pytest.raises(rpc.CallTimeout):
+            client.call("sleep", 10, timeout=0.3)
+        assert time.monotonic() - started < 2
+        assert client.add(2, 2) == 4
