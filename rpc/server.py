@@ -336,7 +336,10 @@ class Server:
         limit = self.config.max_message_bytes
         submit = self._pool.submit
         unserved: bytes | None = None  # a frame a handler read from a lent socket and left to us
-        lend_next = True  # False for the frame after a lease ended because the client pipelines
+        # Lending pays off over repeated calls: never for a connection's first call (a one-shot
+        # client would only pay for the hand-over), nor for the frame after a lease ended
+        # because the client pipelines.
+        lend_next = False
         while True:
             client.wait_for_room()  # backpressure: stop reading while its replies pile up unread
             returned = unserved is not None or not lend_next  # never lend a handed-back frame again
