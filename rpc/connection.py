@@ -37,7 +37,7 @@ def _framed(frame: bytes) -> list[memoryview]:
 class ClientConnection:
     """An authenticated client as the server sees it.
 
-    ``send`` is for answers to accepted calls (it counts them down in
+    ``answer`` is for answers to accepted calls (it counts them down in
     ``pending``); ``reply`` is for the server's own messages.
     """
 
@@ -85,7 +85,7 @@ class ClientConnection:
         with self._lock:
             self.pending += count
 
-    def send(self, frame: bytes) -> None:
+    def answer(self, frame: bytes) -> None:
         """Send the answer of a call accepted from this client."""
         self._write(frame)
         with self._lock:
@@ -128,7 +128,7 @@ class ClientConnection:
                     return
                 part = self._outbox[0]
             try:
-                sent = self._sock.send(part)
+                sent = self._sock.sendmsg([part])
             except OSError:  # a timeout (the client stopped reading) or a reset
                 with self._lock:
                     self._break()

@@ -25,7 +25,7 @@ from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, Se
 from .protocol import ErrorInfo
 from .registry import Registry, load_registry
 
-__all__ = ["HandlerSettings", "run", "execute"]
+__all__ = ["HandlerSettings", "run", "execute", "execute_request"]
 
 # Names answered by rpc itself; user names never start with "_", so these cannot clash.
 METHODS = "_rpc.methods"
@@ -70,18 +70,19 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
     log.debug("handler_ready", registry=settings.registry, methods=len(registry))
     state = lease.CallState(call_state) if call_state is not None else None
 
-    def run_call(frame: bytes) -> bytes:
-        return execute(registry, frame, settings)
+    def run_call(request: protocol.Request) -> bytes:
+        return execute_request(registry, request, settings)
 
-    def log_call(envelope: protocol.Envelope, reply: bytes, started: float) -> None:
+    def log_call(request: protocol.Request, reply: bytes, started: float) -> None:
         if settings.access_log:
             outcome = "error" if protocol.response_is_error(reply) else "ok"
             ms = round((time.monotonic() - started) * 1000, 3)
-            log.info("call", method=envelope.method, id=envelope.id, ms=ms, outcome=outcome, leased=True)
+            log.info("call", method=request.method, id=request.id, ms=ms, outcome=outcome, leased=True)
 
     while True:
         try:
-            frame = conn.recv_bytes()
+            # Frames come from the server, which already held them to max_message_bytes.
+            frame = conn.recv_bytes(settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
         except (EOFError, OSError):
             return  # the supervisor closed the pipe: stop
         kind = protocol.internal_kind(frame)
@@ -115,6 +116,11 @@ def execute(registry: Registry, frame: bytes, settings: HandlerSettings) -> byte
         request = protocol.decode_request(frame)
     except ProtocolError as exc:
         return protocol.encode_error(_id_of(frame), _error_info(exc.code, exc, False))
+    return execute_request(registry, request, settings)
+
+
+def execute_request(registry: Registry, request: protocol.Request, settings: HandlerSettings) -> bytes:
+    """Run a decoded call and return the encoded response, success or failure."""
     if request.method == METHODS:
         function: Any = lambda: [vars(info) for info in registry.describe()]  # noqa: E731
     else:

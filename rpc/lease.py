@@ -110,16 +110,16 @@ def serve_lease(
         while True:
             if frame is not None:
                 try:
-                    envelope = protocol.parse_envelope(frame)
+                    request = protocol.decode_request(frame)  # decoded once: run from this
                 except protocol.ProtocolError:
-                    envelope = None
-                if envelope is None or envelope.kind != protocol.REQUEST or envelope.method == PING:
+                    request = None
+                if request is None or request.id is None or request.method == PING:
                     reason, unserved = "frame", frame  # the server handles everything else
                     break
                 started = time.monotonic()
-                limits = [t for t in (envelope.timeout, max_call_seconds) if t is not None]
-                state.running(envelope.id, started + min(limits) if limits else None)
-                reply = execute(frame)
+                limits = [t for t in (request.timeout, max_call_seconds) if t is not None]
+                state.running(request.id, started + min(limits) if limits else None)
+                reply = execute(request)
                 state.writing()
                 try:
                     sock.sendall(_header(len(reply)) + reply if len(reply) < _PEEK_BYTES else _header(len(reply)))
@@ -132,7 +132,7 @@ def serve_lease(
                     state.idle()
                 state.answered()
                 served += 1
-                on_call(envelope, reply, started)
+                on_call(request, reply, started)
                 frame = None
                 if time.monotonic() - started >= PARALLEL_WORTHY_SECONDS and _readable(sock):
                     # The client sends its next call before reading this answer: it pipelines

@@ -135,6 +135,8 @@ LEASE_END = 17  # [17, reason, unserved frame or nil, calls served]: the socket 
 RECALL = 18  # [18]: end the lease after the current call
 
 PROTOCOL_VERSION = 1
+# Room for a response's envelope around a result of the size limit, between server and handlers.
+ENVELOPE_MARGIN = 65536
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 USER_CODES = range(64, 128)
@@ -300,6 +302,7 @@ class Request(NamedTuple):
     method: str
     args: list[Any]
     kwargs: dict[str, Any]
+    timeout: float | None = None
 
 
 class Response(NamedTuple):
@@ -483,17 +486,20 @@ def decode_request(frame: bytes) -> Request:
     kind = message[0]
     if kind == REQUEST:
         _expect(len(message) == 6, "a request is an array of 6")
-        _, request_id, method, args, kwargs, _meta = message
+        _, request_id, method, args, kwargs, meta = message
+        _expect(type(meta) is dict, "meta must be a map")
+        timeout = meta.get("timeout")
+        _expect(timeout is None or (type(timeout) in (int, float) and timeout >= 0), "timeout must be >= 0")
     elif kind == NOTIFICATION:
         _expect(len(message) == 4, "a notification is an array of 4")
         _, method, args, kwargs = message
-        request_id = None
+        request_id = timeout = None
     else:
         raise ProtocolError(f"malformed message: kind {kind!r} is not a call")
     _expect(type(method) is str, "method must be a string")
     _expect(type(args) is list, "args must be an array")
     _expect(type(kwargs) is dict and all(type(k) is str for k in kwargs), "kwargs must be a map of strings")
-    return Request(request_id, method, args, kwargs)
+    return Request(request_id, method, args, kwargs, None if timeout is None else float(timeout))
 
 
 def decode_response(frame: bytes) -> Response:

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import weakref
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 from . import __version__, protocol, transport
@@ -336,14 +336,13 @@ class Server:
         limit = self.config.max_message_bytes
         submit = self._pool.submit
         unserved: bytes | None = None  # a frame a handler read from a lent socket and left to us
-        # Lending pays off over repeated calls: never for a connection's first call (a one-shot
-        # client would only pay for the hand-over), nor for the frame after a lease ended
-        # because the client pipelines.
-        lend_next = False
+        # Lending pays off over repeated calls, so never for: a connection's first call (a
+        # one-shot client would only pay for the hand-over), a frame a handler handed back,
+        # or the frame after a lease that ended because the client pipelines.
+        may_lend = False
         while True:
             client.wait_for_room()  # backpressure: stop reading while its replies pile up unread
-            returned = unserved is not None or not lend_next  # never lend a handed-back frame again
-            lend_next = True
+            lend_this, may_lend = may_lend and unserved is None, True
             try:
                 frame = unserved if unserved is not None else conn.recv_bytes(limit)
                 unserved = None
@@ -382,10 +381,10 @@ class Server:
                     continue
                 deadline = None if envelope.timeout is None else time.monotonic() + envelope.timeout
                 call = Call(client, envelope.id, envelope.method, frame, deadline)
-                if not returned and client.pending == 0 and self._pool.try_lease(call, client):
+                if lend_this and client.pending == 0 and self._pool.try_lease(call, client):
                     # A handler serves this socket directly for now; resume when it is back.
                     reason, unserved = client.wait_lease()
-                    lend_next = reason != "pipelined"
+                    may_lend = reason != "pipelined"
                     if reason == "broken":
                         log.warning("client_dropped", reason="it stopped reading its replies")
                     if reason in ("closed", "broken"):

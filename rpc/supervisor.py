@@ -17,7 +17,6 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -36,13 +35,15 @@ from .logs import Logger
 
 __all__ = ["PoolSettings", "Call", "HandlerPool"]
 
+_HELLO_LIMIT = 1 << 20  # a handler's hello, or its report of why the registry failed to import
+
 
 class ReplySink(Protocol):
     """Where a call's answer goes: the client connection it came from."""
 
     peer: str
 
-    def send(self, frame: bytes) -> None: ...
+    def answer(self, frame: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -409,18 +410,12 @@ class HandlerPool:
             backoff = 0.1
             with self._lock:
                 retired, slot.retired = slot.retired, None
-                call, expired = (None, []) if self._closing else self._next_call(time.monotonic())
-                if call is not None:
-                    slot.current = call
-                    slot.started = time.monotonic()
-                elif not self._stopping:
-                    self._idle.append(slot)
+                call, expired, _ = self._free_locked(slot, time.monotonic())
             if retired is not None:
                 retired.set()
-            for stale in expired:
-                self._fail(stale, _expired(stale), None)
             if call is not None:
                 self._send(slot.conn, call)
+            self._after_free(slot, expired, False)
             self._serve(slot)
             reason = self._reap(slot)
             if self._stopping:
@@ -453,7 +448,7 @@ class HandlerPool:
             if not parent_conn.poll(self._settings.startup_timeout):
                 error = f"handler did not start within {self._settings.startup_timeout:g} s"
             else:
-                first = parent_conn.recv_bytes(protocol.DEFAULT_MAX_MESSAGE_BYTES)
+                first = parent_conn.recv_bytes(_HELLO_LIMIT)
                 try:
                     protocol.decode_hello(first)
                 except RPCError:
@@ -486,9 +481,11 @@ class HandlerPool:
         """Route the handler's replies until its pipe closes (it exited or was killed)."""
         conn = slot.conn
         assert conn is not None
+        # Handlers keep results within max_message_bytes; the margin covers the envelope.
+        limit = self._handler_settings.max_message_bytes + protocol.ENVELOPE_MARGIN
         while True:
             try:
-                reply = conn.recv_bytes()
+                reply = conn.recv_bytes(limit)
             except (EOFError, OSError):
                 return
             now = time.monotonic()
@@ -502,23 +499,35 @@ class HandlerPool:
                 if call.answered:
                     continue
                 call.answered = True
-                retiring = slot.retired is not None
-                next_call, expired = (None, []) if self._closing or retiring else self._next_call(now)
-                slot.current = next_call
-                if next_call is not None:
-                    slot.started = now
-                else:
-                    if not retiring:
-                        self._idle.append(slot)
-                    self._idle_changed.notify_all()
+                next_call, expired, retiring = self._free_locked(slot, now)
             # Hand the handler its next call before replying, so it works while we send.
             if next_call is not None:
                 self._send(conn, next_call)
             self._answer(call, reply, slot.pid, "error" if protocol.response_is_error(reply) else "ok")
-            for stale in expired:
-                self._fail(stale, _expired(stale), None)
-            if retiring:
-                _shutdown_pipe(conn)  # the handler exits; _run_slot starts its replacement
+            self._after_free(slot, expired, retiring)
+
+    def _free_locked(self, slot: _Slot, now: float) -> tuple[Call | None, list[Call], bool]:
+        """Under the lock: a handler is free; give it the next queued call, or mark it idle.
+
+        Returns that call, the queued calls found expired, and whether the handler
+        is being replaced by a reload (then it takes nothing more).
+        """
+        retiring = slot.retired is not None
+        next_call, expired = (None, []) if self._closing or retiring else self._next_call(now)
+        slot.current = next_call
+        if next_call is not None:
+            slot.started = now
+        elif not retiring:
+            self._idle.append(slot)
+        self._idle_changed.notify_all()
+        return next_call, expired, retiring
+
+    def _after_free(self, slot: _Slot, expired: list[Call], retiring: bool) -> None:
+        """Outside the lock, after _free_locked: fail expired calls; let a retiring handler exit."""
+        for stale in expired:
+            self._fail(stale, _expired(stale), None)
+        if retiring and slot.conn is not None:
+            _shutdown_pipe(slot.conn)  # the handler exits; _run_slot starts its replacement
 
     def _lease_ended(self, slot: _Slot, message: bytes, now: float) -> None:
         """The handler gave a lent socket back: take the slot back into service."""
@@ -527,22 +536,12 @@ class HandlerPool:
             client, slot.lease = slot.lease, None
             if client is None:
                 return
-            retiring = slot.retired is not None
-            next_call, expired = (None, []) if self._closing or retiring else self._next_call(now)
-            slot.current = next_call
-            if next_call is not None:
-                slot.started = now
-            elif not retiring:
-                self._idle.append(slot)
             self._unanswered -= 1
-            self._idle_changed.notify_all()
+            next_call, expired, retiring = self._free_locked(slot, now)
         if next_call is not None:
             self._send(slot.conn, next_call)
         client.end_lease(reason, unserved)
-        for stale in expired:
-            self._fail(stale, _expired(stale), None)
-        if retiring:
-            _shutdown_pipe(slot.conn)
+        self._after_free(slot, expired, retiring)
 
     def _reap(self, slot: _Slot) -> str:
         """After the handler's pipe closed: fail its call, collect the process, say why."""
@@ -613,7 +612,7 @@ class HandlerPool:
         """Send the one answer of ``call``; it counts as in flight until it is sent."""
         try:
             if call.connection is not None:
-                call.connection.send(frame)
+                call.connection.answer(frame)
         finally:
             with self._lock:
                 self._unanswered -= 1

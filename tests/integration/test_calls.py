@@ -13,17 +13,6 @@ import rpc
 import services
 
 
-@pytest.fixture(scope="module")
-def server(rpc_server_module):
-    return rpc_server_module("services:registry", workers=2)
-
-
-@pytest.fixture
-def client(server):
-    with server.client(timeout=30) as connected:
-        yield connected
-
-
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 @pytest.mark.parametrize("registry", [services.registry, "services:registry"], ids=["object", "import-string"])
 def test_the_readme_example_works_on_every_transport(rpc_server, transport, registry):

@@ -10,17 +10,6 @@ import pytest
 import rpc
 
 
-@pytest.fixture(scope="module")
-def server(rpc_server_module):
-    return rpc_server_module("services:registry", workers=2)
-
-
-@pytest.fixture
-def client(server):
-    with server.client(timeout=30) as connected:
-        yield connected
-
-
 def test_submit_returns_futures_that_complete_without_anyone_waiting(client):
     futures = [client.submit("add", i, 1000) for i in range(200)]
     assert all(isinstance(f, Future) for f in futures)
