@@ -8,6 +8,7 @@ data; only the process dying is left for the supervisor to notice.
 
 from __future__ import annotations
 
+import difflib
 import os
 import resource
 import signal
@@ -126,14 +127,14 @@ def execute_request(registry: Registry, request: protocol.Request, settings: Han
     else:
         function = registry.get(request.method)
     if function is None:
-        error = MethodNotFound(f"no method named {request.method!r}")
+        error = MethodNotFound(_not_found(registry, request.method))
         return protocol.encode_error(request.id, _error_info(error.code, error, False))
     try:
         result = function(*request.args, **request.kwargs)
     except BaseException as exc:  # the caller gets every failure, even SystemExit
         return protocol.encode_error(request.id, _error_info("remote_error", exc, settings.tracebacks))
     try:
-        reply = protocol.encode_response(request.id, result)
+        reply = protocol.encode_response(request.id, result, request.method)
     except SerializationError as exc:
         return protocol.encode_error(request.id, _error_info(exc.code, exc, False))
     if len(reply) > settings.max_message_bytes:
@@ -143,6 +144,13 @@ def execute_request(registry: Registry, request: protocol.Request, settings: Han
         )
         return protocol.encode_error(request.id, _error_info(error.code, error, False))
     return reply
+
+
+def _not_found(registry: Registry, name: str) -> str:
+    """The MethodNotFound text: the name, the closest registered names, where to list them all."""
+    close = difflib.get_close_matches(name, list(registry), n=3) if len(name) <= 100 else []
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return f"no method named {protocol.quote(name)}{hint} (client.methods() or `rpc methods` lists them)"
 
 
 def _id_of(frame: bytes) -> int | None:

@@ -78,12 +78,40 @@ Codes 0-63 are rpc's; 64-127 are for users (see :func:`register_type`). Lists
 arrive as lists, dicts as dicts; bytearray and memoryview arrive as bytes; a
 subclass of a supported type (an IntEnum, an OrderedDict, a namedtuple) arrives as
 its base type. A timezone-aware datetime keeps its UTC offset, not its zone name.
+
+Limits
+------
+Every peer (server, handler, client) applies these, so that one small frame can
+never cost a large amount of memory, CPU or stack:
+
+- frames over ``max_message_bytes`` are refused before they are read;
+- extension values nest at most ``MAX_EXT_DEPTH`` (32) deep, counting each tuple,
+  set, frozenset, timedelta or user type inside another; a deeper value is refused
+  by the encoder (``SerializationError``) and by every decoder (``ProtocolError``);
+  arrays and maps nest at most 1024 deep within one extension level (msgpack's limit);
+- a hello decodes no extension types at all;
+- a method name is at most ``MAX_METHOD_BYTES`` (1024) bytes of UTF-8;
+- the server decodes only the envelope of a request: in a frame over 4 KiB it
+  checks the first byte of kind, id and method before reading them, skips
+  ``args`` and ``kwargs`` without decoding them, and refuses a ``meta`` that is
+  not a map of at most ``MAX_META_BYTES`` (4096) bytes; only requests and
+  notifications may be over 4 KiB;
+- an error's ``message`` and ``traceback`` are each at most
+  ``MAX_ERROR_TEXT_BYTES`` (64 KiB) of UTF-8: a longer text keeps its head and its
+  tail around a ``[N bytes cut]`` marker; ``type`` is at most 256 bytes; ``args``
+  are sent only when they encode to at most 64 KiB;
+- error texts and log lines quote at most 200 characters of what a peer sent.
+
+A broken request whose id can be read is answered with a ``protocol_error`` for
+that id and the connection goes on; one whose id cannot be read gets a response
+with a nil id and the connection is closed.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import struct
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,6 +149,10 @@ __all__ = [
     "decode_hello",
     "response_is_error",
     "check_size",
+    "MAX_EXT_DEPTH",
+    "MAX_METHOD_BYTES",
+    "MAX_META_BYTES",
+    "MAX_ERROR_TEXT_BYTES",
 ]
 
 REQUEST = 0
@@ -141,6 +173,15 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 USER_CODES = range(64, 128)
 
+# Limits every peer applies, so a small frame can never cost a large amount of memory,
+# CPU or C stack (see "Limits" above).
+MAX_EXT_DEPTH = 32  # extension values inside extension values
+MAX_METHOD_BYTES = 1024
+MAX_META_BYTES = 4096
+MAX_ERROR_TEXT_BYTES = 64 * 1024  # each of an error's message and traceback
+MAX_ERROR_ARGS_BYTES = 64 * 1024
+MAX_TYPE_NAME_BYTES = 256
+
 # -- values -------------------------------------------------------------------------
 
 _Encoder = Callable[[Any], Any]
@@ -160,6 +201,56 @@ def _pack(obj: Any) -> bytes:
 
 def _unpack(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+
+
+class _Nesting(threading.local):
+    """How deep the current thread is inside extension values, encoding and decoding.
+
+    Each level runs msgpack afresh on the C stack (about 40 KB a level), so
+    a few hundred nested tuples would overflow it and kill the process.
+    """
+
+    encoding = 0
+    decoding = 0
+
+
+_nesting = _Nesting()
+
+
+class _TooDeep(ValueError):
+    pass
+
+
+def _too_deep() -> _TooDeep:
+    return _TooDeep(f"values nest extension types (tuple, set, ...) more than {MAX_EXT_DEPTH} deep")
+
+
+def _pack_nested(obj: Any) -> bytes:
+    """Encode the payload of an extension value, one level deeper."""
+    depth = _nesting.encoding
+    if depth >= MAX_EXT_DEPTH:
+        raise _too_deep()
+    _nesting.encoding = depth + 1
+    try:
+        return _pack(obj)
+    finally:
+        _nesting.encoding = depth
+
+
+def _unpack_nested(data: bytes) -> Any:
+    """Decode the payload of an extension value, one level deeper."""
+    depth = _nesting.decoding
+    if depth >= MAX_EXT_DEPTH:
+        raise _too_deep()
+    _nesting.decoding = depth + 1
+    try:
+        return _unpack(data)
+    finally:
+        _nesting.decoding = depth
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"extension type {code} is not allowed here")
 
 
 def _big_int_bytes(n: int) -> bytes:
@@ -186,7 +277,10 @@ def _default(obj: Any) -> Any:
         if isinstance(obj, base):
             code, encode = _ext_encoders[base]
             return msgpack.ExtType(code, encode(obj))
-    raise TypeError(f"cannot encode a value of type {type(obj).__module__}.{type(obj).__qualname__}")
+    raise TypeError(
+        f"cannot encode a value of type {type(obj).__module__}.{type(obj).__qualname__} "
+        "(teach rpc the type with rpc.register_type)"
+    )
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -202,7 +296,7 @@ def _builtin(cls: type, code: int, encode: Callable[[Any], bytes], decode: Calla
 
 
 def _items(obj: Any) -> bytes:
-    return _pack(list(obj))
+    return _pack_nested(list(obj))
 
 
 def _iso(obj: Any) -> bytes:
@@ -211,9 +305,9 @@ def _iso(obj: Any) -> bytes:
 
 _COMPLEX = struct.Struct("!dd")
 
-_builtin(tuple, 1, _items, lambda b: tuple(_unpack(b)))
-_builtin(set, 2, _items, lambda b: set(_unpack(b)))
-_builtin(frozenset, 3, _items, lambda b: frozenset(_unpack(b)))
+_builtin(tuple, 1, _items, lambda b: tuple(_unpack_nested(b)))
+_builtin(set, 2, _items, lambda b: set(_unpack_nested(b)))
+_builtin(frozenset, 3, _items, lambda b: frozenset(_unpack_nested(b)))
 _builtin(_dt.datetime, 4, _iso, lambda b: _dt.datetime.fromisoformat(b.decode()))
 _builtin(_dt.date, 5, _iso, lambda b: _dt.date.fromisoformat(b.decode()))
 _builtin(Decimal, 6, lambda d: str(d).encode(), lambda b: Decimal(b.decode()))
@@ -224,7 +318,7 @@ _builtin(
     _dt.timedelta,
     10,
     lambda t: _pack([t.days, t.seconds, t.microseconds]),
-    lambda b: _dt.timedelta(*_unpack(b)),
+    lambda b: _dt.timedelta(*_unpack_nested(b)),
 )
 _builtin(_dt.time, 11, _iso, lambda b: _dt.time.fromisoformat(b.decode()))
 
@@ -244,10 +338,10 @@ def register_type(cls: type, code: int, encode: _Encoder, decode: _Decoder) -> N
         raise ValueError(f"extension code {code} is taken")
 
     def to_bytes(obj: Any) -> bytes:
-        return _pack(encode(obj))
+        return _pack_nested(encode(obj))
 
     def from_bytes(data: bytes) -> Any:
-        return decode(_unpack(data))
+        return decode(_unpack_nested(data))
 
     _ext_encoders[cls] = (code, to_bytes)
     _ext_decoders[code] = from_bytes
@@ -256,12 +350,15 @@ def register_type(cls: type, code: int, encode: _Encoder, decode: _Decoder) -> N
     _user_types.append((cls, code, to_bytes))
 
 
-def encode_value(value: Any) -> bytes:
-    """Encode one value; :class:`SerializationError` if it (or something in it) cannot be."""
+def encode_value(value: Any, what: str = "value") -> bytes:
+    """Encode one value; :class:`SerializationError` if it (or something in it) cannot be.
+
+    ``what`` names the value in the error: "an argument of 'add'", "the result of 'add'".
+    """
     try:
         return _pack(value)
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        raise SerializationError(f"cannot encode value: {exc}") from None
+    except Exception as exc:  # msgpack's errors, and whatever a user type's encoder raises
+        raise SerializationError(f"cannot encode {what}: {brief(exc)}") from None
 
 
 def decode_value(data: bytes | memoryview) -> Any:
@@ -269,7 +366,31 @@ def decode_value(data: bytes | memoryview) -> Any:
     try:
         return _unpack(data)
     except Exception as exc:  # msgpack raises a zoo of types for bad input
-        raise ProtocolError(f"cannot decode value: {exc}") from None
+        raise ProtocolError(f"cannot decode value: {brief(exc)}") from None
+
+
+_QUOTE_CHARS = 200
+
+
+def brief(value: object, limit: int = _QUOTE_CHARS) -> str:
+    """Text for an error or a log line that quotes what a peer sent: at most ``limit`` characters.
+
+    A hostile frame must not turn into a megabyte of log line or error reply.
+    """
+    try:
+        text = value if isinstance(value, str) else (str(value) or type(value).__name__)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text
+
+
+def quote(value: object, limit: int = _QUOTE_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a peer's strings may be huge)."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{brief(repr(value[:limit]), limit)}... ({len(value)} in all)"
+    return brief(repr(value), limit)
 
 
 # -- messages -----------------------------------------------------------------------
@@ -329,28 +450,49 @@ def check_size(frame: bytes, limit: int) -> None:
 
 def encode_request(id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> bytes:
     meta = {} if timeout is None else {"timeout": timeout}
-    return encode_value([REQUEST, id, method, list(args), kwargs, meta])
+    return encode_value([REQUEST, id, method, list(args), kwargs, meta], f"the arguments of {quote(method)}")
 
 
 def encode_notification(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    return encode_value([NOTIFICATION, method, list(args), kwargs])
+    return encode_value([NOTIFICATION, method, list(args), kwargs], f"the arguments of {quote(method)}")
 
 
-def encode_response(id: int | None, result: Any) -> bytes:
-    return encode_value([RESPONSE, id, None, result])
+def encode_response(id: int | None, result: Any, method: str = "") -> bytes:
+    return encode_value([RESPONSE, id, None, result], f"the result of {quote(method)}" if method else "the result")
+
+
+def shorten(text: str, limit: int = MAX_ERROR_TEXT_BYTES) -> str:
+    """``text`` as valid UTF-8 if that is at most ``limit`` bytes, else its head and tail around a marker.
+
+    Error messages and tracebacks are cut like this before they travel, so an
+    exception holding megabytes of text still gives a small, readable reply.
+    """
+    data = text.encode("utf-8", "backslashreplace")  # lone surrogates cannot travel as UTF-8
+    if len(data) <= limit:
+        return data.decode("utf-8")
+    half = (limit - 100) // 2
+    head = data[:half].decode("utf-8", "ignore")
+    tail = data[-half:].decode("utf-8", "ignore")
+    return f"{head}\n... [{len(data) - 2 * half} bytes cut] ...\n{tail}"
 
 
 def encode_error(id: int | None, error: ErrorInfo) -> bytes:
-    body: dict[str, Any] = {"code": error.code, "type": error.type_name, "message": error.message}
+    """An error response; texts over :data:`MAX_ERROR_TEXT_BYTES` are shortened, large args dropped."""
+    body: dict[str, Any] = {
+        "code": error.code,
+        "type": shorten(error.type_name, MAX_TYPE_NAME_BYTES),
+        "message": shorten(error.message),
+    }
     if error.traceback:
-        body["traceback"] = error.traceback
+        body["traceback"] = shorten(error.traceback)
     if error.args:
-        body["args"] = list(error.args)
-    try:
-        return _pack([RESPONSE, id, body, None])
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        body.pop("args", None)  # the exception's args were not encodable; its text still is
-        return _pack([RESPONSE, id, body, None])
+        try:
+            args = _pack(list(error.args))
+        except Exception:  # the exception's args are not encodable; its text still is
+            args = b""
+        if 0 < len(args) <= MAX_ERROR_ARGS_BYTES:
+            body["args"] = list(error.args)
+    return _pack([RESPONSE, id, body, None])
 
 
 def encode_hello(info: dict[str, Any]) -> bytes:
@@ -388,9 +530,14 @@ def _expect(condition: bool, what: str) -> None:
         raise ProtocolError(f"malformed message: {what}")
 
 
-# Below this size a full decode is cheaper than a streaming Unpacker; above it,
-# skipping the arguments avoids copying large payloads in the server.
+# Below this size a full decode is cheap and bounded (a few hundred KB at worst);
+# above it, each envelope field's type and size is checked before it is decoded,
+# and the arguments are skipped, never decoded, by the server.
 _SMALL_FRAME = 4096
+
+_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_STR_MARKERS = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
+_MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
 
 
 def _ignore_ext(code: int, data: bytes) -> None:
@@ -407,9 +554,12 @@ def parse_envelope(frame: bytes) -> Envelope:
         if len(frame) <= _SMALL_FRAME:
             message = msgpack.unpackb(frame, raw=False, strict_map_key=False, ext_hook=_ignore_ext)
         else:
-            message = _read_streamed(frame)
+            message = _read_large(frame)
+    except ProtocolError:
+        raise
     except Exception as exc:  # msgpack raises a zoo of types for bad input
-        error = ProtocolError(f"malformed message: {exc or type(exc).__name__}")
+        what = "trailing bytes after the message" if isinstance(exc, msgpack.ExtraData) else brief(exc)
+        error = ProtocolError(f"malformed message: {what}")
         error.request_id = _readable_id(frame)
         raise error from None
     if type(message) is not list or not message:
@@ -421,7 +571,7 @@ def parse_envelope(frame: bytes) -> Envelope:
             raise ProtocolError("malformed message: request id must be an unsigned 64-bit int")
         method, meta = message[2], message[5]
         try:
-            _expect(type(method) is str, "method must be a string")
+            _check_method(method)
             _expect(type(meta) is dict, "meta must be a map")
             timeout = meta.get("timeout")
             _expect(
@@ -433,50 +583,95 @@ def parse_envelope(frame: bytes) -> Envelope:
             raise
         return Envelope(REQUEST, request_id, method, None if timeout is None else float(timeout))
     if kind == NOTIFICATION and len(message) == 4:
-        _expect(type(message[1]) is str, "method must be a string")
+        _check_method(message[1])
         return Envelope(NOTIFICATION, None, message[1], None)
     if kind == CANCEL and len(message) == 2:
         _expect(type(message[1]) is int, "request id must be an int")
         return Envelope(CANCEL, message[1], "", None)
     if kind == HELLO and len(message) == 3:
         return Envelope(HELLO, None, "", None)
-    raise ProtocolError(f"malformed message: kind {kind!r} with {len(message)} fields")
+    raise ProtocolError(f"malformed message: kind {quote(kind)} with {len(message)} fields")
+
+
+def _check_method(method: object) -> None:
+    if type(method) is not str:
+        raise ProtocolError("malformed message: method must be a string")
+    if len(method) > MAX_METHOD_BYTES // 4 and len(method.encode("utf-8")) > MAX_METHOD_BYTES:
+        raise ProtocolError(f"malformed message: a method name is at most {MAX_METHOD_BYTES} bytes")
+
+
+def _read_large(frame: bytes) -> list[Any]:
+    """The envelope of a frame over _SMALL_FRAME bytes, each field's type checked before it is read.
+
+    Only a request or a notification may be that large; their arguments are
+    skipped, and meta (the last field) must be a map of at most MAX_META_BYTES.
+    """
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        max_buffer_size=len(frame),
+        max_str_len=MAX_METHOD_BYTES,
+        max_bin_len=MAX_META_BYTES,
+        max_array_len=MAX_META_BYTES,
+        max_map_len=MAX_META_BYTES,
+        max_ext_len=MAX_META_BYTES,
+    )
+    unpacker.feed(frame)
+    size = unpacker.read_array_header()
+    if frame[unpacker.tell()] not in (REQUEST, NOTIFICATION):
+        raise ProtocolError(f"malformed message: only a request or a notification may exceed {_SMALL_FRAME} bytes")
+    kind = unpacker.unpack()
+    if (kind, size) not in ((REQUEST, 6), (NOTIFICATION, 4)):
+        raise ProtocolError(f"malformed message: kind {kind} with {size} fields")
+    request_id = None
+    if kind == REQUEST:
+        if frame[unpacker.tell()] > 0x7F and frame[unpacker.tell()] not in _UINT_WIDTHS:
+            raise ProtocolError("malformed message: request id must be an unsigned 64-bit int")
+        request_id = unpacker.unpack()
+    try:
+        _expect(frame[unpacker.tell()] in _STR_MARKERS, "method must be a string")
+        try:
+            method = unpacker.unpack()
+        except ValueError:  # over max_str_len
+            raise ProtocolError(f"malformed message: a method name is at most {MAX_METHOD_BYTES} bytes") from None
+        unpacker.skip()  # args
+        unpacker.skip()  # kwargs
+        if kind == NOTIFICATION:
+            _expect(unpacker.tell() == len(frame), "trailing bytes after the message")
+            return [kind, method, None, None]
+        meta_bytes = len(frame) - unpacker.tell()
+        _expect(0 < meta_bytes and frame[unpacker.tell()] in _MAP_MARKERS, "meta must be a map")
+        _expect(meta_bytes <= MAX_META_BYTES, f"meta is {meta_bytes} bytes; the limit is {MAX_META_BYTES}")
+        try:
+            meta = msgpack.unpackb(frame[unpacker.tell() :], raw=False, strict_map_key=False, ext_hook=_ignore_ext)
+        except msgpack.ExtraData:
+            raise ProtocolError("malformed message: trailing bytes after the message") from None
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+    return [kind, request_id, method, None, None, meta]
 
 
 def _readable_id(frame: bytes) -> int | None:
-    """The id of a request whose later fields are broken, if its first fields are sound."""
-    try:
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(frame), 1))
-        unpacker.feed(frame)
-        if unpacker.read_array_header() == 6 and unpacker.unpack() == REQUEST:
-            request_id = unpacker.unpack()
-            if type(request_id) is int and 0 <= request_id < 2**64:
-                return request_id
-    except Exception:
-        pass
-    return None
+    """The id of a request whose later fields are broken, if its first fields are sound.
 
-
-def _read_streamed(frame: bytes) -> list[Any]:
-    """The envelope fields of a large frame; args and kwargs are skipped, not decoded."""
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame), strict_map_key=False)
-    unpacker.feed(frame)
-    size = unpacker.read_array_header()
-    if size == 6 and (kind := unpacker.unpack()) == REQUEST:
-        request_id, method = unpacker.unpack(), unpacker.unpack()
-        unpacker.skip()
-        unpacker.skip()
-        message = [kind, request_id, method, None, None, unpacker.unpack()]
-    elif size == 4 and (kind := unpacker.unpack()) == NOTIFICATION:
-        method = unpacker.unpack()
-        unpacker.skip()
-        unpacker.skip()
-        message = [kind, method, None, None]
+    Read by hand from the first bytes: nothing of a broken frame is decoded.
+    """
+    for prefix in (b"\x96\x00", b"\xdc\x00\x06\x00", b"\xdd\x00\x00\x00\x06\x00"):  # [0, id, ...] of 6
+        if frame.startswith(prefix):
+            position = len(prefix)
+            break
     else:
-        message = [unpacker.unpack() for _ in range(size)]
-    if unpacker.tell() != len(frame):
-        raise ValueError("trailing bytes after the message")
-    return message
+        return None
+    if position >= len(frame):
+        return None
+    marker = frame[position]
+    if marker <= 0x7F:
+        return marker
+    width = _UINT_WIDTHS.get(marker)
+    if width is None or position + 1 + width > len(frame):
+        return None
+    return int.from_bytes(frame[position + 1 : position + 1 + width], "big")
 
 
 def decode_request(frame: bytes) -> Request:
@@ -495,8 +690,8 @@ def decode_request(frame: bytes) -> Request:
         _, method, args, kwargs = message
         request_id = timeout = None
     else:
-        raise ProtocolError(f"malformed message: kind {kind!r} is not a call")
-    _expect(type(method) is str, "method must be a string")
+        raise ProtocolError(f"malformed message: kind {quote(kind)} is not a call")
+    _check_method(method)
     _expect(type(args) is list, "args must be an array")
     _expect(type(kwargs) is dict and all(type(k) is str for k in kwargs), "kwargs must be a map of strings")
     return Request(request_id, method, args, kwargs, None if timeout is None else float(timeout))
@@ -523,7 +718,11 @@ def decode_response(frame: bytes) -> Response:
 
 
 def decode_hello(frame: bytes) -> Hello:
-    message = decode_value(frame)
+    """Decode a hello. It arrives before anything is known of the peer: no extension types."""
+    try:
+        message = msgpack.unpackb(frame, ext_hook=_no_ext, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises a zoo of types for bad input
+        raise ProtocolError(f"malformed hello: {brief(exc)}") from None
     _expect(type(message) is list and len(message) == 3 and message[0] == HELLO, "expected a hello")
     _, version, info = message
     _expect(type(version) is int and type(info) is dict, "malformed hello")

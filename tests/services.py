@@ -157,3 +157,18 @@ def recursive_list():
 def identify(client, call):
     """Return the arguments, so each caller can check it got its own answer."""
     return [client, call, os.getpid()]
+
+
+@registry.expose
+def raise_key_error_of(size):
+    """Raise a KeyError whose key is a string of ``size`` characters."""
+    raise KeyError("k" * size)
+
+
+@registry.expose
+def nested_tuple(depth):
+    """A tuple nested ``depth`` deep: ((((),),),)."""
+    value = ()
+    for _ in range(depth):
+        value = (value,)
+    return value

@@ -239,3 +239,146 @@ def test_unknown_extension_code_is_a_protocol_error():
 def test_hello_round_trips():
     hello = protocol.decode_hello(protocol.encode_hello({"server": "rpc"}))
     assert (hello.version, hello.info) == (protocol.PROTOCOL_VERSION, {"server": "rpc"})
+
+
+# -- limits: what a small frame may cost the peer that decodes it ------------------------
+
+
+def _nested_ext_frame(depth: int) -> bytes:
+    """An ext-1 (tuple) value nested ``depth`` deep, built without rpc's encoder."""
+    data = msgpack.packb([])
+    for _ in range(depth):
+        data = msgpack.packb([msgpack.ExtType(1, data)])
+    return data
+
+
+def _in_thread(function):
+    """Run ``function`` on a fresh thread (a smaller stack than the main one) and return its outcome."""
+    import threading
+
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("ok", function()))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome.append(("error", exc))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return outcome[0]
+
+
+def test_values_nested_to_the_limit_round_trip():
+    """Tuples nested MAX_EXT_DEPTH deep encode and decode."""
+    value: tuple = ()
+    for _ in range(protocol.MAX_EXT_DEPTH - 1):
+        value = (value,)
+    assert protocol.decode_value(protocol.encode_value(value)) == value
+
+
+@pytest.mark.parametrize("depth", [protocol.MAX_EXT_DEPTH + 1, 300, 5000])
+def test_deeper_extension_nesting_is_a_clear_decode_error_not_a_crash(depth):
+    """A few hundred nested tuples used to overflow the C stack; now they are refused."""
+    kind, outcome = _in_thread(lambda: protocol.decode_value(_nested_ext_frame(depth)))
+    assert kind == "error" and isinstance(outcome, ProtocolError)
+    assert f"more than {protocol.MAX_EXT_DEPTH} deep" in str(outcome)
+
+
+def test_too_deep_values_are_refused_when_encoding_too():
+    """The encoder refuses what decoders refuse, so a too-deep value never leaves its process."""
+    value: tuple = ()
+    for _ in range(220):
+        value = (value,)
+    kind, outcome = _in_thread(lambda: protocol.encode_request(1, "echo", (value,), {}, None))
+    assert kind == "error" and isinstance(outcome, SerializationError)
+    assert "the arguments of 'echo'" in str(outcome) and "deep" in str(outcome)
+
+
+def test_a_response_too_deep_for_the_client_is_a_protocol_error():
+    """A hostile server's deep result cannot crash a client: decode_response refuses it."""
+    frame = b"\x94\x01\x01\xc0" + _nested_ext_frame(300)
+    kind, outcome = _in_thread(lambda: protocol.decode_response(frame))
+    assert kind == "error" and isinstance(outcome, ProtocolError)
+
+
+def test_a_hello_decodes_no_extension_types():
+    """The hello comes before anything is known of the peer: an ext value in it is refused."""
+    frame = msgpack.packb([protocol.HELLO, 1, {"x": msgpack.ExtType(1, _nested_ext_frame(300))}])
+    with pytest.raises(ProtocolError, match="extension type 1 is not allowed"):
+        protocol.decode_hello(frame)
+
+
+def _large_request(request_id, method, meta_bytes: bytes) -> bytes:
+    """A request over the small-frame size, with raw msgpack bytes for meta."""
+    head = b"\x96\x00" + msgpack.packb(request_id) + msgpack.packb(method)
+    return head + msgpack.packb([b"x" * 8192]) + b"\x80" + meta_bytes
+
+
+def test_a_large_meta_is_refused_before_it_is_decoded():
+    """4 MiB of empty arrays in meta used to cost 300 MB to decode; now a call error for that id."""
+    bomb = b"\xdf" + (2 << 20).to_bytes(4, "big") + b"\x90" * (4 << 20)
+    with pytest.raises(ProtocolError, match="meta is .* bytes; the limit is 4096") as caught:
+        protocol.parse_envelope(_large_request(7, "echo", bomb))
+    assert caught.value.request_id == 7
+
+
+@pytest.mark.parametrize(
+    "field",
+    [b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\x90" * (1 << 20), b"\xdb" + (1 << 20).to_bytes(4, "big") + b"a" * (1 << 20)],
+    ids=["array", "string"],
+)
+def test_a_large_id_or_kind_is_refused_without_decoding_it(field):
+    """Kind and id are read only if their first byte says they are small integers."""
+    rest = msgpack.packb("echo") + msgpack.packb([]) + b"\x80\x80"
+    for frame in (b"\x96" + field + b"\x07" + rest, b"\x96\x00" + field + rest):
+        with pytest.raises(ProtocolError) as caught:
+            protocol.parse_envelope(frame)
+        assert caught.value.request_id is None
+        assert len(str(caught.value)) < 300
+
+
+def test_a_long_method_name_is_a_call_error_in_small_and_large_frames():
+    """Method names are at most MAX_METHOD_BYTES: refused for that id, quoted briefly."""
+    name = "\x01" * 300_000
+    small = protocol.encode_request(3, "\x01" * 2000, (), {}, None)
+    for frame in (small, _large_request(3, name, b"\x80")):
+        with pytest.raises(ProtocolError, match="at most 1024 bytes") as caught:
+            protocol.parse_envelope(frame)
+        assert caught.value.request_id == 3
+    with pytest.raises(ProtocolError, match="at most 1024 bytes"):
+        protocol.decode_request(small)
+
+
+def test_malformed_frames_are_quoted_briefly_in_errors():
+    """A megabyte of hostile kind field gives an error text of a few hundred characters."""
+    frame = msgpack.packb(["\x00" * (1 << 20), 1])
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse_envelope(frame)
+    assert len(str(caught.value)) < 300
+    with pytest.raises(ProtocolError) as caught:
+        protocol.decode_request(msgpack.packb(["\x00" * (1 << 20), 1]))
+    assert len(str(caught.value)) < 300
+
+
+def test_error_texts_are_shortened_to_a_documented_size():
+    """Message and traceback keep their head and tail within MAX_ERROR_TEXT_BYTES; big args are dropped."""
+    message = "start " + "é" * (1 << 20) + " end"
+    info = protocol.ErrorInfo("remote_error", "KeyError", message, "Traceback\n" + "x" * (5 << 20), (message,))
+    frame = protocol.encode_error(4, info)
+    assert len(frame) < 3 * protocol.MAX_ERROR_TEXT_BYTES
+    decoded = protocol.decode_response(frame).error
+    assert decoded.message.startswith("start ") and decoded.message.endswith(" end")
+    assert "bytes cut" in decoded.message and decoded.traceback.startswith("Traceback")
+    assert len(decoded.message.encode()) <= protocol.MAX_ERROR_TEXT_BYTES
+    assert decoded.args == ()
+    small = protocol.decode_response(protocol.encode_error(4, protocol.ErrorInfo("remote_error", "KeyError", "k", "", ("k",))))
+    assert small.error.args == ("k",)
+
+
+def test_unencodable_values_name_what_they_were_and_the_fix():
+    with pytest.raises(SerializationError, match=r"the arguments of 'add'.*rpc.register_type"):
+        protocol.encode_request(1, "add", (object(),), {}, None)
+    with pytest.raises(SerializationError, match=r"the result of 'f'.*rpc.register_type"):
+        protocol.encode_response(1, object(), "f")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from multiprocessing.connection import Client as RawClient
+
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -156,3 +158,107 @@ def test_fuzzed_frames_never_stop_the_server(server, frame):
     finally:
         conn.close()
     still_serves(server)
+
+
+# -- limits on what one small frame may cost (issue: decode bombs) -----------------------
+
+
+def _nested_tuples(depth: int) -> bytes:
+    """msgpack bytes of a tuple (ext 1) nested ``depth`` deep, built without rpc's encoder."""
+    data = msgpack.packb([])
+    for _ in range(depth):
+        data = msgpack.packb([msgpack.ExtType(1, data)])
+    return data
+
+
+def test_a_hello_of_nested_tuples_is_refused_and_the_server_lives(server, baseline):
+    """300 nested tuples in a 1.4 KB hello used to crash the server with SIGSEGV."""
+    conn = RawClient(server.address, authkey=server.authkey)
+    try:
+        protocol.decode_hello(conn.recv_bytes())
+        conn.send_bytes(b"\x93\x04\x01\x81\xa1x" + _nested_tuples(300)[1:])
+        assert not conn.poll(10) or _eof(conn)  # closed, without an answer
+    finally:
+        conn.close()
+    assert "client_rejected" in server.log_text()
+    still_serves(server)
+    baseline.assert_restored()
+
+
+def test_nested_tuples_in_arguments_fail_that_call_and_cost_no_handler(server, baseline):
+    """Too deep for the handler's decoder: an error for that id, the same handlers after."""
+    pids = set(server.handler_pids())
+    frame = b"\x96\x00\x09\xa4echo\x91" + _nested_tuples(300)[1:] + b"\x80\x80"
+    response, _ = exchange(server, frame)
+    assert response.id == 9 and response.error.code == "protocol_error"
+    assert "more than 32 deep" in response.error.message
+    assert set(server.handler_pids()) == pids
+    still_serves(server)
+    baseline.assert_restored()
+
+
+def test_a_deep_value_fails_on_the_client_and_a_deep_result_on_the_server(server, baseline):
+    """A 220-deep cons list of tuples is refused before it is sent; a deep result is a SerializationError."""
+    pids = set(server.handler_pids())
+    cons: tuple = ()
+    for i in range(220):
+        cons = (i, cons)
+    with server.client() as client:
+        with pytest.raises(rpc.SerializationError, match="the arguments of 'echo'.*deep"):
+            client.echo(cons)
+        with pytest.raises(rpc.SerializationError, match="the result of 'nested_tuple'.*deep"):
+            client.nested_tuple(100)
+        assert client.nested_tuple(5) == ((((((),),),),),)
+    assert set(server.handler_pids()) == pids
+    baseline.assert_restored()
+
+
+def test_a_meta_bomb_is_refused_before_the_server_decodes_it(server, baseline):
+    """4 MiB of empty arrays in meta cost the server +300 MB; now an error for that id at no cost."""
+    before = rss_mb()
+    bomb = b"\xdf" + (2 << 20).to_bytes(4, "big") + b"\x90" * (4 << 20)
+    frame = b"\x96\x00\x0a\xa4echo\x91\xc4\x10" + b"x" * 16 + b"\x80" + bomb
+    response, _ = exchange(server, frame)
+    assert response.id == 10 and response.error.code == "protocol_error"
+    assert "meta is" in response.error.message
+    assert rss_mb() - before < 50
+    still_serves(server)
+    baseline.assert_restored()
+
+
+def test_a_huge_exception_message_is_shortened_and_costs_no_handler(server, baseline):
+    """A KeyError of a 22 MB string: a shortened KeyError for the caller, not WorkerCrashed."""
+    pids = set(server.handler_pids())
+    with server.client() as client:
+        with pytest.raises(KeyError) as caught:
+            client.raise_key_error_of(22_000_000)
+    error = caught.value
+    assert "bytes cut" in error.message and len(error.message.encode()) <= protocol.MAX_ERROR_TEXT_BYTES
+    assert len(error.remote_traceback.encode()) <= protocol.MAX_ERROR_TEXT_BYTES
+    assert set(server.handler_pids()) == pids
+    baseline.assert_restored()
+
+
+def test_a_huge_method_name_is_refused_briefly(server, baseline):
+    """300k control characters as a method name: a short error for that call; the handler stays."""
+    pids = set(server.handler_pids())
+    logged = server.log_size()
+    with server.client() as client:
+        with pytest.raises(rpc.ProtocolError, match="at most 1024 bytes") as caught:
+            client.call("\x01" * 300_000)
+        assert len(str(caught.value)) < 300
+        assert client.add(1, 1) == 2
+    assert set(server.handler_pids()) == pids
+    assert len(server.log_text(logged)) < 10_000
+    baseline.assert_restored()
+
+
+def test_a_megabyte_malformed_frame_is_quoted_briefly_in_the_reply_and_the_log(server, baseline):
+    """Hostile bytes are quoted by a short prefix, never copied whole into logs or replies."""
+    logged = server.log_size()
+    response, closed = exchange(server, msgpack.packb(["\x00" * (1 << 20), 1]))
+    assert response.error.code == "protocol_error" and len(response.error.message) < 300
+    assert closed
+    assert len(server.log_text(logged)) < 10_000
+    still_serves(server)
+    baseline.assert_restored()
