@@ -450,7 +450,11 @@ def check_size(frame: bytes, limit: int) -> None:
 
 def encode_request(id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> bytes:
     meta = {} if timeout is None else {"timeout": timeout}
-    return encode_value([REQUEST, id, method, list(args), kwargs, meta], f"the arguments of {quote(method)}")
+    try:
+        return _pack([REQUEST, id, method, list(args), kwargs, meta])
+    except Exception as exc:  # encode again for the error text: the per-call path builds none
+        encode_value([method, list(args), kwargs], f"the arguments of {quote(method)}")
+        raise SerializationError(f"cannot encode the request: {brief(exc)}") from None
 
 
 def encode_notification(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -458,7 +462,11 @@ def encode_notification(method: str, args: tuple[Any, ...], kwargs: dict[str, An
 
 
 def encode_response(id: int | None, result: Any, method: str = "") -> bytes:
-    return encode_value([RESPONSE, id, None, result], f"the result of {quote(method)}" if method else "the result")
+    try:
+        return _pack([RESPONSE, id, None, result])
+    except Exception as exc:  # encode again for the error text: the per-call path builds none
+        encode_value(result, f"the result of {quote(method)}" if method else "the result")
+        raise SerializationError(f"cannot encode the response: {brief(exc)}") from None
 
 
 def shorten(text: str, limit: int = MAX_ERROR_TEXT_BYTES) -> str:
