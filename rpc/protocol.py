@@ -690,6 +690,7 @@ def decode_request(frame: bytes) -> Request:
     if kind == REQUEST:
         _expect(len(message) == 6, "a request is an array of 6")
         _, request_id, method, args, kwargs, meta = message
+        _expect(type(request_id) is int and 0 <= request_id < 2**64, "request id must be an unsigned 64-bit int")
         _expect(type(meta) is dict, "meta must be a map")
         timeout = meta.get("timeout")
         _expect(timeout is None or (type(timeout) in (int, float) and timeout >= 0), "timeout must be >= 0")
