@@ -310,8 +310,8 @@ def format_result(value: Any) -> str:
 
     Exactly: strings, numbers (not NaN or infinity), true/false/null, lists and
     tuples (as arrays), and dicts whose keys are all strings. Anything else (sets,
-    bytes, datetimes, non-string keys, ...) would be changed by JSON, so the repr,
-    which Python reads back for rpc's own value types, is printed instead.
+    bytes, datetimes, NaN, non-string keys, ...) would be changed by JSON, so the
+    readable and faithful repr of the whole value is printed instead.
     """
     if _is_json(value):
         try:
