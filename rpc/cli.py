@@ -2,78 +2,174 @@
 
 The edge of the program: the only module that reads the environment and the
 command line. It builds the settings, then hands frozen config objects down.
-Exit codes: 0 ok, 1 a call or the server failed, 2 usage or configuration error.
+Exit codes: 0 ok, 1 a call or the server failed, 2 usage or configuration error;
+every command reports its errors through :func:`main`, one line each.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import datetime as dt
+import errno
 import json
+import math
 import os
 import sys
 import time
-import uuid
-from collections.abc import Mapping, Sequence
-from decimal import Decimal
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from . import __version__
 from .client import connect
-from .config import Settings, load_settings, resolve_authkey
-from .errors import ConfigError, RemoteError, RPCError
+from .config import DEFAULT_ADDRESS, DEFAULT_REGISTRY, Settings, check_registry_spec, load_settings, resolve_authkey
+from .errors import ConfigError, ConnectionClosed, RemoteError, RPCError, StartupError
 from .logs import LOG_FORMATS, LOG_LEVELS, make_logger
 
-__all__ = ["main"]
+__all__ = ["main", "format_result"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+CALL_EPILOG = """\
+Options may come before or after the arguments. An argument that starts with a
+dash is read as an option unless it is a number (rpc call add -1 2 works); put
+others after --, which ends the options: rpc call echo -- -x
+"""
 
-def _parser() -> argparse.ArgumentParser:
+
+def _positive(kind: Callable[[str], Any], words: str) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` of the text, finite and above zero."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {words} > 0, not {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be {words} > 0, not {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and the parser of each command."""
     parser = argparse.ArgumentParser(prog="rpc", description="Serve and call Python functions over rpc.")
-    parser.add_argument("--version", action="version", version=f"rpc {__version__}")
+    parser.add_argument("--version", action="version", version=f"rpc {__version__}", help="print the version")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML config file (default: $RPC_CONFIG, else none)")
-    common.add_argument("--address", metavar="HOST:PORT|PATH", help="TCP address or Unix socket path")
-    common.add_argument("--authkey-file", metavar="FILE", dest="authkey_file", help="file holding the authkey")
+    common.add_argument(
+        "--address",
+        metavar="HOST:PORT|PATH",
+        help=f"TCP address or Unix socket path (default: $RPC_ADDRESS, else the config's address, else {DEFAULT_ADDRESS})",
+    )
+    common.add_argument(
+        "--authkey-file",
+        metavar="FILE",
+        dest="authkey_file",
+        help="file holding the authkey; given, it wins over $RPC_AUTHKEY (default: the key in $RPC_AUTHKEY, "
+        "else the file $RPC_AUTHKEY_FILE, else the config's authkey_file, else ~/.config/rpc/authkey)",
+    )
 
-    serve = commands.add_parser("serve", parents=[common], help="run the server until SIGTERM or Ctrl-C")
-    serve.add_argument("registry", nargs="?", metavar="IMPORT_STRING", help="pkg.module:registry (default: the demo)")
-    serve.add_argument("--workers", type=int, metavar="N", help="handler processes (default: CPUs)")
-    serve.add_argument("--log-format", choices=LOG_FORMATS, dest="log_format")
-    serve.add_argument("--log-level", choices=LOG_LEVELS, dest="log_level")
+    def command(name: str, help: str, **options: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], help=help, description=help, **options)
 
-    call = commands.add_parser("call", parents=[common], help="call a method and print its result as JSON")
-    call.add_argument("method")
+    serve = command("serve", "run the server until SIGTERM or Ctrl-C")
+    serve.add_argument(
+        "registry",
+        nargs="?",
+        metavar="IMPORT_STRING",
+        help=f"the functions to serve, pkg.module:registry (default: $RPC_REGISTRY, else the config's registry, "
+        f"else {DEFAULT_REGISTRY})",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive(int, "a whole number"),
+        metavar="N",
+        help="handler processes (default: $RPC_WORKERS, else the config's workers, else the number of CPUs)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        dest="log_format",
+        help="log lines for people (console) or programs (json) (default: auto: console on a terminal, else json)",
+    )
+    serve.add_argument("--log-level", choices=LOG_LEVELS, dest="log_level", help="least severe events logged (default: info)")
+
+    call = command(
+        "call", "call a method and print its result", epilog=CALL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    call.add_argument("method", metavar="METHOD", help="the method's name, e.g. add or math.hypot")
     call.add_argument(
         "args",
         nargs="*",
+        default=[],  # without it argparse lists ARG as required when METHOD is missing
         metavar="ARG",
         help="JSON literals (text that is not JSON is passed as a string); NAME=VALUE passes a keyword",
     )
-    call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the result (default 60)")
+    call.add_argument(
+        "--timeout",
+        type=_positive(float, "a number"),
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds to wait for the result (default: 60)"
+    )
     call.add_argument("--verbose", "-v", action="store_true", help="print the remote traceback of an error")
 
-    methods = commands.add_parser("methods", parents=[common], help="list the methods the server exposes")
-    methods.add_argument("--json", action="store_true", help="print as JSON")
+    methods = command("methods", "list the methods the server exposes")
+    methods.add_argument("--json", action="store_true", help="print as JSON (default: a table)")
 
-    ping = commands.add_parser("ping", parents=[common], help="measure the round-trip time to the server")
-    ping.add_argument("--count", type=int, default=3, metavar="N")
-    return parser
+    ping = command("ping", "measure the round-trip time to the server")
+    ping.add_argument(
+        "--count", type=_positive(int, "a whole number"), default=3, metavar="N", help="round trips (default: 3)"
+    )
+    return parser, dict(commands.choices)
+
+
+def _parser() -> argparse.ArgumentParser:
+    return _parsers()[0]
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; options may follow the arguments (usage errors exit 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = _parsers()
+    if argv and argv[0] in commands:
+        # Each command parses its own words, so its errors show its own usage.
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # --help, --version, or a usage error
+
+
+def _take_environment(environ: MutableMapping[str, str]) -> dict[str, str]:
+    """A copy to read settings from; the authkey leaves the live environment.
+
+    Handler processes, and whatever the served functions start, inherit the
+    environment: the key must not be there for them to find.
+    """
+    copy = dict(environ)
+    environ.pop("RPC_AUTHKEY", None)
+    return copy
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    environ = os.environ if environ is None else environ
+    if environ is None or environ is os.environ:
+        environ = _take_environment(os.environ)
+    args = _parse(argv)
     command = {"serve": _serve, "call": _call, "methods": _methods, "ping": _ping}[args.command]
     try:
         return command(args, environ)
     except ConfigError as exc:
         print(f"rpc: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except StartupError as exc:
+        print(f"rpc: cannot start: {exc}{_startup_hint(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except RPCError as exc:
+        _print_error(exc, getattr(args, "verbose", False))
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
 
@@ -81,6 +177,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 def _settings(args: argparse.Namespace, environ: Mapping[str, str], *names: str) -> Settings:
     flags = {name: getattr(args, name, None) for name in ("address", "authkey_file", *names)}
     return load_settings(args.config, environ, flags)
+
+
+def _print_error(exc: RPCError, verbose: bool) -> None:
+    if isinstance(exc, _CannotConnect):
+        print(f"rpc: {exc}", file=sys.stderr)  # the message says it all; "ConnectionClosed" would mislead
+        return
+    kind = type(exc).__name__ if not isinstance(exc, RemoteError) else "RemoteError"
+    print(f"rpc: {kind}: {exc}", file=sys.stderr)
+    if verbose and isinstance(exc, RemoteError) and exc.remote_traceback:
+        print(exc.remote_traceback.rstrip(), file=sys.stderr)
 
 
 # -- serve -------------------------------------------------------------------------------
@@ -91,64 +197,73 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .server import Server
 
     settings = _settings(args, environ, "registry", "workers", "log_format", "log_level")
+    settings.server_config(b"\0" * 32)  # every setting is valid before anything is created
+    # Like `python -m`, let IMPORT_STRING name modules in the current folder.
+    sys.path.insert(0, os.getcwd())
+    _check_importable(check_registry_spec(settings.registry))
     authkey, key_file, created = resolve_authkey(settings, environ, create=True)
     config = settings.server_config(authkey)
     log = make_logger(config.log_level, config.log_format, component="rpc.daemon")
     if created:
         log.info("authkey_created", path=str(key_file), mode="0600")
-    # Like `python -m`, let IMPORT_STRING name modules in the current folder.
-    sys.path.insert(0, os.getcwd())
-    _check_importable(settings.registry)
-    try:
-        server = Server(settings.registry, config=config)
-        return daemon.serve(server, log)
-    except RPCError as exc:
-        log.error("start_failed", error=str(exc))
-        print(f"rpc: cannot start: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    server = Server(settings.registry, config=config)
+    return daemon.serve(server, log)
 
 
 def _check_importable(spec: str) -> None:
-    """Fail early, as a config error, when the registry's module cannot be found."""
+    """Fail early, once, as a config error, when the registry's module cannot be found.
+
+    This finds the module without running it (only its parent packages are
+    imported); the handlers import it.
+    """
     import importlib.util
 
     module = spec.partition(":")[0]
     try:
-        found = importlib.util.find_spec(module) if module else None
-    except (ImportError, ValueError):
+        found = importlib.util.find_spec(module)
+    except ImportError:
         found = None
+    except Exception as exc:  # a parent package that fails as it is imported
+        raise ConfigError(f"registry {spec!r}: importing {module!r} failed: {type(exc).__name__}: {exc}") from None
     if found is None:
         raise ConfigError(f"registry {spec!r}: no module named {module!r} (from {os.getcwd()} and sys.path)")
+
+
+def _startup_hint(exc: StartupError) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+        return "; choose another with --address (or the address key, or RPC_ADDRESS)"
+    return ""
 
 
 # -- client commands ----------------------------------------------------------------------
 
 
+class _CannotConnect(RPCError):
+    """No connection could be opened; the message names the address and the reason."""
+
+
 def _client(args: argparse.Namespace, environ: Mapping[str, str], timeout: float | None = None) -> Any:
     settings = _settings(args, environ)
+    address = settings.address()
     authkey, _, _ = resolve_authkey(settings, environ, create=False)
-    return connect(settings.address(), authkey=authkey, timeout=timeout)
+    try:
+        return connect(address, authkey=authkey, timeout=timeout)
+    except ConnectionClosed as exc:
+        raise _CannotConnect(str(exc)) from None
 
 
 def _call(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     positional, keywords = _parse_arguments(args.args)
-    try:
-        with _client(args, environ, timeout=args.timeout) as client:
-            result = client.call(args.method, *positional, **keywords)
-    except RPCError as exc:
-        _print_error(exc, args.verbose)
-        return EXIT_FAILED
-    print(json.dumps(result, default=_jsonable, ensure_ascii=False))
+    with _client(args, environ, timeout=args.timeout) as client:
+        result = client.call(args.method, *positional, **keywords)
+    print(format_result(result))
     return EXIT_OK
 
 
 def _methods(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    try:
-        with _client(args, environ, timeout=30.0) as client:
-            methods = client.methods()
-    except RPCError as exc:
-        _print_error(exc, False)
-        return EXIT_FAILED
+    with _client(args, environ, timeout=30.0) as client:
+        methods = client.methods()
     if args.json:
         print(json.dumps([vars(m) for m in methods], indent=2))
         return EXIT_OK
@@ -160,15 +275,11 @@ def _methods(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _ping(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    try:
-        started = time.perf_counter()
-        with _client(args, environ, timeout=10.0) as client:
-            connected = time.perf_counter() - started
-            address = client.address
-            times = [client.ping() for _ in range(max(args.count, 1))]
-    except RPCError as exc:
-        _print_error(exc, False)
-        return EXIT_FAILED
+    started = time.perf_counter()
+    with _client(args, environ, timeout=10.0) as client:
+        connected = time.perf_counter() - started
+        address = client.address
+        times = [client.ping() for _ in range(args.count)]
     where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
     rtts = ", ".join(f"{t * 1000:.3f}" for t in times)
     print(f"pong from {where}: connect {connected * 1000:.1f} ms, round trips {rtts} ms")
@@ -194,29 +305,41 @@ def _literal(text: str) -> Any:
         return text  # plain words need no JSON quotes
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON for the values rpc carries that JSON lacks."""
-    if isinstance(value, (set, frozenset)):
+def format_result(value: Any) -> str:
+    """The result as JSON when JSON shows it exactly, else Python's repr of the whole value.
+
+    Exactly: strings, numbers (not NaN or infinity), true/false/null, lists and
+    tuples (as arrays), and dicts whose keys are all strings. Anything else (sets,
+    bytes, datetimes, NaN, non-string keys, ...) would be changed by JSON, so the
+    readable and faithful repr of the whole value is printed instead.
+    """
+    if _is_json(value):
         try:
-            return sorted(value)
-        except TypeError:
-            return list(value)
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return "base64:" + base64.b64encode(value).decode()
-    if isinstance(value, (Decimal, uuid.UUID, complex)):
-        return str(value)
-    return repr(value)
+            return json.dumps(value, ensure_ascii=False, allow_nan=False)
+        except (ValueError, RecursionError):
+            pass
+    try:
+        return repr(value)
+    except RecursionError:
+        return f"<a {type(value).__name__} nested too deeply to print>"
 
 
-def _print_error(exc: RPCError, verbose: bool) -> None:
-    kind = type(exc).__name__ if not isinstance(exc, RemoteError) else "RemoteError"
-    print(f"rpc: {kind}: {exc}", file=sys.stderr)
-    if verbose and isinstance(exc, RemoteError) and exc.remote_traceback:
-        print(exc.remote_traceback.rstrip(), file=sys.stderr)
+def _is_json(value: Any) -> bool:
+    stack = [value]
+    while stack:  # iterative: a deeply nested value must not exhaust the stack here
+        item = stack.pop()
+        kind = type(item)
+        if item is None or kind in (str, int, bool):
+            continue
+        if kind is float:
+            if not math.isfinite(item):
+                return False
+        elif kind in (list, tuple):
+            stack.extend(item)
+        elif kind is dict:
+            if any(type(key) is not str for key in item):
+                return False
+            stack.extend(item.values())
+        else:
+            return False
+    return True

@@ -6,6 +6,8 @@ reads the environment or global settings.
 
 from __future__ import annotations
 
+import difflib
+import errno
 import os
 import secrets
 import stat
@@ -27,7 +29,10 @@ __all__ = [
     "load_settings",
     "parse_address",
     "resolve_authkey",
+    "check_registry_spec",
     "FILE_KEYS",
+    "ENV_VARIABLES",
+    "RESERVED_VARIABLES",
 ]
 
 START_METHODS = ("spawn", "forkserver")
@@ -181,6 +186,16 @@ FILE_KEYS: dict[str, type] = {
 }
 _TYPE_WORDS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}
 
+# Every RPC_* variable rpc reads: one per file key, plus the key itself and the file's path.
+ENV_VARIABLES: tuple[str, ...] = (
+    "RPC_AUTHKEY",
+    "RPC_CONFIG",
+    *(ENV_PREFIX + key.upper() for key in FILE_KEYS),
+)
+# RPC_* variables rpc does not read but accepts, because tools around it use them:
+# RPC_SOAK_SECONDS sets the length of the soak test in rpc's own test suite.
+RESERVED_VARIABLES: tuple[str, ...] = ("RPC_SOAK_SECONDS",)
+
 
 def default_authkey_file(environ: Mapping[str, str]) -> Path:
     """``$XDG_CONFIG_HOME/rpc/authkey``, or ``~/.config/rpc/authkey``."""
@@ -196,9 +211,24 @@ def parse_address(text: str) -> Address:
         return text
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not port.isdigit():
         raise ConfigError(f"address {text!r} must be HOST:PORT or a Unix socket path")
+    if not 0 <= int(port) < 65536:
+        raise ConfigError(f"address {text!r}: port {int(port)} is out of range (0-65535)")
     return (host, int(port))
+
+
+def check_registry_spec(text: str) -> str:
+    """Check the form ``pkg.module:registry`` (dotted identifiers on both sides of one colon)."""
+    module, sep, attribute = text.partition(":")
+    parts = module.split(".") + attribute.split(".")
+    if not sep or not all(part.isidentifier() for part in parts):
+        hint = f"; did you mean '{text}:registry'?" if not sep and all(p.isidentifier() for p in parts[:-1]) else ""
+        raise ConfigError(
+            f"registry {text!r} must look like 'pkg.module:registry' "
+            f"(a module, a colon, and the name of the rpc.Registry in it){hint}"
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -265,6 +295,7 @@ def load_settings(
     ``flags`` holds only options given on the command line. Unknown keys and values
     of the wrong type raise :class:`ConfigError` naming the key and where it came from.
     """
+    _check_variables(environ)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     path = config_file or environ.get("RPC_CONFIG") or None
@@ -295,6 +326,18 @@ def load_settings(
             sources[key] = "--" + key.replace("_", "-")
     authkey = environ.get("RPC_AUTHKEY")
     return Settings(values, sources, Path(path) if path else None, authkey.encode() if authkey else None)
+
+
+def _check_variables(environ: Mapping[str, str]) -> None:
+    """Refuse RPC_* variables rpc does not know: a misspelt one would be silently ignored."""
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in ENV_VARIABLES and name not in RESERVED_VARIABLES:
+            close = difflib.get_close_matches(name, ENV_VARIABLES, n=1, cutoff=0.85)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(
+                f"unknown environment variable {name}; {hint}rpc reads {', '.join(ENV_VARIABLES)} "
+                f"(and leaves {', '.join(RESERVED_VARIABLES)} to its test suite): unset it or correct its name"
+            )
 
 
 def _check_type(key: str, value: Any, source: str) -> Any:
@@ -334,35 +377,86 @@ def check_authkey(key: bytes, source: str) -> bytes:
     return key
 
 
-def read_authkey_file(path: Path) -> bytes:
-    """Read a key file that only its owner can read, as ssh insists for private keys."""
+MAX_AUTHKEY_FILE_BYTES = 64 * 1024
+
+
+def _check_key_folder(folder: Path) -> None:
+    """Refuse a folder where others could replace the key file, as ssh does."""
     try:
-        info = os.stat(path)
+        info = os.stat(folder)
+    except OSError:
+        return  # opening the file reports what is wrong
+    writable = [who for who, bit in (("group", 0o020), ("others", 0o002)) if info.st_mode & bit]
+    if writable:
+        raise ConfigError(
+            f"the folder of the authkey file, {folder}, is writable by {' and '.join(writable)} "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}), who could replace the key: chmod go-w {folder}"
+        )
+    if hasattr(os, "getuid") and info.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"the folder of the authkey file, {folder}, belongs to another user")
+
+
+def _symlink_error(path: Path) -> ConfigError:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return ConfigError(
+        f"authkey file {path} is a symbolic link{target}; a key file must be a plain file: "
+        "point authkey_file at the file itself"
+    )
+
+
+def read_authkey_file(path: Path) -> bytes:
+    """Read a key file that only its owner can read, as ssh insists for private keys.
+
+    The file must be a plain file (not a symbolic link) in a folder that neither
+    group nor others can write.
+    """
+    _check_key_folder(path.absolute().parent)
+    if path.is_symlink():
+        raise _symlink_error(path)
+    try:
+        # O_NOFOLLOW: a link swapped in after the check above is refused too.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(
             f"authkey file {path} does not exist (rpc serve creates it; or set RPC_AUTHKEY)"
         ) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _symlink_error(path) from None
         raise ConfigError(f"cannot read authkey file {path}: {exc.strerror}") from None
-    if info.st_mode & 0o077:
-        raise ConfigError(
-            f"authkey file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
-            f"it must be private: chmod 600 {path}"
-        )
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise ConfigError(f"authkey file {path} belongs to another user")
     try:
-        key = path.read_bytes().strip()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"cannot read authkey file {path}: it is not a plain file")
+        if info.st_mode & 0o077:
+            raise ConfigError(
+                f"authkey file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                f"it must be private: chmod 600 {path}"
+            )
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise ConfigError(f"authkey file {path} belongs to another user")
+        data = os.read(fd, MAX_AUTHKEY_FILE_BYTES + 1)  # a key file is small: one read suffices
     except OSError as exc:
         raise ConfigError(f"cannot read authkey file {path}: {exc.strerror}") from None
-    return check_authkey(key, str(path))
+    finally:
+        os.close(fd)
+    if len(data) > MAX_AUTHKEY_FILE_BYTES:
+        raise ConfigError(f"authkey file {path} is over {MAX_AUTHKEY_FILE_BYTES} bytes: it should hold one key")
+    return check_authkey(data.strip(), str(path))
 
 
 def create_authkey_file(path: Path) -> bytes:
     """Write a new random key to ``path`` (mode 0600, its folder 0700) and return it."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot create authkey file {path}: {exc.strerror}") from None
+    _check_key_folder(path.absolute().parent)  # an existing folder may be open to others
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise ConfigError(f"cannot create authkey file {path}: {exc.strerror}") from None
     key = secrets.token_hex(MIN_AUTHKEY_BYTES).encode()
@@ -381,6 +475,6 @@ def resolve_authkey(settings: Settings, environ: Mapping[str, str], create: bool
     if settings.authkey_from_env is not None and not flag_given:
         return check_authkey(settings.authkey_from_env, "RPC_AUTHKEY"), None, False
     path = settings.authkey_file(environ)
-    if create and not path.exists():
+    if create and not os.path.lexists(path):  # a dangling symlink is refused, not written through
         return create_authkey_file(path), path, True
     return read_authkey_file(path), path, False

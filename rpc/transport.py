@@ -71,13 +71,9 @@ def _check_address(address: object) -> Address:
         if not address:
             raise ConfigError("a Unix socket path must not be empty")
         return address
-    if (
-        isinstance(address, tuple)
-        and len(address) == 2
-        and isinstance(address[0], str)
-        and isinstance(address[1], int)
-        and 0 <= address[1] < 65536
-    ):
+    if isinstance(address, tuple) and len(address) == 2 and isinstance(address[0], str) and isinstance(address[1], int):
+        if not 0 <= address[1] < 65536:
+            raise ConfigError(f"address {address!r}: port {address[1]} is out of range (0-65535)")
         return address
     raise ConfigError(f"address must be (host, port) or a Unix socket path, not {address!r}")
 
@@ -213,7 +209,8 @@ def _remove_stale_socket(path: str) -> None:
         return  # let bind() report what is wrong
     finally:
         probe.close()
-    raise StartupError(f"cannot listen on {path}: another server is listening there")
+    in_use = OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+    raise StartupError(f"cannot listen on {path}: another server is listening there") from in_use
 
 
 def connect(address: object, timeout: float) -> Connection:
@@ -230,8 +227,20 @@ def connect(address: object, timeout: float) -> Connection:
         raise ConnectTimeout(f"connecting to {format_address(address)} took longer than {timeout:g} s") from None
     except OSError as exc:
         sock.close()
-        raise ConnectionClosed(f"cannot connect to {format_address(address)}: {exc.strerror or exc}") from None
+        raise ConnectionClosed(f"cannot connect: {_connect_failure(address, exc)}") from None
     return Connection(sock.detach())
+
+
+def _connect_failure(address: Address, exc: OSError) -> str:
+    """Why a connect failed, worded for someone who may not have started the server."""
+    where = format_address(address)
+    if exc.errno == errno.ECONNREFUSED:
+        reason = "a socket file left by a server that stopped" if is_unix(address) else "connection refused"
+    elif exc.errno == errno.ENOENT and is_unix(address):
+        reason = "no such socket file"
+    else:
+        return f"{where}: {exc.strerror or exc}"
+    return f"nothing is listening at {where} ({reason}); is the server running? Start it with `rpc serve`"
 
 
 def server_handshake(conn: Connection, authkey: bytes | None) -> None:

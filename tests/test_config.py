@@ -48,3 +48,8 @@ def test_bad_values_are_refused_with_the_option_named(options, message):
 def test_server_refuses_bad_options_before_starting():
     with pytest.raises(rpc.ConfigError):
         rpc.Server("services:registry", address=("0.0.0.0", 0))
+
+
+def test_a_port_out_of_range_is_named():
+    with pytest.raises(rpc.ConfigError, match=r"port 70000 is out of range \(0-65535\)"):
+        ServerConfig(address=("127.0.0.1", 70000))

@@ -7,7 +7,14 @@ import os
 import pytest
 
 import rpc
-from rpc.config import load_settings, parse_address, resolve_authkey
+from rpc.config import (
+    check_registry_spec,
+    create_authkey_file,
+    load_settings,
+    parse_address,
+    read_authkey_file,
+    resolve_authkey,
+)
 
 
 def _file(tmp_path, text):
@@ -100,3 +107,87 @@ def test_a_missing_key_file_tells_the_client_what_to_do(tmp_path):
     env = {"XDG_CONFIG_HOME": str(tmp_path)}
     with pytest.raises(rpc.ConfigError, match="does not exist"):
         resolve_authkey(load_settings(None, env, {}), env, create=False)
+
+
+def test_a_port_out_of_range_is_named():
+    with pytest.raises(rpc.ConfigError, match=r"port 99999 is out of range \(0-65535\)"):
+        parse_address("localhost:99999")
+
+
+def test_unknown_rpc_variables_are_refused_with_the_known_ones_named():
+    with pytest.raises(rpc.ConfigError) as caught:
+        load_settings(None, {"RPC_WORKER": "2", "HOME": "/home/x"}, {})
+    message = str(caught.value)
+    assert "unknown environment variable RPC_WORKER;" in message and "did you mean RPC_WORKERS?" in message
+    for known in ("RPC_AUTHKEY", "RPC_CONFIG", "RPC_ADDRESS", "RPC_AUTHKEY_FILE", "RPC_LOG_LEVEL"):
+        assert known in message
+
+
+def test_known_and_reserved_rpc_variables_are_accepted():
+    env = {"RPC_AUTHKEY": "k" * 40, "RPC_SOAK_SECONDS": "5", "RPC_WORKERS": "2", "RPC_AUTHKEY_FILE": "/k"}
+    assert load_settings(None, env, {}).values["workers"] == 2
+
+
+@pytest.mark.parametrize("spec", ["pkg.module:registry", "app:api.registry", "módulo:registro"])
+def test_registry_import_strings_of_the_right_form_pass(spec):
+    assert check_registry_spec(spec) == spec
+
+
+@pytest.mark.parametrize("spec", ["app", "app.api", "app:", ":registry", "app api:registry", "app:reg:x", "app.:r"])
+def test_registry_import_strings_of_the_wrong_form_are_refused(spec):
+    with pytest.raises(rpc.ConfigError, match="must look like 'pkg.module:registry'"):
+        check_registry_spec(spec)
+
+
+def test_a_registry_string_without_a_colon_suggests_one():
+    with pytest.raises(rpc.ConfigError, match="did you mean 'myapp.api:registry'"):
+        check_registry_spec("myapp.api")
+
+
+def _private_key(folder, name="authkey"):
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / name
+    path.write_text("k" * 40)
+    path.chmod(0o600)
+    return path
+
+
+def test_a_key_file_that_is_a_symlink_is_refused(tmp_path):
+    real = _private_key(tmp_path / "keys")
+    link = tmp_path / "keys" / "link"
+    link.symlink_to(real)
+    with pytest.raises(rpc.ConfigError, match=f"is a symbolic link \\(to {real}\\)"):
+        read_authkey_file(link)
+    dangling = tmp_path / "keys" / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    settings = load_settings(None, env, {"authkey_file": str(dangling)})
+    with pytest.raises(rpc.ConfigError, match="symbolic link"):
+        resolve_authkey(settings, env, create=True)  # not written through the link
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("mode, who", [(0o770, "group"), (0o703, "others"), (0o777, "group and others")])
+def test_a_key_file_in_a_folder_others_can_write_is_refused(tmp_path, mode, who):
+    path = _private_key(tmp_path / "keys")
+    path.parent.chmod(mode)
+    with pytest.raises(rpc.ConfigError, match=f"writable by {who} .*chmod go-w {path.parent}$"):
+        read_authkey_file(path)
+    with pytest.raises(rpc.ConfigError, match=f"chmod go-w {path.parent}"):
+        create_authkey_file(path.parent / "new")
+    assert not (path.parent / "new").exists()
+
+
+def test_a_key_file_that_is_not_a_plain_file_is_refused(tmp_path):
+    folder = tmp_path / "keys"
+    folder.mkdir(mode=0o700)
+    os.mkfifo(folder / "fifo", 0o600)  # opening must not block on a pipe
+    with pytest.raises(rpc.ConfigError, match="not a plain file"):
+        read_authkey_file(folder / "fifo")
+
+
+def test_an_oversized_key_file_is_refused(tmp_path):
+    path = _private_key(tmp_path / "keys")
+    path.write_bytes(b"k" * (1 << 20))
+    with pytest.raises(rpc.ConfigError, match="should hold one key"):
+        read_authkey_file(path)

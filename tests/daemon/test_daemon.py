@@ -281,3 +281,245 @@ def test_handler_processes_log_to_the_same_output_with_their_pid(daemon):
     assert {line["pid"] for line in ready} == handlers
     assert all(line["component"] == "rpc.handler" for line in ready)
     assert {line["pid"] for line in lines if line["event"] == "listening"} == {process.pid}
+
+
+# -- hardening: the authkey, the key file, output, errors and usage ----------------------
+
+PROBE_MODULE = '''\
+import math, os, datetime
+import rpc
+
+registry = rpc.Registry()
+
+
+@registry.expose
+def authkey_seen():
+    """What a function finds in its environment."""
+    return os.environ.get("RPC_AUTHKEY")
+
+
+@registry.expose
+def shaped(kind):
+    return {
+        "tuple_keys": {(1, 2): "x"},
+        "nan": {"v": math.nan},
+        "bytes_keys": {b"k": 1},
+        "nested_sets": [{frozenset({1}), frozenset({2, 3})}],
+        "int_keys": {1: "a"},
+        "when": datetime.datetime(2026, 1, 2, 3, 4, 5),
+        "tuple": (1, "two", None),
+        "plain": {"a": [1, 2.5, None, True]},
+    }[kind]
+
+
+@registry.expose
+def kwargs_echo(*args, **kwargs):
+    return [list(args), kwargs]
+'''
+
+
+def _serve_probe(daemon, *args: str):
+    (daemon.cwd / "probe.py").write_text(PROBE_MODULE)
+    return daemon.start(*args, "probe:registry")
+
+
+def _environ_of(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+def test_handlers_and_the_functions_they_run_never_see_the_authkey(daemon):
+    secret = "e" * 48
+    daemon.env["RPC_AUTHKEY"] = secret
+    process = _serve_probe(daemon, "--workers", "2")
+    result = daemon.rpc("call", "authkey_seen")
+    assert (result.returncode, result.stdout) == (0, "null\n"), result.stderr
+    handlers = wait_for(lambda: len(child_pids(process.pid)) >= 2 and child_pids(process.pid))
+    # (the supervisor's own /proc/PID/environ shows the environment it started with, always)
+    for pid in handlers:
+        assert not [v for v in _environ_of(pid) if v.startswith(b"RPC_AUTHKEY=")]
+
+
+def test_a_symlinked_authkey_file_is_refused(daemon):
+    real = _key_file(daemon, 0o600)
+    link = daemon.cwd / "link-to-key"
+    link.symlink_to(real)
+    for command in (("serve",), ("call", "add", "1", "2")):
+        result = daemon.rpc(*command, "--authkey-file", str(link))
+        assert result.returncode == 2, result.stderr
+        assert "symbolic link" in result.stderr and str(real) in result.stderr
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777])
+def test_an_authkey_file_in_a_folder_others_can_write_is_refused(daemon, mode):
+    folder = daemon.cwd / "keys"
+    folder.mkdir()
+    key = folder / "authkey"
+    key.write_text("k" * 64)
+    key.chmod(0o600)
+    folder.chmod(mode)
+    result = daemon.rpc("call", "add", "1", "2", "--authkey-file", str(key))
+    assert result.returncode == 2, result.stderr
+    assert "writable by" in result.stderr and f"chmod go-w {folder}" in result.stderr
+    # rpc serve refuses to create a new key there too
+    result = daemon.rpc("serve", "--authkey-file", str(folder / "new-key"))
+    assert result.returncode == 2, result.stderr
+    assert f"chmod go-w {folder}" in result.stderr and not (folder / "new-key").exists()
+
+
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("tuple_keys", "{(1, 2): 'x'}"),
+        ("nan", "{'v': nan}"),
+        ("bytes_keys", "{b'k': 1}"),
+        ("int_keys", "{1: 'a'}"),
+        ("when", "datetime.datetime(2026, 1, 2, 3, 4, 5)"),
+        ("tuple", '[1, "two", null]'),
+        ("plain", '{"a": [1, 2.5, null, true]}'),
+    ],
+)
+def test_call_prints_every_result_as_json_or_else_as_python(daemon, kind, expected):
+    _serve_probe(daemon)
+    result = daemon.rpc("call", "shaped", kind)
+    assert (result.returncode, result.stdout, result.stderr) == (0, expected + "\n", "")
+
+
+def test_call_prints_nested_sets_faithfully(daemon):
+    _serve_probe(daemon)
+    result = daemon.rpc("call", "shaped", "nested_sets")
+    assert result.returncode == 0 and result.stderr == ""
+    assert eval(result.stdout) == [{frozenset({1}), frozenset({2, 3})}]
+
+
+def _write_key(daemon) -> None:
+    folder = Path(daemon.env["XDG_CONFIG_HOME"], "rpc")
+    folder.mkdir(parents=True, mode=0o700)
+    (folder / "authkey").write_text("k" * 40)
+    (folder / "authkey").chmod(0o600)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("call", "add", "1", "2"), ("methods",), ("ping",)],
+)
+def test_client_commands_exit_2_on_configuration_errors(daemon, command):
+    missing_key = daemon.rpc(*command)
+    assert missing_key.returncode == 2 and "authkey file" in missing_key.stderr
+    _write_key(daemon)
+    bad_variable = daemon.rpc(*command, env={**daemon.env, "RPC_WORKERS": "lots"})
+    assert bad_variable.returncode == 2 and "RPC_WORKERS" in bad_variable.stderr
+    bad_file = daemon.rpc(*command, "--config", str(daemon.cwd / "missing.toml"))
+    assert bad_file.returncode == 2 and "does not exist" in bad_file.stderr
+
+
+def test_options_go_anywhere_and_dash_arguments_need_no_quoting(daemon):
+    _serve_probe(daemon)
+    result = daemon.rpc("call", "kwargs_echo", "1", "--verbose", "k=v", "--timeout", "30")
+    assert (result.returncode, result.stdout) == (0, '[[1], {"k": "v"}]\n'), result.stderr
+    result = daemon.rpc("call", "kwargs_echo", "-1", "2", "-2.5")
+    assert (result.returncode, result.stdout) == (0, "[[-1, 2, -2.5], {}]\n"), result.stderr
+    result = daemon.rpc("call", "kwargs_echo", "--", "-x", "--verbose")
+    assert (result.returncode, result.stdout) == (0, '[["-x", "--verbose"], {}]\n'), result.stderr
+
+
+def test_usage_errors_show_the_commands_own_usage_and_exit_2(daemon):
+    for args, usage in [
+        (("call", "add", "1", "--timeout", "-5"), "usage: rpc call"),
+        (("call", "add", "--timeout", "nan"), "usage: rpc call"),
+        (("call", "add", "--bogus"), "usage: rpc call"),
+        (("ping", "--count", "0"), "usage: rpc ping"),
+        (("serve", "--workers", "0"), "usage: rpc serve"),
+    ]:
+        result = daemon.rpc(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith(usage), (args, result.stderr)
+    assert "must be a number > 0" in daemon.rpc("call", "add", "--timeout", "-5").stderr
+
+
+def test_every_option_has_help_and_says_its_default():
+    from rpc.cli import _parsers
+
+    _, commands = _parsers()
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+            if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+                assert "default" in action.help, (name, action.option_strings)
+            if {"--address", "--config", "--authkey-file", "--workers"} & set(action.option_strings):
+                assert "default" in action.help, (name, action.option_strings)
+    assert "--" in commands["call"].format_help()  # says how to pass arguments that start with a dash
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("rpc.demo", "must look like 'pkg.module:registry'"),
+        ("rpc.demo:", "must look like 'pkg.module:registry'"),
+        ("rpc demo:registry", "must look like 'pkg.module:registry'"),
+        ("no_such_module_here:registry", "no module named 'no_such_module_here'"),
+    ],
+)
+def test_a_bad_import_string_is_refused_once_before_any_handler_starts(daemon, spec, message):
+    result = daemon.rpc("serve", spec, "--workers", "3")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stderr.count(message) == 1
+    assert "handler" not in result.stderr and "registry_import_failed" not in result.stderr
+
+
+def test_nothing_listening_on_a_unix_socket_says_how_to_start_a_server(daemon):
+    _write_key(daemon)
+    missing = daemon.rpc("ping")
+    assert missing.returncode == 1
+    assert "nothing is listening at" in missing.stderr and "rpc serve" in missing.stderr
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX)  # a socket file that no server listens on
+    stale.bind(daemon.env["RPC_ADDRESS"])
+    stale.close()
+    refused = daemon.rpc("call", "add", "1", "2")
+    assert refused.returncode == 1
+    assert "nothing is listening at" in refused.stderr and "rpc serve" in refused.stderr
+
+
+def test_nothing_listening_on_a_tcp_port_says_how_to_start_a_server(daemon):
+    import socket
+
+    _write_key(daemon)
+    with socket.socket() as bound:  # bound but not listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        address = "127.0.0.1:%d" % bound.getsockname()[1]
+        result = daemon.rpc("ping", "--address", address)
+    assert result.returncode == 1
+    assert f"nothing is listening at {address}" in result.stderr and "rpc serve" in result.stderr
+    assert "ConnectionClosed" not in result.stderr
+
+
+def test_a_port_in_use_suggests_another_address_once(daemon):
+    import socket
+
+    _write_key(daemon)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        result = daemon.rpc("serve", "--address", address, "--workers", "1")
+    assert result.returncode == 1
+    assert "already in use" in result.stderr and "--address" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # printed once
+    assert result.stderr.startswith("rpc: cannot start: cannot listen on")
+
+
+def test_a_port_out_of_range_is_named(daemon):
+    result = daemon.rpc("call", "add", "1", "2", "--address", "localhost:99999")
+    assert result.returncode == 2 and "port 99999 is out of range" in result.stderr
+
+
+def test_unknown_rpc_variables_are_refused_but_reserved_ones_pass(daemon):
+    result = daemon.rpc("serve", env={**daemon.env, "RPC_WORKER": "2"})
+    assert result.returncode == 2
+    assert "RPC_WORKER" in result.stderr and "RPC_WORKERS" in result.stderr and "RPC_AUTHKEY" in result.stderr
+    daemon.env["RPC_SOAK_SECONDS"] = "1"
+    daemon.start()
+    result = daemon.rpc("call", "add", "1", "2")
+    assert (result.returncode, result.stdout) == (0, "3\n"), result.stderr
