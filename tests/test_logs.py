@@ -1,0 +1,102 @@
+"""rpc.logs: the logger never raises, and says what it lost."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+
+from rpc.logs import dropped_lines, make_logger, open_log_file, report_dropped
+
+
+class _Flaky(io.StringIO):
+    """A stream that fails like a pipe whose reader left, until ``broken`` is cleared."""
+
+    broken = False
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_a_pipe_without_reader_drops_and_counts_lines_instead_of_raising():
+    read, write = os.pipe()
+    os.close(read)
+    # built like sys.stderr: text written through to the file descriptor
+    with io.TextIOWrapper(os.fdopen(write, "wb", buffering=0), encoding="utf-8", write_through=True) as stream:
+        log = make_logger(fmt="json", stream=stream)
+        log.info("first")
+        log.error("second", detail="x")
+        assert dropped_lines(log) == 2
+        report_dropped(log)  # nowhere to say it: dropped too, and not raised
+        assert dropped_lines(log) == 2  # a failed report is not one more lost line
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_drops_lines_and_the_log_file_still_closes():
+    stream = open_log_file("/dev/full")  # every write fails with ENOSPC
+    log = make_logger(fmt="json", stream=stream)
+    log.info("lost")
+    assert dropped_lines(log) == 1
+    stream.close()  # no failed line is left behind to fail again
+    log.info("after close")
+    assert dropped_lines(log) == 2
+
+
+def test_a_closed_stream_drops_and_counts_lines():
+    stream = io.StringIO()
+    log = make_logger(fmt="console", stream=stream)
+    stream.close()
+    log.warning("after close")
+    assert dropped_lines(log) == 1
+
+
+def test_when_the_stream_works_again_the_first_line_is_followed_by_the_count():
+    stream = _Flaky()
+    log = make_logger(fmt="json", stream=stream, component="t")
+    log.info("kept")
+    stream.broken = True
+    log.info("lost")
+    log.info("lost")
+    stream.broken = False
+    log.info("back")
+    log.info("after")
+    events = _events(stream.getvalue())
+    assert [e["event"] for e in events] == ["kept", "back", "log_lines_dropped", "after"]
+    report = events[2]
+    assert report["count"] == 2 and report["level"] == "warning" and "BrokenPipeError" in report["error"]
+    report_dropped(log)  # already reported: nothing more
+    assert len(_events(stream.getvalue())) == 4
+
+
+def test_report_dropped_at_shutdown_when_nothing_else_was_written():
+    stream = _Flaky()
+    log = make_logger(fmt="json", stream=stream)
+    stream.broken = True
+    log.info("lost")
+    stream.broken = False
+    report_dropped(log)
+    (event,) = _events(stream.getvalue())
+    assert (event["event"], event["count"]) == ("log_lines_dropped", 1)
+
+
+def test_loggers_on_one_stream_share_the_count():
+    stream = _Flaky()
+    a = make_logger(fmt="json", stream=stream, component="a")
+    b = make_logger(fmt="json", stream=stream, component="b")
+    stream.broken = True
+    a.info("lost")
+    b.info("lost")
+    assert dropped_lines(a) == dropped_lines(b) == 2
+
+
+def test_report_dropped_refuses_a_foreign_logger():
+    with pytest.raises(TypeError):
+        report_dropped(object())
