@@ -157,3 +157,17 @@ def recursive_list():
 def identify(client, call):
     """Return the arguments, so each caller can check it got its own answer."""
     return [client, call, os.getpid()]
+
+
+@registry.expose
+def chatter(text):
+    """Speak every way a function can besides its result: print, logging, warnings."""
+    import logging
+    import sys
+    import warnings
+
+    print(f"to stderr: {text}", file=sys.stderr)
+    print(f"to stdout: {text}\nsecond line", flush=True)
+    logging.getLogger("myapp").warning("myapp says %s", text)
+    warnings.warn(f"careful: {text}", stacklevel=1)
+    return "done"

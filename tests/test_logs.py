@@ -9,6 +9,7 @@ import os
 import pytest
 
 from rpc.logs import dropped_lines, make_logger, open_log_file, report_dropped
+from rpc.testing import serve
 
 
 class _Flaky(io.StringIO):
@@ -100,3 +101,30 @@ def test_loggers_on_one_stream_share_the_count():
 def test_report_dropped_refuses_a_foreign_logger():
     with pytest.raises(TypeError):
         report_dropped(object())
+
+
+# -- a handler's own output -------------------------------------------------------------
+
+
+def test_json_logs_hold_what_functions_print_log_and_warn_one_event_per_line():
+    with serve("services:registry", workers=1, log_format="json") as server:
+        with server.client() as client:  # a connection's first call goes through the server
+            assert client.chatter("first") == "done"
+            handler = client.pid()
+            assert client.chatter("lent") == "done"  # later ones to a handler that holds the socket
+    lines = [line for line in server.log_text().splitlines() if line.strip()]
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    ours = [e for e in events if e.get("pid") == handler and e.get("method") == "chatter"]
+
+    def find(**fields):
+        found = [e for e in ours if all(e.get(k) == v for k, v in fields.items())]
+        assert len(found) == 1, f"{fields} in {ours}"
+        return found[0]
+
+    for text in ("first", "lent"):
+        find(event="handler_output", stream="stderr", line=f"to stderr: {text}", level="warning")
+        find(event="handler_output", stream="stdout", line=f"to stdout: {text}", level="info")
+        find(event=f"myapp says {text}", logger="myapp", level="warning")
+        warning = find(event="python_warning", category="UserWarning", message=f"careful: {text}")
+        assert warning["file"].endswith("services.py")
+    assert len([e for e in ours if e.get("line") == "second line"]) == 2
