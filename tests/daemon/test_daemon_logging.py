@@ -45,7 +45,7 @@ def _read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
 def test_a_daemon_whose_stderr_reader_left_still_answers_reloads_and_stops_cleanly(daemon, launcher):
     env = {**daemon.env, "RPC_ACCESS_LOG": "true"}
     process = subprocess.Popen(
-        [sys.executable, *LAUNCHERS[launcher], "serve", "--workers", "2"],
+        [sys.executable, *LAUNCHERS[launcher], "serve", "--workers", "2", "services:registry"],
         cwd=daemon.cwd,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -61,6 +61,7 @@ def test_a_daemon_whose_stderr_reader_left_still_answers_reloads_and_stops_clean
     with rpc.connect(env["RPC_ADDRESS"], authkey=key, timeout=30.0) as client:
         # one client's calls in a row: the supervisor logs the first, a handler the lent ones
         assert [client.add(i, 1) for i in range(20)] == [i + 1 for i in range(20)]
+        assert client.chatter("nobody listens") == "done"  # its prints, logging, warnings: dropped
 
     before = child_pids(process.pid)
     process.send_signal(signal.SIGHUP)  # logs signal_received, then each handler replaced
