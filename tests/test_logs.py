@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
+import warnings
 
 import pytest
 
+from rpc.handler_output import MAX_LINE_CHARS, OutputRouter
 from rpc.logs import dropped_lines, make_logger, open_log_file, report_dropped
 from rpc.testing import serve
 
@@ -128,3 +131,28 @@ def test_json_logs_hold_what_functions_print_log_and_warn_one_event_per_line():
         warning = find(event="python_warning", category="UserWarning", message=f"careful: {text}")
         assert warning["file"].endswith("services.py")
     assert len([e for e in ours if e.get("line") == "second line"]) == 2
+
+
+def test_printed_text_becomes_one_event_per_complete_line(monkeypatch):
+    stream = io.StringIO()
+    log = make_logger(fmt="json", stream=stream)
+    router = OutputRouter(log, log)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # restored after the test
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    router.install_streams()
+    router.method = "f"
+    print("one", "two", end="", flush=True)  # an unfinished line waits for its end
+    print(" three\nfour")
+    print("x" * (MAX_LINE_CHARS + 10), end="", file=sys.stderr)  # too long: cut
+    sys.stderr.write("tail")
+    router.method = None
+    router.close()  # what is left is emitted
+    events = _events(stream.getvalue())
+    assert [(e["stream"], e["line"][:10], len(e["line"])) for e in events] == [
+        ("stdout", "one two th", 13),
+        ("stdout", "four", 4),
+        ("stderr", "x" * 10, MAX_LINE_CHARS + 10),
+        ("stderr", "tail", 4),
+    ]
+    assert [e["method"] for e in events] == ["f", "f", "f", None]
