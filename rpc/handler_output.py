@@ -11,7 +11,7 @@ object per line:
 - ``logging`` records: an event named by the message, with ``logger`` and the
   record's level (and ``exception`` text), when the function's code has not
   configured logging itself (the root logger has no handler);
-- ``warnings``: a ``python_warning`` event (``category``, ``message``, ``file``, ``line``).
+- ``warnings``: a ``python_warning`` event (``category``, ``message``, ``file``, ``lineno``).
 
 Writes to file descriptor 2 itself (C extensions, ``faulthandler`` crash reports,
 ``os.write(2, ...)``) cannot be structured and stay raw.
@@ -75,7 +75,7 @@ class OutputRouter:
             category=category.__name__,
             message=str(message),
             file=filename,
-            line=lineno,
+            lineno=lineno,
             method=self.method,
         )
 
