@@ -4,6 +4,8 @@ Signal handlers only record the signal; the main loop acts on it.
 SIGTERM or SIGINT: graceful shutdown (stop accepting, finish calls in flight
 within the grace period, stop handlers). A second one: stop at once.
 SIGHUP: replace the handlers one at a time with freshly imported code.
+SIGPIPE is ignored: a log reader that went away must not kill the server (log
+lines that cannot be written are dropped and counted by :mod:`rpc.logs`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import signal
 import threading
 from typing import Any
 
-from .logs import Logger
+from .logs import Logger, report_dropped
 from .server import Server
 
 __all__ = ["serve"]
@@ -32,6 +34,8 @@ def serve(server: Server, log: Logger) -> int:
         received.put(signum)
 
     previous = {sig: signal.signal(sig, record) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    # Python ignores SIGPIPE, but whatever embeds or launches rpc may have restored it.
+    previous[signal.SIGPIPE] = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         server.start()
         closer: threading.Thread | None = None
@@ -58,5 +62,6 @@ def serve(server: Server, log: Logger) -> int:
                 server.abort()
         return 1 if forced else 0
     finally:
+        report_dropped(log)  # if the log stream works again, say how many lines it lost
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -18,10 +18,11 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing import parent_process
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, TextIO
 
 from . import lease, protocol
-from .logs import make_logger, open_log_file
+from .handler_output import OutputRouter
+from .logs import Logger, make_logger, open_log_file, report_dropped, resolve_format
 from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, SerializationError
 from .protocol import ErrorInfo
 from .registry import Registry, load_registry
@@ -51,6 +52,8 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
     """Entry point of a handler process. ``call_state`` is the shared array of a lent socket's call."""
     # Ctrl-C reaches the whole process group; the supervisor decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A log reader that went away must not kill the handler (failed log lines are dropped).
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     _exit_with_parent()
     stream = None
     if settings.log_file is not None:
@@ -58,6 +61,7 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
         # What the functions print to stderr (and any crash report) lands in the log too.
         os.dup2(stream.fileno(), 2)
     log = make_logger(settings.log_level, settings.log_format, stream, component="rpc.handler")
+    output = _route_output(settings, stream, log)
     if settings.memory_limit is not None:
         # A call that decodes or builds something huge gets MemoryError, not the OOM killer.
         resource.setrlimit(resource.RLIMIT_AS, (settings.memory_limit, settings.memory_limit))
@@ -67,12 +71,19 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
         log.error("registry_import_failed", registry=settings.registry, error=str(exc))
         conn.send_bytes(protocol.encode_error(None, _error_info("startup_error", exc, True)))
         return
+    if output is not None:
+        output.install_logging()  # after the import: a module that configures logging keeps its own
+        registry = _MethodNoting(registry, output)  # type: ignore[assignment]
     conn.send_bytes(protocol.encode_hello({"pid": os.getpid()}))
     log.debug("handler_ready", registry=settings.registry, methods=len(registry))
     state = lease.CallState(call_state) if call_state is not None else None
 
     def run_call(request: protocol.Request) -> bytes:
-        return execute_request(registry, request, settings)
+        try:
+            return execute_request(registry, request, settings)
+        finally:
+            if output is not None:
+                output.method = None
 
     def log_call(request: protocol.Request, reply: bytes, started: float) -> None:
         if settings.access_log:
@@ -80,22 +91,66 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
             ms = round((time.monotonic() - started) * 1000, 3)
             log.info("call", method=request.method, id=request.id, ms=ms, outcome=outcome, leased=True)
 
-    while True:
-        try:
-            # Frames come from the server, which already held them to max_message_bytes.
-            frame = conn.recv_bytes(settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
-        except (EOFError, OSError):
-            return  # the supervisor closed the pipe: stop
-        kind = protocol.internal_kind(frame)
-        if kind is None:
-            conn.send_bytes(execute(registry, frame, settings))
-        elif kind == protocol.LEASE and state is not None:
-            conn.send_bytes(
-                lease.serve_lease(
-                    conn, frame, run_call, state, settings.max_message_bytes, settings.max_call_seconds, log_call
+    try:
+        while True:
+            try:
+                # Frames come from the server, which already held them to max_message_bytes.
+                frame = conn.recv_bytes(settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
+            except (EOFError, OSError):
+                return  # the supervisor closed the pipe: stop
+            kind = protocol.internal_kind(frame)
+            if kind is None:
+                reply = execute(registry, frame, settings)
+                if output is not None:
+                    output.method = None
+                conn.send_bytes(reply)
+            elif kind == protocol.LEASE and state is not None:
+                conn.send_bytes(
+                    lease.serve_lease(
+                        conn, frame, run_call, state, settings.max_message_bytes, settings.max_call_seconds, log_call
+                    )
                 )
-            )
-        # a RECALL that arrives after its lease ended needs nothing
+            # a RECALL that arrives after its lease ended needs nothing
+    finally:
+        if output is not None:
+            output.close()
+        report_dropped(log)
+
+
+def _route_output(settings: HandlerSettings, stream: TextIO | None, log: Logger) -> OutputRouter | None:
+    """With JSON logs, make print, logging and warnings log events (see rpc.handler_output).
+
+    On a console, raw output reads best as it is, so it is left alone.
+    """
+    if resolve_format(settings.log_format, stream) != "json":
+        return None
+    # Printed lines have no level, so the log level does not hide them, as before.
+    raw_log = make_logger("debug", "json", stream, component="rpc.handler")
+    output = OutputRouter(log, raw_log)
+    output.install_streams()
+    return output
+
+
+class _MethodNoting:
+    """The registry as ``execute_request`` sees it: looking a method up notes it as running.
+
+    So what the function prints or logs names its method, with no extra frame
+    around the call (the handler runs one call at a time).
+    """
+
+    def __init__(self, registry: Registry, output: OutputRouter) -> None:
+        self._registry = registry
+        self._output = output
+
+    def get(self, name: str) -> Any:
+        self._output.method = name
+        return self._registry.get(name)
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._registry, name)
 
 
 def _exit_with_parent() -> None:

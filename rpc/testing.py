@@ -11,6 +11,7 @@ fixtures in :mod:`rpc.pytest_plugin` are built on this.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import multiprocessing
 import os
 import secrets
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .client import Client
+from .errors import StartupError
 from .registry import Registry
 from .server import Server
 from .transport import Address
@@ -128,6 +130,12 @@ def serve(
         handle = TestServer(server, authkey, options["log_file"])
         try:
             server.start()
+        except StartupError as exc:
+            handle.close()
+            hint = _import_hint(registry)
+            if hint is None:
+                raise
+            raise StartupError(f"{exc.message}\n{hint}") from None
         except BaseException:
             handle.close()
             raise
@@ -137,3 +145,21 @@ def serve(
             handle.close()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _import_hint(registry: Registry | str) -> str | None:
+    """How to fix a registry that this process cannot import either, or None if it can."""
+    if not isinstance(registry, str):
+        return None  # an object: its module was imported here already
+    top = registry.partition(":")[0].split(".")[0]
+    try:
+        if not top or importlib.util.find_spec(top) is not None:
+            return None
+    except (ImportError, ValueError):
+        pass
+    return (
+        f"This process cannot import {top!r} either: the folder that holds it is not on sys.path. "
+        "`pytest` (unlike `python -m pytest`) does not add the current folder; add it in pyproject.toml:\n"
+        "    [tool.pytest.ini_options]\n"
+        '    pythonpath = ["."]'
+    )

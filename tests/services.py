@@ -172,3 +172,17 @@ def nested_tuple(depth):
     for _ in range(depth):
         value = (value,)
     return value
+
+
+@registry.expose
+def chatter(text):
+    """Speak every way a function can besides its result: print, logging, warnings."""
+    import logging
+    import sys
+    import warnings
+
+    print(f"to stderr: {text}", file=sys.stderr)
+    print(f"to stdout: {text}\nsecond line", flush=True)
+    logging.getLogger("myapp").warning("myapp says %s", text)
+    warnings.warn(f"careful: {text}", stacklevel=1)
+    return "done"

@@ -176,3 +176,104 @@ def test_no_process_outlives_the_run(suite, extra):
     if "8 passed" not in result.stdout:
         pytest.fail(f"the inner run failed:\n{result.stdout}\n{result.stderr}", pytrace=False)
     assert "ORPHANS: none" in result.stdout
+
+
+# -- a project tested with plain `pytest` ------------------------------------------------
+
+PROJECT_API = """
+    import rpc
+
+    registry = rpc.Registry()
+
+    @registry.expose
+    def add(x, y):
+        return x + y
+"""
+
+PROJECT_TESTS = """
+    def test_serve_by_import_string(rpc_server):
+        with rpc_server("myapp.api:registry", workers=1).client() as client:
+            assert client.add(2, 3) == 5
+"""
+
+
+def _plain_pytest(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """Run `pytest` as a user types it in the project folder: the folder is not on sys.path.
+
+    (``runpytest_subprocess`` runs ``python -m pytest`` and puts the folder on PYTHONPATH,
+    which hides exactly this.)
+    """
+    script = Path(sys.executable).with_name("pytest")
+    command = [str(script)] if script.exists() else [sys.executable, "-P", "-m", "pytest"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [*command, "-p", "no:cacheprovider", *args],
+        cwd=pytester.path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return pytest.RunResult(result.returncode, result.stdout.splitlines(), result.stderr.splitlines(), 0.0)
+
+
+@pytest.fixture
+def project(pytester):
+    """myapp/api.py and tests/test_api.py, the layout of a new project."""
+    pytester.mkpydir("myapp")
+    pytester.path.joinpath("myapp", "api.py").write_text(textwrap.dedent(PROJECT_API))
+    pytester.mkdir("tests")
+    pytester.path.joinpath("tests", "test_api.py").write_text(textwrap.dedent(PROJECT_TESTS))
+    return pytester
+
+
+def test_plain_pytest_without_pythonpath_names_the_fix(project):
+    result = _plain_pytest(project)
+    result.assert_outcomes(failed=1)
+    output = result.stdout.str()
+    assert "No module named 'myapp'" in output
+    assert 'pythonpath = ["."]' in output
+
+
+def test_plain_pytest_with_pythonpath_serves_the_project(project):
+    project.path.joinpath("pyproject.toml").write_text('[tool.pytest.ini_options]\npythonpath = ["."]\n')
+    project.path.joinpath("tests", "test_api.py").write_text(
+        textwrap.dedent(PROJECT_TESTS)
+        + textwrap.dedent(
+            """
+            from myapp.api import registry
+
+            def test_serve_the_registry_object(rpc_server):
+                with rpc_server(registry, workers=1).client() as client:
+                    assert client.add(1, 1) == 2
+            """
+        )
+    )
+    result = _plain_pytest(project)
+    result.assert_outcomes(passed=2)
+
+
+def test_handlers_see_sys_path_entries_added_after_the_first_server_started(project):
+    """The forkserver's sys.path dates from its start; each handler gets the test process's."""
+    project.path.joinpath("pyproject.toml").write_text('[tool.pytest.ini_options]\npythonpath = ["."]\n')
+    project.path.joinpath("tests", "test_late.py").write_text(
+        textwrap.dedent(
+            """
+            import textwrap
+
+            def test_a_module_in_a_folder_added_later(rpc_server, monkeypatch, tmp_path):
+                with rpc_server("myapp.api:registry", workers=1).client() as client:
+                    assert client.add(2, 3) == 5  # the forkserver is running now
+                (tmp_path / "generated.py").write_text(textwrap.dedent('''
+                    import rpc
+                    registry = rpc.Registry()
+                    registry.expose(lambda: "late", name="late")
+                '''))
+                monkeypatch.syspath_prepend(str(tmp_path))
+                with rpc_server("generated:registry", workers=1).client() as client:
+                    assert client.late() == "late"
+            """
+        )
+    )
+    result = _plain_pytest(project, "tests/test_late.py")
+    result.assert_outcomes(passed=1)
