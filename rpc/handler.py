@@ -18,6 +18,7 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing import parent_process
 from multiprocessing.connection import Connection, wait
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from . import lease, protocol
@@ -73,14 +74,14 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
         return
     if output is not None:
         output.install_logging()  # after the import: a module that configures logging keeps its own
-        registry = _MethodNoting(registry, output)  # type: ignore[assignment]
+    note_method = output.note_method if output is not None else None
     conn.send_bytes(protocol.encode_hello({"pid": os.getpid()}))
     log.debug("handler_ready", registry=settings.registry, methods=len(registry))
     state = lease.CallState(call_state) if call_state is not None else None
 
     def run_call(request: protocol.Request) -> bytes:
         try:
-            return execute_request(registry, request, settings)
+            return execute_request(registry, request, settings, note_method)
         finally:
             if output is not None:
                 output.method = None
@@ -100,7 +101,7 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
                 return  # the supervisor closed the pipe: stop
             kind = protocol.internal_kind(frame)
             if kind is None:
-                reply = execute(registry, frame, settings)
+                reply = execute(registry, frame, settings, note_method)
                 if output is not None:
                     output.method = None
                 conn.send_bytes(reply)
@@ -131,28 +132,6 @@ def _route_output(settings: HandlerSettings, stream: TextIO | None, log: Logger)
     return output
 
 
-class _MethodNoting:
-    """The registry as ``execute_request`` sees it: looking a method up notes it as running.
-
-    So what the function prints or logs names its method, with no extra frame
-    around the call (the handler runs one call at a time).
-    """
-
-    def __init__(self, registry: Registry, output: OutputRouter) -> None:
-        self._registry = registry
-        self._output = output
-
-    def get(self, name: str) -> Any:
-        self._output.method = name
-        return self._registry.get(name)
-
-    def __len__(self) -> int:
-        return len(self._registry)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._registry, name)
-
-
 def _exit_with_parent() -> None:
     """Exit at once if the supervisor dies, even in the middle of a call."""
     parent = parent_process()
@@ -166,21 +145,34 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="rpc-parent-watch", daemon=True).start()
 
 
-def execute(registry: Registry, frame: bytes, settings: HandlerSettings) -> bytes:
+def execute(
+    registry: Registry, frame: bytes, settings: HandlerSettings, note_method: Callable[[str], None] | None = None
+) -> bytes:
     """Run the call in ``frame`` and return the encoded response, success or failure."""
     try:
         request = protocol.decode_request(frame)
     except ProtocolError as exc:
         return protocol.encode_error(_id_of(frame), _error_info(exc.code, exc, False))
-    return execute_request(registry, request, settings)
+    return execute_request(registry, request, settings, note_method)
 
 
-def execute_request(registry: Registry, request: protocol.Request, settings: HandlerSettings) -> bytes:
-    """Run a decoded call and return the encoded response, success or failure."""
+def execute_request(
+    registry: Registry,
+    request: protocol.Request,
+    settings: HandlerSettings,
+    note_method: Callable[[str], None] | None = None,
+) -> bytes:
+    """Run a decoded call and return the encoded response, success or failure.
+
+    ``note_method`` is told the method's name just before it runs (so what it
+    prints or logs can name it).
+    """
     if request.method == METHODS:
         function: Any = lambda: [vars(info) for info in registry.describe()]  # noqa: E731
     else:
         function = registry.get(request.method)
+    if note_method is not None:
+        note_method(request.method)
     if function is None:
         error = MethodNotFound(_not_found(registry, request.method))
         return protocol.encode_error(request.id, _error_info(error.code, error, False))

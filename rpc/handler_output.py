@@ -45,6 +45,10 @@ class OutputRouter:
         self.method: str | None = None  # the method running now; a handler runs one at a time
         self._writers: list[_LineWriter] = []
 
+    def note_method(self, name: str) -> None:
+        """The handler is about to run ``name``: what it prints or logs now names it."""
+        self.method = name
+
     def install_streams(self) -> None:
         """Replace ``sys.stdout``/``sys.stderr`` and the warnings hook (before importing user code)."""
         sys.stdout = self._writer("stdout", "info", sys.stdout)

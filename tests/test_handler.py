@@ -32,6 +32,20 @@ def test_unknown_names_are_method_not_found(method):
     assert response.error is not None and response.error.code == "method_not_found"
 
 
+def test_method_not_found_suggests_close_names_and_how_to_list_them():
+    message = run("ad").error.message
+    assert "did you mean 'add'" in message and "rpc methods" in message
+
+
+def test_the_method_is_noted_before_it_runs():
+    """What a function prints or logs can name its method: the handler notes it first."""
+    noted = []
+    registry = load_registry(SETTINGS.registry)
+    frame = protocol.encode_request(1, "add", (1, 2), {}, None)
+    handler.execute(registry, frame, SETTINGS, noted.append)
+    assert noted == ["add"]
+
+
 def test_a_raising_function_gives_type_message_and_traceback():
     error = run("fail", "ValueError", "bad value").error
     assert (error.code, error.type_name, error.message, error.args) == ("remote_error", "ValueError", "bad value", ("bad value",))
