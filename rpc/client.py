@@ -6,11 +6,21 @@ replies and hands each to the call with its id, so a single-threaded caller pays
 no thread hop and concurrent callers are pipelined on one connection. After a
 transport error every call in flight fails with :class:`ConnectionClosed` and the
 connection is dropped, so a stale reply can never answer a later call.
+
+A call's timeout bounds its whole wait, whatever arrives meanwhile: replies are
+read by :class:`~rpc.framing.FrameReader` under the deadline, so half a frame
+followed by silence, or a stream of answers to ids never asked, ends in
+:class:`CallTimeout` when the deadline passes. A timeout does not break the
+connection: the bytes of a frame cut off by it stay buffered for the next read,
+and an answer arriving after its call gave up is dropped. Submitted calls keep
+their deadlines too: the background reader wakes for the earliest one.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import socket
 import threading
 import time
 from collections import deque
@@ -18,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from . import __version__, protocol, transport
+from . import __version__, framing, protocol, transport
 from .errors import (
     CallTimeout,
     ConnectionClosed,
@@ -39,14 +49,16 @@ _DEFAULT: Any = object()
 class _Pending:
     """A call waiting for its response; ``future`` is set for calls made with ``submit``."""
 
-    __slots__ = ("id", "done", "result", "error", "future")
+    __slots__ = ("id", "done", "result", "error", "future", "name", "timeout")
 
-    def __init__(self, id: int, future: Future[Any] | None = None) -> None:
+    def __init__(self, id: int, future: Future[Any] | None, name: str, timeout: float | None) -> None:
         self.id = id
         self.done = False
         self.result: Any = None
         self.error: RPCError | None = None
         self.future = future
+        self.name = name
+        self.timeout = timeout
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -126,6 +138,7 @@ class Client:
         limit = hello.info.get("max_message_bytes")
         self._server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
         self._conn = conn
+        self._frames = framing.FrameReader(conn.fileno(), max_message_bytes)  # used by the reading thread only
         self._ids = itertools.count(1)
         # The plain lock guards the state; the condition (on the same lock) is only for
         # threads that must wait, and is notified only when there are some.
@@ -137,6 +150,11 @@ class Client:
         self._reading = False  # whether some thread is reading replies
         self._futures = 0  # submitted calls not yet answered
         self._reader_thread: threading.Thread | None = None
+        # Deadlines of submitted calls, earliest first: (deadline, id); answered ones are skipped.
+        self._deadlines: list[tuple[float, int]] = []
+        self._reader_until = float("inf")  # when the background reader wakes up next at the latest
+        self._reader_polling = False  # whether it waits on the socket (else on the condition)
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # wakes it out of poll()
         self._failure: RPCError | None = None  # set once the connection is unusable
 
     # -- public API --------------------------------------------------------------------
@@ -222,8 +240,8 @@ class Client:
     # -- calls -------------------------------------------------------------------------
 
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        pending = self._start(name, args, kwargs, timeout, None)
-        return self._wait(pending, None if timeout is None else time.monotonic() + timeout, name)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._wait(self._start(name, args, kwargs, timeout, None), deadline)
 
     def _start(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None, future: Future[Any] | None
@@ -234,7 +252,7 @@ class Client:
         request_id = next(self._ids)
         frame = protocol.encode_request(request_id, name, args, kwargs, timeout)
         protocol.check_size(frame, self._server_limit)
-        pending = _Pending(request_id, future)
+        pending = _Pending(request_id, future, name, timeout)
         with self._lock:
             if self._failure is not None:
                 raise self._failure
@@ -242,11 +260,51 @@ class Client:
             self._pending[request_id] = pending
             if future is not None:
                 self._futures += 1
+                if timeout is not None:
+                    self._add_deadline(time.monotonic() + timeout, request_id)
                 if self._reader_thread is None:
+                    if self._wake is None:
+                        self._wake = socket.socketpair()
+                        for end in self._wake:
+                            end.setblocking(False)
                     self._reader_thread = threading.Thread(target=self._read_for_futures, name="rpc-client-reader", daemon=True)
                     self._reader_thread.start()
         self._send(frame)
         return pending
+
+    def _add_deadline(self, deadline: float, request_id: int) -> None:
+        """Under the lock: note a submitted call's deadline; wake the reader if it sleeps past it."""
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * self._futures + 64:
+            # Forget answered calls, so the heap stays proportional to the calls in flight.
+            deadlines[:] = [entry for entry in deadlines if entry[1] in self._pending]
+            heapq.heapify(deadlines)
+        heapq.heappush(deadlines, (deadline, request_id))
+        if self._reader_thread is not None and deadline < self._reader_until:
+            self._reader_until = deadline
+            if self._reader_polling:
+                assert self._wake is not None
+                try:
+                    self._wake[1].send(b"\0")
+                except BlockingIOError:
+                    pass  # a byte is already waiting to wake it
+            elif self._waiters:
+                self._cond.notify_all()
+
+    def _expire_futures(self) -> list[_Pending]:
+        """Under the lock: fail the submitted calls whose deadline has passed; settle them after."""
+        deadlines = self._deadlines
+        expired: list[_Pending] = []
+        if deadlines:
+            now = time.monotonic()
+            while deadlines and deadlines[0][0] <= now:
+                waiting = self._pending.pop(heapq.heappop(deadlines)[1], None)
+                if waiting is not None:  # still unanswered
+                    waiting.error = _call_timeout(waiting)
+                    waiting.done = True
+                    self._futures -= 1
+                    expired.append(waiting)
+        return expired
 
     def _send(self, frame: bytes) -> None:
         with self._send_lock:
@@ -259,7 +317,7 @@ class Client:
                 self._fail_all(error)
                 raise error from None
 
-    def _wait(self, pending: _Pending, deadline: float | None, name: str) -> Any:
+    def _wait(self, pending: _Pending, deadline: float | None) -> Any:
         while True:
             with self._lock:
                 while True:
@@ -267,7 +325,7 @@ class Client:
                         return pending.outcome()
                     if deadline is not None and time.monotonic() >= deadline:
                         self._pending.pop(pending.id, None)  # a late reply is dropped
-                        raise CallTimeout(f"call {name!r} got no answer within its timeout")
+                        raise _call_timeout(pending)
                     if not self._reading:
                         self._reading = True
                         break
@@ -277,57 +335,77 @@ class Client:
                     finally:
                         self._waiters -= 1
             try:
-                while not pending.done and self._read_one(deadline):
+                while not pending.done and self._read_one(deadline, None):
                     pass
             finally:
                 self._stop_reading()
 
     def _read_for_futures(self) -> None:
-        """The background reader: reads replies while submitted calls are outstanding."""
+        """The background reader: reads replies while submitted calls are outstanding.
+
+        It also fails each submitted call whose deadline passes, waking for the
+        earliest one whether it is reading or another thread is.
+        """
         while True:
+            stop = False
             with self._lock:
-                while self._reading and self._futures and self._failure is None:
+                expired = self._expire_futures()
+                while True:
+                    if not self._futures or self._failure is not None:
+                        self._reader_thread = None
+                        self._reader_until = float("inf")
+                        stop = True
+                        break
+                    deadline = self._deadlines[0][0] if self._deadlines else None
+                    self._reader_until = float("inf") if deadline is None else deadline
+                    if not self._reading:
+                        self._reading = self._reader_polling = True
+                        break
+                    # Another thread reads: sleep until the earliest deadline, or until woken.
                     self._waiters += 1
                     try:
-                        self._cond.wait()
+                        self._cond.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
                     finally:
                         self._waiters -= 1
-                if not self._futures or self._failure is not None:
-                    self._reader_thread = None
-                    return
-                self._reading = True
+                    expired += self._expire_futures()
+                assert self._wake is not None
+                wake = self._wake[0]
+            for waiting in expired:
+                waiting.settle_future()
+            if stop:
+                return
             try:
-                while self._futures and self._read_one(None):
+                # Returns at the earliest deadline, or when an earlier one is submitted.
+                while self._futures and self._read_one(deadline, wake):
                     pass
             finally:
                 self._stop_reading()
 
     def _stop_reading(self) -> None:
         with self._lock:
-            self._reading = False
+            self._reading = self._reader_polling = False
             if self._failure is not None:
-                self._conn.close()
+                self._close_transport()
             if self._waiters:
                 self._cond.notify_all()  # another waiting thread may take over reading
 
-    def _read_one(self, deadline: float | None) -> bool:
-        """Read one response and hand it to its call. False: deadline passed or connection failed."""
-        conn = self._conn
+    def _read_one(self, deadline: float | None, wake: socket.socket | None) -> bool:
+        """Read one response and hand it to its call.
+
+        False: the deadline passed, ``wake`` got a byte, or the connection failed.
+        """
         try:
-            if deadline is not None and not conn.poll(max(deadline - time.monotonic(), 0)):
-                return False
-            frame = conn.recv_bytes(self._max_message_bytes)
+            frame = self._frames.read(deadline, wake)
         except EOFError:
             self._fail_all(ConnectionClosed("the server closed the connection"))
             return False
+        except ProtocolError as exc:  # an oversized or malformed length: the stream is lost
+            self._fail_all(exc)
+            return False
         except OSError as exc:
-            if "bad message length" in str(exc):
-                error: RPCError = ProtocolError(
-                    f"a response exceeded this client's max_message_bytes ({self._max_message_bytes})"
-                )
-            else:
-                error = ConnectionClosed(f"connection lost: {exc}")
-            self._fail_all(error)
+            self._fail_all(ConnectionClosed(f"connection lost: {exc}"))
+            return False
+        if frame is None:
             return False
         try:
             response = protocol.decode_response(frame)
@@ -341,7 +419,7 @@ class Client:
         with self._lock:
             waiting = self._pending.pop(response.id, None)
             if waiting is None:
-                return True  # its caller timed out and left
+                return True  # its caller timed out and left, or the server is confused
             if response.error is not None:
                 waiting.error = _exception(response.error)
             else:
@@ -361,16 +439,28 @@ class Client:
                 self._failure = error if isinstance(error, TransportError) else ConnectionClosed(str(error))
                 transport.shutdown(self._conn)
                 if not self._reading:
-                    self._conn.close()
+                    self._close_transport()
             failed = list(self._pending.values())
             for waiting in failed:
                 waiting.error = error
                 waiting.done = True
             self._pending.clear()
             self._futures = 0
+            self._deadlines.clear()
             self._cond.notify_all()
         for waiting in failed:
             waiting.settle_future()
+
+    def _close_transport(self) -> None:
+        """Under the lock, once no thread reads: release the socket and the wake-up pair."""
+        self._conn.close()
+        if self._wake is not None:
+            for end in self._wake:
+                end.close()
+
+
+def _call_timeout(pending: _Pending) -> CallTimeout:
+    return CallTimeout(f"call {pending.name!r} got no answer within its timeout of {pending.timeout:g} s")
 
 
 def _exception(info: protocol.ErrorInfo) -> RPCError:
