@@ -13,13 +13,17 @@ followed by silence, or a stream of answers to ids never asked, ends in
 :class:`CallTimeout` when the deadline passes. A timeout does not break the
 connection: the bytes of a frame cut off by it stay buffered for the next read,
 and an answer arriving after its call gave up is dropped. Submitted calls keep
-their deadlines too: the background reader wakes for the earliest one.
+their deadlines too: the background reader wakes for the earliest one. Sending
+is bounded as well: a request the server does not take in time fails with
+:class:`CallTimeout`; if part of it went out, the stream is mid-message, so the
+connection is closed and the other calls in flight get :class:`ConnectionClosed`.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import socket
 import threading
 import time
@@ -137,8 +141,11 @@ class Client:
         self.server_info: dict[str, Any] = hello.info
         limit = hello.info.get("max_message_bytes")
         self._server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
-        self._conn = conn
-        self._frames = framing.FrameReader(conn.fileno(), max_message_bytes)  # used by the reading thread only
+        # A plain blocking socket from here on: frames are read and sent by rpc.framing.
+        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+        conn.close()
+        self._sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout() says
+        self._frames = framing.FrameReader(self._sock.fileno(), max_message_bytes)  # used by the reading thread only
         self._ids = itertools.count(1)
         # The plain lock guards the state; the condition (on the same lock) is only for
         # threads that must wait, and is notified only when there are some.
@@ -183,7 +190,7 @@ class Client:
         timeout = self.timeout if timeout is _DEFAULT else timeout
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # sent at once: it cannot be cancelled
-        self._start(name, args, kwargs, timeout, future)
+        self._start(name, args, kwargs, timeout, None if timeout is None else time.monotonic() + timeout, future)
         return future
 
     def map(
@@ -241,12 +248,18 @@ class Client:
 
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._wait(self._start(name, args, kwargs, timeout, None), deadline)
+        return self._wait(self._start(name, args, kwargs, timeout, deadline, None), deadline)
 
     def _start(
-        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None, future: Future[Any] | None
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        deadline: float | None,
+        future: Future[Any] | None,
     ) -> _Pending:
-        """Register a call under a fresh id and send its request."""
+        """Register a call under a fresh id and send its request by ``deadline``."""
         if type(name) is not str:
             raise TypeError(f"method name must be a string, not {type(name).__name__}")
         request_id = next(self._ids)
@@ -260,8 +273,8 @@ class Client:
             self._pending[request_id] = pending
             if future is not None:
                 self._futures += 1
-                if timeout is not None:
-                    self._add_deadline(time.monotonic() + timeout, request_id)
+                if deadline is not None:
+                    self._add_deadline(deadline, request_id)
                 if self._reader_thread is None:
                     if self._wake is None:
                         self._wake = socket.socketpair()
@@ -269,7 +282,7 @@ class Client:
                             end.setblocking(False)
                     self._reader_thread = threading.Thread(target=self._read_for_futures, name="rpc-client-reader", daemon=True)
                     self._reader_thread.start()
-        self._send(frame)
+        self._send(frame, deadline, pending)
         return pending
 
     def _add_deadline(self, deadline: float, request_id: int) -> None:
@@ -306,16 +319,38 @@ class Client:
                     expired.append(waiting)
         return expired
 
-    def _send(self, frame: bytes) -> None:
-        with self._send_lock:
+    def _send(self, frame: bytes, deadline: float | None = None, pending: _Pending | None = None) -> None:
+        """Send one frame; a call's request must be out by its deadline, however the server reads."""
+        if not self._send_lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
+            assert pending is not None
+            raise self._unsent(pending, 0)  # other calls' frames held the socket until the deadline
+        try:
             if self._failure is not None:
                 raise self._failure
-            try:
-                self._conn.send_bytes(frame)
-            except OSError as exc:
-                error = ConnectionClosed(f"connection lost while sending: {exc}")
-                self._fail_all(error)
-                raise error from None
+            framing.send_frame(self._sock, frame, deadline)
+        except framing.SendTimeout as exc:
+            assert pending is not None
+            raise self._unsent(pending, exc.sent) from None
+        except OSError as exc:
+            error = ConnectionClosed(f"connection lost while sending: {exc}")
+            self._fail_all(error)
+            raise error from None
+        finally:
+            self._send_lock.release()
+
+    def _unsent(self, pending: _Pending, sent: int) -> CallTimeout:
+        """The error for a call whose request was not sent (whole) by its deadline."""
+        with self._lock:
+            if self._pending.pop(pending.id, None) is not None and pending.future is not None:
+                self._futures -= 1
+        if sent:
+            # Part of the request went out: the stream is mid-message and cannot carry another.
+            self._fail_all(
+                ConnectionClosed(f"connection closed: the request of call {pending.name!r} was cut off by its timeout")
+            )
+        return CallTimeout(
+            f"call {pending.name!r} could not be sent within its timeout of {pending.timeout:g} s (the server is not reading)"
+        )
 
     def _wait(self, pending: _Pending, deadline: float | None) -> Any:
         while True:
@@ -354,6 +389,7 @@ class Client:
                     if not self._futures or self._failure is not None:
                         self._reader_thread = None
                         self._reader_until = float("inf")
+                        self._deadlines.clear()  # nothing left in flight to time out
                         stop = True
                         break
                     deadline = self._deadlines[0][0] if self._deadlines else None
@@ -437,7 +473,10 @@ class Client:
         with self._lock:
             if self._failure is None:
                 self._failure = error if isinstance(error, TransportError) else ConnectionClosed(str(error))
-                transport.shutdown(self._conn)
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading or sending
+                except OSError:
+                    pass  # not connected any more
                 if not self._reading:
                     self._close_transport()
             failed = list(self._pending.values())
@@ -453,7 +492,7 @@ class Client:
 
     def _close_transport(self) -> None:
         """Under the lock, once no thread reads: release the socket and the wake-up pair."""
-        self._conn.close()
+        self._sock.close()
         if self._wake is not None:
             for end in self._wake:
                 end.close()

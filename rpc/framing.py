@@ -1,4 +1,4 @@
-"""Reading ``multiprocessing.connection`` frames from a socket under a deadline.
+"""Reading and sending ``multiprocessing.connection`` frames under a deadline.
 
 A frame is a 4-byte big-endian signed length, or -1 then an 8-byte big-endian
 length, followed by that many payload bytes. ``Connection.recv_bytes`` blocks
@@ -8,6 +8,8 @@ reads whatever the socket holds into its own buffer and waits with ``poll()``
 for the rest, so a deadline can end the wait at any byte. The bytes already read
 stay in the buffer for the next read: a wait cut short never leaves the stream
 out of step. A length over the limit is refused before anything is allocated.
+:func:`send_frame` likewise stops waiting for room in the socket's send buffer
+when the deadline passes, and says how much of the frame went out.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 
 from .errors import MessageTooLarge, ProtocolError
 
-__all__ = ["FrameReader"]
+__all__ = ["FrameReader", "SendTimeout", "send_frame"]
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
@@ -127,3 +129,46 @@ class FrameReader:
             self._wake.recv(4096)
         except (BlockingIOError, InterruptedError):
             pass
+
+
+class SendTimeout(TimeoutError):
+    """The deadline passed before a whole frame was sent; ``sent`` bytes of it went out."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"{sent} bytes of the frame were sent when the deadline passed")
+        self.sent = sent
+
+
+def frame_header(size: int) -> bytes:
+    return _SHORT.pack(size) if size <= 0x7FFFFFFF else _SHORT.pack(-1) + _LONG.pack(size)
+
+
+def send_frame(sock: socket.socket, payload: bytes, deadline: float | None) -> None:
+    """Send ``payload`` as one frame on the blocking socket ``sock``.
+
+    With a ``deadline``, raises :class:`SendTimeout` if it passes before the
+    frame is out (a peer that does not read); other failures raise OSError.
+    """
+    parts = [memoryview(frame_header(len(payload))), memoryview(payload)]
+    flags = 0 if deadline is None else socket.MSG_DONTWAIT
+    sent = 0
+    poller: select.poll | None = None
+    while True:
+        try:
+            count = sock.sendmsg(parts, (), flags)
+        except BlockingIOError:
+            count = 0
+        sent += count
+        while parts and count >= len(parts[0]):
+            count -= len(parts.pop(0))
+        if not parts:
+            return
+        parts[0] = parts[0][count:]
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SendTimeout(sent)
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock.fileno(), select.POLLOUT)
+            poller.poll(math.ceil(remaining * 1000))

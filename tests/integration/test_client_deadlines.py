@@ -53,7 +53,7 @@ class HostileServer:
             deliver_challenge(conn, AUTHKEY)
             answer_challenge(conn, AUTHKEY)
             if hello:
-                conn.send_bytes(protocol.encode_hello({"server": "hostile", "max_message_bytes": 1 << 20}))
+                conn.send_bytes(protocol.encode_hello({"server": "hostile", "max_message_bytes": 1 << 26}))
                 protocol.decode_hello(conn.recv_bytes(65536))
             script(self, conn)
         except (EOFError, OSError):
@@ -62,7 +62,7 @@ class HostileServer:
             self.errors.append(exc)
 
     def request(self, conn: Connection) -> protocol.Request:
-        request = protocol.decode_request(conn.recv_bytes(1 << 20))
+        request = protocol.decode_request(conn.recv_bytes(1 << 26))
         self.requests.append(request)
         return request
 
@@ -244,6 +244,46 @@ def test_a_future_fails_at_its_deadline_while_another_thread_reads(hostile):
         assert isinstance(outcome.result, rpc.CallTimeout), outcome.result
         assert not waiting.done()
     assert isinstance(waiting.exception(timeout=HANG), rpc.ConnectionClosed)
+
+
+# -- a server that does not read --------------------------------------------------------
+
+BIG = b"x" * (32 << 20)  # more than the socket buffers of both ends hold
+
+
+def never_read(server: HostileServer, conn: Connection) -> None:
+    server.release.wait(HANG)
+
+
+def test_a_request_the_server_does_not_read_ends_in_call_timeout_and_closes_the_connection(hostile):
+    server = hostile(never_read)
+    with rpc.connect(server.address, authkey=AUTHKEY) as client:
+        outcome = bounded(lambda: client.call("swallow", BIG, timeout=0.5))
+        assert isinstance(outcome.error, rpc.CallTimeout), outcome.error
+        assert str(outcome.error) == "call 'swallow' could not be sent within its timeout of 0.5 s (the server is not reading)"
+        # Part of the request went out: the stream is mid-message, so the connection is closed.
+        assert client.closed
+        with pytest.raises(rpc.ConnectionClosed, match="cut off by its timeout"):
+            client.call("next", timeout=HANG)
+
+
+def test_a_call_waiting_behind_another_send_still_ends_at_its_deadline(hostile):
+    server = hostile(never_read)
+    with rpc.connect(server.address, authkey=AUTHKEY) as client:
+        sending: Future[Any] = Future()
+
+        def send_forever() -> None:
+            try:
+                sending.set_result(client.notify("swallow", BIG))  # no deadline: waits for the server
+            except BaseException as exc:
+                sending.set_exception(exc)
+
+        threading.Thread(target=send_forever, daemon=True).start()
+        assert wait_for(client._send_lock.locked)  # that thread now holds the socket for sending
+        outcome = bounded(lambda: client.call("small", timeout=0.5))
+        assert isinstance(outcome.error, rpc.CallTimeout), outcome.error
+        assert not client.closed  # nothing of this call was sent: the stream is intact
+    assert isinstance(sending.exception(timeout=HANG), rpc.ConnectionClosed)  # closing ends the other send
 
 
 # -- sizes: every read is bounded before anything is allocated -------------------------
