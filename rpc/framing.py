@@ -20,6 +20,7 @@ import select
 import socket
 import struct
 import time
+from typing import Any
 
 from .errors import MessageTooLarge, ProtocolError
 
@@ -47,9 +48,9 @@ class FrameReader:
         self._wake: socket.socket | None = None
 
     @property
-    def mid_frame(self) -> bool:
-        """Whether part of a frame has been read and the rest has not arrived yet."""
-        return bool(self._buffer)
+    def buffered(self) -> int:
+        """Bytes read from the socket and not yet returned (part of a frame, or whole ones)."""
+        return len(self._buffer)
 
     def read(self, deadline: float | None, wake: socket.socket | None = None) -> bytes | None:
         """The next frame's payload, or None if ``deadline`` passed (or ``wake`` got a byte) first.
@@ -152,7 +153,7 @@ def send_frame(sock: socket.socket, payload: bytes, deadline: float | None) -> N
     parts = [memoryview(frame_header(len(payload))), memoryview(payload)]
     flags = 0 if deadline is None else socket.MSG_DONTWAIT
     sent = 0
-    poller: select.poll | None = None
+    poller: Any = None  # made only if the socket's send buffer fills
     while True:
         try:
             count = sock.sendmsg(parts, (), flags)
