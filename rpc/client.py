@@ -6,11 +6,25 @@ replies and hands each to the call with its id, so a single-threaded caller pays
 no thread hop and concurrent callers are pipelined on one connection. After a
 transport error every call in flight fails with :class:`ConnectionClosed` and the
 connection is dropped, so a stale reply can never answer a later call.
+
+A call's timeout bounds its whole wait, whatever arrives meanwhile: replies are
+read by :class:`~rpc.framing.FrameReader` under the deadline, so half a frame
+followed by silence, or a stream of answers to ids never asked, ends in
+:class:`CallTimeout` when the deadline passes. A timeout does not break the
+connection: the bytes of a frame cut off by it stay buffered for the next read,
+and an answer arriving after its call gave up is dropped. Submitted calls keep
+their deadlines too: the background reader wakes for the earliest one. Sending
+is bounded as well: a request the server does not take in time fails with
+:class:`CallTimeout`; if part of it went out, the stream is mid-message, so the
+connection is closed and the other calls in flight get :class:`ConnectionClosed`.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -18,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from . import __version__, protocol, transport
+from . import __version__, framing, protocol, transport
 from .errors import (
     CallTimeout,
     ConnectionClosed,
@@ -39,14 +53,16 @@ _DEFAULT: Any = object()
 class _Pending:
     """A call waiting for its response; ``future`` is set for calls made with ``submit``."""
 
-    __slots__ = ("id", "done", "result", "error", "future")
+    __slots__ = ("id", "done", "result", "error", "future", "name", "timeout")
 
-    def __init__(self, id: int, future: Future[Any] | None = None) -> None:
+    def __init__(self, id: int, future: Future[Any] | None, name: str, timeout: float | None) -> None:
         self.id = id
         self.done = False
         self.result: Any = None
         self.error: RPCError | None = None
         self.future = future
+        self.name = name
+        self.timeout = timeout
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -125,7 +141,11 @@ class Client:
         self.server_info: dict[str, Any] = hello.info
         limit = hello.info.get("max_message_bytes")
         self._server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
-        self._conn = conn
+        # A plain blocking socket from here on: frames are read and sent by rpc.framing.
+        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+        conn.close()
+        self._sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout() says
+        self._frames = framing.FrameReader(self._sock.fileno(), max_message_bytes)  # used by the reading thread only
         self._ids = itertools.count(1)
         # The plain lock guards the state; the condition (on the same lock) is only for
         # threads that must wait, and is notified only when there are some.
@@ -137,6 +157,11 @@ class Client:
         self._reading = False  # whether some thread is reading replies
         self._futures = 0  # submitted calls not yet answered
         self._reader_thread: threading.Thread | None = None
+        # Deadlines of submitted calls, earliest first: (deadline, id); answered ones are skipped.
+        self._deadlines: list[tuple[float, int]] = []
+        self._reader_until = float("inf")  # when the background reader wakes up next at the latest
+        self._reader_polling = False  # whether it waits on the socket (else on the condition)
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # wakes it out of poll()
         self._failure: RPCError | None = None  # set once the connection is unusable
 
     # -- public API --------------------------------------------------------------------
@@ -165,7 +190,7 @@ class Client:
         timeout = self.timeout if timeout is _DEFAULT else timeout
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # sent at once: it cannot be cancelled
-        self._start(name, args, kwargs, timeout, future)
+        self._start(name, args, kwargs, timeout, None if timeout is None else time.monotonic() + timeout, future)
         return future
 
     def map(
@@ -222,19 +247,25 @@ class Client:
     # -- calls -------------------------------------------------------------------------
 
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        pending = self._start(name, args, kwargs, timeout, None)
-        return self._wait(pending, None if timeout is None else time.monotonic() + timeout, name)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._wait(self._start(name, args, kwargs, timeout, deadline, None), deadline)
 
     def _start(
-        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None, future: Future[Any] | None
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        deadline: float | None,
+        future: Future[Any] | None,
     ) -> _Pending:
-        """Register a call under a fresh id and send its request."""
+        """Register a call under a fresh id and send its request by ``deadline``."""
         if type(name) is not str:
             raise TypeError(f"method name must be a string, not {type(name).__name__}")
         request_id = next(self._ids)
         frame = protocol.encode_request(request_id, name, args, kwargs, timeout)
         protocol.check_size(frame, self._server_limit)
-        pending = _Pending(request_id, future)
+        pending = _Pending(request_id, future, name, timeout)
         with self._lock:
             if self._failure is not None:
                 raise self._failure
@@ -242,24 +273,86 @@ class Client:
             self._pending[request_id] = pending
             if future is not None:
                 self._futures += 1
+                if deadline is not None:
+                    self._add_deadline(deadline, request_id)
                 if self._reader_thread is None:
+                    if self._wake is None:
+                        self._wake = socket.socketpair()
+                        for end in self._wake:
+                            end.setblocking(False)
                     self._reader_thread = threading.Thread(target=self._read_for_futures, name="rpc-client-reader", daemon=True)
                     self._reader_thread.start()
-        self._send(frame)
+        self._send(frame, deadline, pending)
         return pending
 
-    def _send(self, frame: bytes) -> None:
-        with self._send_lock:
+    def _add_deadline(self, deadline: float, request_id: int) -> None:
+        """Under the lock: note a submitted call's deadline; wake the reader if it sleeps past it."""
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * self._futures + 64:
+            # Forget answered calls, so the heap stays proportional to the calls in flight.
+            deadlines[:] = [entry for entry in deadlines if entry[1] in self._pending]
+            heapq.heapify(deadlines)
+        heapq.heappush(deadlines, (deadline, request_id))
+        if self._reader_thread is not None and deadline < self._reader_until:
+            self._reader_until = deadline
+            if self._reader_polling:
+                assert self._wake is not None
+                try:
+                    self._wake[1].send(b"\0")
+                except BlockingIOError:
+                    pass  # a byte is already waiting to wake it
+            elif self._waiters:
+                self._cond.notify_all()
+
+    def _expire_futures(self) -> list[_Pending]:
+        """Under the lock: fail the submitted calls whose deadline has passed; settle them after."""
+        deadlines = self._deadlines
+        expired: list[_Pending] = []
+        if deadlines:
+            now = time.monotonic()
+            while deadlines and deadlines[0][0] <= now:
+                waiting = self._pending.pop(heapq.heappop(deadlines)[1], None)
+                if waiting is not None:  # still unanswered
+                    waiting.error = _call_timeout(waiting)
+                    waiting.done = True
+                    self._futures -= 1
+                    expired.append(waiting)
+        return expired
+
+    def _send(self, frame: bytes, deadline: float | None = None, pending: _Pending | None = None) -> None:
+        """Send one frame; a call's request must be out by its deadline, however the server reads."""
+        if not self._send_lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
+            assert pending is not None
+            raise self._unsent(pending, 0)  # other calls' frames held the socket until the deadline
+        try:
             if self._failure is not None:
                 raise self._failure
-            try:
-                self._conn.send_bytes(frame)
-            except OSError as exc:
-                error = ConnectionClosed(f"connection lost while sending: {exc}")
-                self._fail_all(error)
-                raise error from None
+            framing.send_frame(self._sock, frame, deadline)
+        except framing.SendTimeout as exc:
+            assert pending is not None
+            raise self._unsent(pending, exc.sent) from None
+        except OSError as exc:
+            error = ConnectionClosed(f"connection lost while sending: {exc}")
+            self._fail_all(error)
+            raise error from None
+        finally:
+            self._send_lock.release()
 
-    def _wait(self, pending: _Pending, deadline: float | None, name: str) -> Any:
+    def _unsent(self, pending: _Pending, sent: int) -> CallTimeout:
+        """The error for a call whose request was not sent (whole) by its deadline."""
+        with self._lock:
+            if self._pending.pop(pending.id, None) is not None and pending.future is not None:
+                self._futures -= 1
+        if sent:
+            # Part of the request went out: the stream is mid-message and cannot carry another.
+            self._fail_all(
+                ConnectionClosed(f"connection closed: the request of call {pending.name!r} was cut off by its timeout")
+            )
+        return CallTimeout(
+            f"call {pending.name!r} could not be sent within its timeout of {pending.timeout:g} s (the server is not reading)"
+        )
+
+    def _wait(self, pending: _Pending, deadline: float | None) -> Any:
         while True:
             with self._lock:
                 while True:
@@ -267,7 +360,7 @@ class Client:
                         return pending.outcome()
                     if deadline is not None and time.monotonic() >= deadline:
                         self._pending.pop(pending.id, None)  # a late reply is dropped
-                        raise CallTimeout(f"call {name!r} got no answer within its timeout")
+                        raise _call_timeout(pending)
                     if not self._reading:
                         self._reading = True
                         break
@@ -277,57 +370,78 @@ class Client:
                     finally:
                         self._waiters -= 1
             try:
-                while not pending.done and self._read_one(deadline):
+                while not pending.done and self._read_one(deadline, None):
                     pass
             finally:
                 self._stop_reading()
 
     def _read_for_futures(self) -> None:
-        """The background reader: reads replies while submitted calls are outstanding."""
+        """The background reader: reads replies while submitted calls are outstanding.
+
+        It also fails each submitted call whose deadline passes, waking for the
+        earliest one whether it is reading or another thread is.
+        """
         while True:
+            stop = False
             with self._lock:
-                while self._reading and self._futures and self._failure is None:
+                expired = self._expire_futures()
+                while True:
+                    if not self._futures or self._failure is not None:
+                        self._reader_thread = None
+                        self._reader_until = float("inf")
+                        self._deadlines.clear()  # nothing left in flight to time out
+                        stop = True
+                        break
+                    deadline = self._deadlines[0][0] if self._deadlines else None
+                    self._reader_until = float("inf") if deadline is None else deadline
+                    if not self._reading:
+                        self._reading = self._reader_polling = True
+                        break
+                    # Another thread reads: sleep until the earliest deadline, or until woken.
                     self._waiters += 1
                     try:
-                        self._cond.wait()
+                        self._cond.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
                     finally:
                         self._waiters -= 1
-                if not self._futures or self._failure is not None:
-                    self._reader_thread = None
-                    return
-                self._reading = True
+                    expired += self._expire_futures()
+                assert self._wake is not None
+                wake = self._wake[0]
+            for waiting in expired:
+                waiting.settle_future()
+            if stop:
+                return
             try:
-                while self._futures and self._read_one(None):
+                # Returns at the earliest deadline, or when an earlier one is submitted.
+                while self._futures and self._read_one(deadline, wake):
                     pass
             finally:
                 self._stop_reading()
 
     def _stop_reading(self) -> None:
         with self._lock:
-            self._reading = False
+            self._reading = self._reader_polling = False
             if self._failure is not None:
-                self._conn.close()
+                self._close_transport()
             if self._waiters:
                 self._cond.notify_all()  # another waiting thread may take over reading
 
-    def _read_one(self, deadline: float | None) -> bool:
-        """Read one response and hand it to its call. False: deadline passed or connection failed."""
-        conn = self._conn
+    def _read_one(self, deadline: float | None, wake: socket.socket | None) -> bool:
+        """Read one response and hand it to its call.
+
+        False: the deadline passed, ``wake`` got a byte, or the connection failed.
+        """
         try:
-            if deadline is not None and not conn.poll(max(deadline - time.monotonic(), 0)):
-                return False
-            frame = conn.recv_bytes(self._max_message_bytes)
+            frame = self._frames.read(deadline, wake)
         except EOFError:
             self._fail_all(ConnectionClosed("the server closed the connection"))
             return False
+        except ProtocolError as exc:  # an oversized or malformed length: the stream is lost
+            self._fail_all(exc)
+            return False
         except OSError as exc:
-            if "bad message length" in str(exc):
-                error: RPCError = ProtocolError(
-                    f"a response exceeded this client's max_message_bytes ({self._max_message_bytes})"
-                )
-            else:
-                error = ConnectionClosed(f"connection lost: {exc}")
-            self._fail_all(error)
+            self._fail_all(ConnectionClosed(f"connection lost: {exc}"))
+            return False
+        if frame is None:
             return False
         try:
             response = protocol.decode_response(frame)
@@ -341,7 +455,7 @@ class Client:
         with self._lock:
             waiting = self._pending.pop(response.id, None)
             if waiting is None:
-                return True  # its caller timed out and left
+                return True  # its caller timed out and left, or the server is confused
             if response.error is not None:
                 waiting.error = _exception(response.error)
             else:
@@ -359,18 +473,33 @@ class Client:
         with self._lock:
             if self._failure is None:
                 self._failure = error if isinstance(error, TransportError) else ConnectionClosed(str(error))
-                transport.shutdown(self._conn)
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading or sending
+                except OSError:
+                    pass  # not connected any more
                 if not self._reading:
-                    self._conn.close()
+                    self._close_transport()
             failed = list(self._pending.values())
             for waiting in failed:
                 waiting.error = error
                 waiting.done = True
             self._pending.clear()
             self._futures = 0
+            self._deadlines.clear()
             self._cond.notify_all()
         for waiting in failed:
             waiting.settle_future()
+
+    def _close_transport(self) -> None:
+        """Under the lock, once no thread reads: release the socket and the wake-up pair."""
+        self._sock.close()
+        if self._wake is not None:
+            for end in self._wake:
+                end.close()
+
+
+def _call_timeout(pending: _Pending) -> CallTimeout:
+    return CallTimeout(f"call {pending.name!r} got no answer within its timeout of {pending.timeout:g} s")
 
 
 def _exception(info: protocol.ErrorInfo) -> RPCError:

@@ -205,6 +205,8 @@ def error_for_code(code: str) -> type[RPCError]:
     return _BY_CODE.get(code, RPCError)
 
 
+# Dual classes made so far, keyed by builtin exception name: bounded by the names in
+# ``builtins``, since any other name a server sends maps to RemoteError uncached.
 _remote_classes: dict[str, type[RemoteError]] = {}
 
 
@@ -217,17 +219,13 @@ def remote_error_class(type_name: str) -> type[RemoteError]:
     cls = _remote_classes.get(type_name)
     if cls is not None:
         return cls
-    builtin = getattr(builtins, type_name, None)
-    cls = RemoteError
-    if (
-        isinstance(builtin, type)
-        and issubclass(builtin, Exception)
-        and not issubclass(builtin, RPCError)
-    ):
-        try:
-            cls = type(f"Remote{type_name}", (RemoteError, builtin), {"__module__": __name__})
-            cls("probe", type_name=type_name)  # some builtins (ExceptionGroup) need more to exist
-        except TypeError:  # an incompatible layout or constructor: keep the plain class
-            cls = RemoteError
+    builtin = getattr(builtins, type_name, None) if type(type_name) is str else None
+    if not (isinstance(builtin, type) and issubclass(builtin, Exception) and not issubclass(builtin, RPCError)):
+        return RemoteError  # not cached: a server may send any number of distinct names
+    try:
+        cls = type(f"Remote{type_name}", (RemoteError, builtin), {"__module__": __name__})
+        cls("probe", type_name=type_name)  # some builtins (ExceptionGroup) need more to exist
+    except TypeError:  # an incompatible layout or constructor: keep the plain class
+        cls = RemoteError
     _remote_classes[type_name] = cls
     return cls

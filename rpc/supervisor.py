@@ -631,11 +631,18 @@ class HandlerPool:
 
 
 def _timeout(call: Call) -> CallTimeout:
-    return CallTimeout(f"call {call.method!r} passed its deadline")
+    return CallTimeout(f"call {call.method!r} passed its deadline of {_allowed(call)} s")
 
 
 def _expired(call: Call) -> CallTimeout:
-    return CallTimeout(f"call {call.method!r} passed its deadline while waiting for a handler; it did not run")
+    return CallTimeout(
+        f"call {call.method!r} passed its deadline of {_allowed(call)} s while waiting for a handler; it did not run"
+    )
+
+
+def _allowed(call: Call) -> str:
+    """The seconds the call was given: its timeout, or max_call_seconds if that is shorter."""
+    return f"{round((call.deadline or call.received) - call.received, 3):g}"
 
 
 def _error_frame(call: Call, error: RPCError) -> bytes:

@@ -1,0 +1,175 @@
+"""Reading and sending ``multiprocessing.connection`` frames under a deadline.
+
+A frame is a 4-byte big-endian signed length, or -1 then an 8-byte big-endian
+length, followed by that many payload bytes. ``Connection.recv_bytes`` blocks
+until a whole frame has arrived, so a peer that sends half a frame holds the
+reader forever, whatever ``poll()`` said first. :class:`FrameReader` instead
+reads whatever the socket holds into its own buffer and waits with ``poll()``
+for the rest, so a deadline can end the wait at any byte. The bytes already read
+stay in the buffer for the next read: a wait cut short never leaves the stream
+out of step. A length over the limit is refused before anything is allocated.
+:func:`send_frame` likewise stops waiting for room in the socket's send buffer
+when the deadline passes, and says how much of the frame went out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import socket
+import struct
+import time
+from typing import Any
+
+from .errors import MessageTooLarge, ProtocolError
+
+__all__ = ["FrameReader", "SendTimeout", "send_frame"]
+
+_SHORT = struct.Struct("!i")
+_LONG = struct.Struct("!Q")
+_CHUNK = 1 << 16  # bytes asked of the socket per read when no frame is pending
+_MAX_CHUNK = 1 << 20  # at most this much per read, however large the frame
+
+
+class FrameReader:
+    """Frames from the socket ``fd``, each at most ``max_bytes`` long.
+
+    One thread at a time may call :meth:`read`; the caller keeps it that way.
+    """
+
+    def __init__(self, fd: int, max_bytes: int) -> None:
+        self._fd = fd
+        self._max_bytes = max_bytes
+        self._buffer = bytearray()
+        self._need = 0  # the buffered frame's full length (header included), once known
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+        self._wake: socket.socket | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the socket and not yet returned (part of a frame, or whole ones)."""
+        return len(self._buffer)
+
+    def read(self, deadline: float | None, wake: socket.socket | None = None) -> bytes | None:
+        """The next frame's payload, or None if ``deadline`` passed (or ``wake`` got a byte) first.
+
+        ``deadline`` is a ``time.monotonic()`` value (None: wait as long as it takes).
+        ``wake`` is the reading end of a socket pair: a byte sent to it ends the wait early.
+        Raises EOFError when the peer closed the connection, :class:`MessageTooLarge`
+        or :class:`ProtocolError` for a length that cannot be accepted, OSError otherwise.
+        """
+        if wake is not None and wake is not self._wake:
+            self._poller.register(wake.fileno(), select.POLLIN)
+            self._wake = wake
+        while True:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+            frame = self._take()
+            if frame is not None:
+                return frame
+            if deadline is not None or wake is not None:
+                # Wait for bytes; a plain blocking read (the cheapest path) when nothing bounds it.
+                events = self._poller.poll(-1 if deadline is None else math.ceil(remaining * 1000))
+                if self._wake is not None and any(fd == self._wake.fileno() for fd, _ in events):
+                    self._drain_wake()
+                    if wake is not None:
+                        return None
+                if not any(fd == self._fd for fd, _ in events):
+                    continue
+            chunk = os.read(self._fd, min(max(_CHUNK, self._need - len(self._buffer)), _MAX_CHUNK))
+            if not chunk:
+                raise EOFError("the peer closed the connection")
+            if not self._buffer:
+                whole = self._whole(chunk)
+                if whole is not None:
+                    return whole  # the usual case: one read brought exactly one frame
+            self._buffer += chunk
+
+    def _whole(self, chunk: bytes) -> bytes | None:
+        """The payload if ``chunk`` is exactly one short-header frame within the limit."""
+        if len(chunk) >= 4:
+            size = _SHORT.unpack_from(chunk)[0]
+            if 0 <= size <= self._max_bytes and len(chunk) == 4 + size:
+                return chunk[4:]
+        return None
+
+    def _take(self) -> bytes | None:
+        """Remove and return the first whole frame in the buffer, if there is one."""
+        buffer = self._buffer
+        have = len(buffer)
+        if have < 4:
+            return None
+        size = _SHORT.unpack_from(buffer)[0]
+        start = 4
+        if size == -1:
+            if have < 12:
+                return None
+            size = _LONG.unpack_from(buffer, 4)[0]
+            start = 12
+        elif size < 0:
+            raise ProtocolError(f"a frame announced a negative length ({size})")
+        if size > self._max_bytes:
+            raise MessageTooLarge(f"a frame of {size} bytes exceeds this client's max_message_bytes ({self._max_bytes})")
+        end = start + size
+        if have < end:
+            self._need = end
+            return None
+        with memoryview(buffer) as view:
+            frame = bytes(view[start:end])
+        del buffer[:end]
+        self._need = 0
+        return frame
+
+    def _drain_wake(self) -> None:
+        assert self._wake is not None
+        try:
+            self._wake.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+
+
+class SendTimeout(TimeoutError):
+    """The deadline passed before a whole frame was sent; ``sent`` bytes of it went out."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"{sent} bytes of the frame were sent when the deadline passed")
+        self.sent = sent
+
+
+def frame_header(size: int) -> bytes:
+    return _SHORT.pack(size) if size <= 0x7FFFFFFF else _SHORT.pack(-1) + _LONG.pack(size)
+
+
+def send_frame(sock: socket.socket, payload: bytes, deadline: float | None) -> None:
+    """Send ``payload`` as one frame on the blocking socket ``sock``.
+
+    With a ``deadline``, raises :class:`SendTimeout` if it passes before the
+    frame is out (a peer that does not read); other failures raise OSError.
+    """
+    parts = [memoryview(frame_header(len(payload))), memoryview(payload)]
+    flags = 0 if deadline is None else socket.MSG_DONTWAIT
+    sent = 0
+    poller: Any = None  # made only if the socket's send buffer fills
+    while True:
+        try:
+            count = sock.sendmsg(parts, (), flags)
+        except BlockingIOError:
+            count = 0
+        sent += count
+        while parts and count >= len(parts[0]):
+            count -= len(parts.pop(0))
+        if not parts:
+            return
+        parts[0] = parts[0][count:]
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SendTimeout(sent)
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock.fileno(), select.POLLOUT)
+            poller.poll(math.ceil(remaining * 1000))
