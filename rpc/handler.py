@@ -8,7 +8,9 @@ data; only the process dying is left for the supervisor to notice.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib
 import os
 import resource
 import signal
@@ -69,8 +71,10 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
     try:
         registry = load_registry(settings.registry)
     except BaseException as exc:  # report why, whatever the import raised
-        log.error("registry_import_failed", registry=settings.registry, error=str(exc))
-        conn.send_bytes(protocol.encode_error(None, _error_info("startup_error", exc, True)))
+        # The supervisor reports it once, with this traceback, not once per handler.
+        info = _error_info("startup_error", exc, False)
+        info = dataclasses.replace(info, traceback=_import_traceback(exc))
+        conn.send_bytes(protocol.encode_error(None, info))
         return
     if output is not None:
         output.install_logging()  # after the import: a module that configures logging keeps its own
@@ -130,6 +134,20 @@ def _route_output(settings: HandlerSettings, stream: TextIO | None, log: Logger)
     output = OutputRouter(log, raw_log)
     output.install_streams()
     return output
+
+
+def _import_traceback(exc: BaseException) -> str:
+    """The traceback of a failed registry import, from the user's code on (none for rpc's own errors)."""
+    cause = exc.__cause__ if isinstance(exc, RPCError) else exc  # an ImportError inside the module
+    if cause is None or isinstance(cause, RPCError):
+        return ""  # rpc's message says it all (no such module, no such attribute)
+    exc = cause
+    machinery = (os.path.dirname(__file__), os.path.dirname(importlib.__file__), "<frozen importlib")
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if not frame.filename.startswith(machinery)]
+    if not frames:
+        return ""  # the module itself was not found
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
+    return "".join(lines + traceback.format_exception_only(type(exc), exc))
 
 
 def _exit_with_parent() -> None:

@@ -454,7 +454,7 @@ class HandlerPool:
                 except RPCError:
                     response = protocol.decode_response(first)
                     info = response.error
-                    error = f"handler could not load the registry: {info.message}" if info else "bad hello"
+                    error = _import_failure(self._handler_settings.registry, info) if info else "bad hello"
         except (EOFError, OSError):
             process.join(1.0)
             error = (
@@ -647,6 +647,12 @@ def _allowed(call: Call) -> str:
 
 def _error_frame(call: Call, error: RPCError) -> bytes:
     return protocol.encode_error(call.id, protocol.ErrorInfo(error.code, type(error).__name__, error.message))
+
+
+def _import_failure(registry: str, info: protocol.ErrorInfo) -> str:
+    """Why handlers cannot import the registry, with the traceback that says where."""
+    text = f"handlers cannot import the registry {registry!r}: {info.message}"
+    return f"{text}\n{info.traceback.rstrip()}" if info.traceback else text
 
 
 def _exit_reason(code: int | None) -> str:

@@ -523,3 +523,14 @@ def test_unknown_rpc_variables_are_refused_but_reserved_ones_pass(daemon):
     daemon.start()
     result = daemon.rpc("call", "add", "1", "2")
     assert (result.returncode, result.stdout) == (0, "3\n"), result.stderr
+
+
+def test_a_registry_that_fails_to_import_is_reported_once_with_where_it_failed(daemon):
+    """Three handlers fail the same way: one message, with the user's line, and no handler's log line."""
+    (daemon.cwd / "broken_app.py").write_text("import rpc\nregistry = rpc.Registry()\nraise RuntimeError('boom at import')\n")
+    result = daemon.rpc("serve", "broken_app:registry", "--workers", "3")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("cannot import the registry") == 1
+    assert result.stderr.count("RuntimeError: boom at import") == 1  # the traceback's last line
+    assert 'broken_app.py", line 3' in result.stderr
+    assert "registry_import_failed" not in result.stderr and "importlib" not in result.stderr
