@@ -173,7 +173,7 @@ def test_8_a_peer_that_vanishes_is_reclaimed_by_the_idle_timeout(rpc_server):
         with_peer = fd_count()  # includes the server's end of the peer's connection
         os.kill(peer.pid, signal.SIGSTOP)  # gone without closing: no FIN, no RST
         assert wait_for(lambda: fd_count() == with_peer - 1, timeout=10)
-        assert "reason=idle" in server.log_text()
+        assert "client_dropped" in server.log_text() and "idle for longer" in server.log_text()
     finally:
         os.kill(peer.pid, signal.SIGKILL)
         peer.wait()
