@@ -384,7 +384,7 @@ class Server:
                     # A frame the handler left unread is not lent again: it is one the server handles.
                     may_lend = reason not in ("pipelined", "frame")
                     if reason == "broken":
-                        client.drop("sending a reply on the lent socket failed: the client stopped reading or went away")
+                        client.drop("it stopped reading its replies, or went away: a send on the lent socket failed")
                     elif reason == "closed":
                         log.debug("client_disconnected")
                         return

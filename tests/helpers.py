@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: counting child processes, raw connections."""
+"""Helpers shared by the tests: counting child processes, waiting for things to happen."""
 
 from __future__ import annotations
 
@@ -61,3 +61,31 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+class Gate:
+    """The two files of a held call (``services.hold``): it has started; it may finish."""
+
+    def __init__(self, folder: Path, name: str = "gate") -> None:
+        self.started = folder / f"{name}.started"
+        self.release = folder / f"{name}.release"
+
+    def args(self) -> tuple[str, str]:
+        """The arguments of ``hold``."""
+        return str(self.started), str(self.release)
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        assert wait_for(self.started.exists, timeout), f"the call held by {self.started.name} never started"
+
+    def open(self) -> None:
+        self.release.touch()
+
+
+def queued_calls(test_server) -> int:
+    """How many calls wait in the server's queue for a handler (read from the running server)."""
+    return len(test_server.server._pool._queue)
+
+
+def log_has(test_server, text: str, timeout: float = 30.0) -> bool:
+    """Wait until ``text`` appears in the server's log."""
+    return bool(wait_for(lambda: text in test_server.log_text(), timeout))

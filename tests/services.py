@@ -69,6 +69,22 @@ def sleep(seconds, value=None):
 
 
 @registry.expose
+def hold(started, release, value=None, timeout=60):
+    """Create the file ``started``, return ``value`` once the file ``release`` exists.
+
+    A call that runs exactly as long as a test wants: the test waits for ``started``
+    to know the call runs, and creates ``release`` to let it finish.
+    """
+    Path(started).touch()
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} was never created")
+        time.sleep(0.005)
+    return value
+
+
+@registry.expose
 def pid():
     return os.getpid()
 

@@ -60,7 +60,12 @@ def server(rpc_server):
 @pytest.fixture
 def baseline(server):
     """Resources with the server up and idle; the test checks they come back."""
-    with server.client() as client:  # warm up: first-use threads and imports
+    return settled_baseline(server)
+
+
+def settled_baseline(server) -> Baseline:
+    """Resources once ``server`` is up and has served a call (first-use threads and imports)."""
+    with server.client() as client:
         client.add(1, 2)
     wait_for(lambda: threading.active_count() == Baseline().threads, timeout=2)
     return Baseline()
