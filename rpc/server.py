@@ -297,6 +297,8 @@ class Server:
         try:
             if self._handshake(client, log):
                 self._read_requests(client, log)
+        except Exception as exc:  # a bug; the connection still ends with its reason logged
+            log.exception("client_dropped", reason=f"internal error: {type(exc).__name__}: {exc}")
         finally:
             client.close()
             self._pool.forget(client)
@@ -334,7 +336,7 @@ class Server:
         conn = client.conn
         limit = self.config.max_message_bytes
         submit = self._pool.submit
-        unserved: bytes | None = None  # a frame a handler read from a lent socket and left to us
+        unserved: bytes | None = None  # the lent request, handed back by a handler that did not run it
         # Lending pays off over repeated calls, so never for: a connection's first call (a
         # one-shot client would only pay for the hand-over), a frame a handler handed back,
         # or the frame after a lease that ended because the client pipelines.

@@ -215,3 +215,26 @@ def test_8_a_client_waiting_on_a_stopped_server_times_out_by_its_deadline(tmp_pa
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def test_9_every_connection_the_server_ends_is_logged_with_the_reason(rpc_server, monkeypatch):
+    server = rpc_server("services:registry", workers=1)
+    real_parse = protocol.parse_envelope
+
+    def parse(frame):  # a fault inside the server's reading thread, for one method
+        envelope = real_parse(frame)
+        if envelope.method == "echo":
+            raise RuntimeError("injected fault")
+        return envelope
+
+    monkeypatch.setattr(protocol, "parse_envelope", parse)
+    with server.client(timeout=30) as faulted:
+        with pytest.raises(rpc.ConnectionClosed):
+            faulted.echo(1)
+    assert wait_for(lambda: "injected fault" in server.log_text(), timeout=10)
+    assert "client_dropped" in server.log_text()
+    monkeypatch.undo()
+    idle = server.client(timeout=30)
+    assert idle.add(1, 2) == 3
+    server.server.close()  # the server, not the test's clients
+    assert "the server is shutting down" in server.log_text()
