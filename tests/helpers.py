@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from multiprocessing.connection import Client as RawClient
 from pathlib import Path
+
+from rpc import protocol
 
 
 def _processes() -> dict[int, tuple[int, bytes]]:
@@ -89,3 +92,17 @@ def queued_calls(test_server) -> int:
 def log_has(test_server, text: str, timeout: float = 30.0) -> bool:
     """Wait until ``text`` appears in the server's log."""
     return bool(wait_for(lambda: text in test_server.log_text(), timeout))
+
+
+def raw_connection(server):
+    """An authenticated raw connection past the hello exchange, to send anything at all."""
+    conn = RawClient(server.address, authkey=server.authkey)
+    protocol.decode_hello(conn.recv_bytes())
+    conn.send_bytes(protocol.encode_hello({}))
+    return conn
+
+
+def still_serves(server) -> None:
+    """A valid client's call succeeds."""
+    with server.client(timeout=10) as client:
+        assert client.add(2, 3) == 5

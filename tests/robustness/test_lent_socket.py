@@ -17,8 +17,7 @@ import pytest
 
 import rpc
 import services
-from conftest import raw_connection, still_serves
-from helpers import wait_for
+from helpers import raw_connection, still_serves, wait_for
 from rpc import protocol
 
 CALLS = 60  # a one-call-at-a-time client's socket is lent within a few calls
