@@ -48,9 +48,9 @@ def test_an_authkey_against_a_keyless_server_is_refused():
 
 def test_a_silent_client_delays_nobody_and_is_dropped_at_the_handshake_deadline(rpc_server):
     running = rpc_server("services:registry", workers=2, handshake_timeout=3.0, transport="tcp")
+    started = time.monotonic()  # before connecting: the server's deadline counts from its accept, later
     silent = socket.create_connection(running.address)
     try:
-        started = time.monotonic()
         with running.client() as client:
             assert client.add(1, 2) == 3
         # Served while the silent client still held its place: it is dropped only later.
