@@ -41,7 +41,7 @@ class CallState:
     """The call a handler runs on a lent socket, in memory shared with the server.
 
     Slots: 0 what (0 nothing, 1 running, 2 writing the reply), 1 deadline
-    (time.monotonic(), 0 for none), 2 request id, 3 calls answered in this lease,
+    (time.monotonic(), 0 for none), 2 request id, 3 calls done in this lease,
     4 bytes of the reply frame, 5 bytes of it sent so far, 6 whether the kernel
     sends that frame all or nothing (1) or may send part of it (0).
     """
@@ -148,7 +148,12 @@ def serve_lease(
                 state.running(request.id, started + min(limits) if limits else None)
                 if waiting is not None:
                     # Taken only now, in one call: killed before this, the server finds it unread.
-                    sock.recv(len(waiting))
+                    try:
+                        sock.recv(len(waiting))
+                    except OSError:
+                        state.idle()
+                        reason = "closed"
+                        break
                 frame = waiting = None
                 reply = execute(request)
                 if not _send_reply(sock, state, reply, whole_bytes):
@@ -202,8 +207,9 @@ def _send_reply(sock: socket.socket, state: CallState, reply: bytes, whole_bytes
     except OSError:
         return False
     finally:
-        if sent == size:
-            state.answered()  # before going idle, so the server never counts this reply unsent
+        # The call is done, whatever became of its reply: counted before going idle, so a
+        # handler killed in between is never taken for one that had not started its call.
+        state.answered()
         state.idle()
     return True
 
