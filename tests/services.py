@@ -212,7 +212,10 @@ def _install_lease_hooks(folder: Path) -> None:
 
     def running_hook(self, request_id, deadline):
         running(self, request_id, deadline)
-        (folder / f"lent-{int(request_id)}").write_text(str(os.getpid()))  # this call runs on a lent socket
+        try:
+            (folder / f"lent-{int(request_id)}").write_text(str(os.getpid()))  # this call runs on a lent socket
+        except OSError:
+            pass  # the test that made the folder is over
 
     def writing_hook(self, *args, **kwargs):
         writing(self, *args, **kwargs)
