@@ -185,9 +185,8 @@ def _install_lease_hooks(folder: Path) -> None:
 
     The test creates ``pause-<point>`` in ``folder``; the first handler to reach that
     point claims the file, creates ``paused-<pid>`` and sleeps until it is killed.
-    ``mark-<point>`` makes it create ``reached-<pid>`` and carry on. Points:
-    ``before-send`` (a reply is about to be written), ``after-send`` (the whole reply
-    is written, the call not yet marked done), ``decode`` (a request of method
+    Points: ``before-send`` (a reply is about to be written), ``after-send`` (the
+    whole reply is written, the state not yet back to idle), ``decode`` (a request of method
     ``touch`` is about to run). Each call run on a lent socket creates ``lent-<id>``
     holding the handler's pid.
     """
@@ -195,11 +194,6 @@ def _install_lease_hooks(folder: Path) -> None:
 
     def reached(point: str) -> None:
         pid = os.getpid()
-        try:
-            os.rename(folder / f"mark-{point}", folder / f"claimed-{pid}")
-            (folder / f"reached-{pid}").touch()
-        except FileNotFoundError:
-            pass
         try:
             os.rename(folder / f"pause-{point}", folder / f"claimed-{pid}")
         except FileNotFoundError:
