@@ -603,8 +603,8 @@ class HandlerPool:
                 error = WorkerCrashed(died)
             elif sent < size:
                 client.drop(
-                    f"handler process (pid {slot.pid}) {reason} after writing {sent} of the {size} bytes "
-                    "of a reply on the lent socket: the rest of the stream cannot be read"
+                    f"handler process (pid {slot.pid}) {reason} while writing a reply on the lent socket, "
+                    f"{sent} of its {size} bytes known sent: the stream may be cut mid-frame"
                 )
         elif what == lease.CallState.RUNNING and client.waiting_request_id() != request_id:
             error = CallTimeout("the call passed its deadline") if slot.kill_reason is not None else WorkerCrashed(died)

@@ -125,5 +125,21 @@ def test_26d_killed_halfway_through_a_reply_the_client_is_dropped_with_the_reaso
         conn.close()
     assert wait_for(lambda: "client_dropped" in server.log_text(), timeout=30)
     log = server.log_text()
-    assert "of a reply on the lent socket" in log and "killed by SIGKILL" in log, log
+    assert "killed by SIGKILL while writing a reply on the lent socket" in log, log
+    still_serves(server)
+
+
+def test_26e_over_tcp_a_reply_that_may_be_cut_drops_the_client_with_the_reason(rpc_server, hooks):
+    # Over TCP a send may go out in part, so the server cannot tell whether a
+    # handler killed while writing left half a frame: it drops the connection.
+    server = rpc_server("services:registry", workers=2, start_method="spawn", transport="tcp")
+    (hooks / "pause-before-send").touch()
+    with server.client(timeout=30) as client:
+        thread, outcomes = _calls(client, "add", lambda i: (i, i))
+        os.kill(_stopped_pid(hooks, "paused"), signal.SIGKILL)
+        thread.join(60)
+    assert isinstance(outcomes[-1], rpc.ConnectionClosed), outcomes
+    assert all(o == 2 * i for i, o in enumerate(outcomes[:-1]))
+    assert wait_for(lambda: "client_dropped" in server.log_text(), timeout=30)
+    assert "while writing a reply on the lent socket, 0 of its" in server.log_text()
     still_serves(server)
