@@ -22,7 +22,7 @@ from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from . import handler, lease, protocol, transport
+from . import handler, lease, protocol
 from .errors import (
     CallTimeout,
     RPCError,
