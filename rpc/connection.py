@@ -5,6 +5,9 @@ waits in a bounded outbox that a writer thread drains, started only when needed.
 So a client that stops reading stalls nobody but itself: once its outbox passes
 the bound its requests are no longer read, and if it makes no progress for the
 send timeout it is dropped.
+
+Whatever ends a connection from the server's side records why (:meth:`drop`, or a
+failed send), and the thread reading the connection logs it once.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from collections import deque
 from multiprocessing.connection import Connection
 
-from . import transport
+from . import lease, protocol, transport
 
 __all__ = ["ClientConnection"]
 
@@ -49,6 +52,9 @@ class ClientConnection:
         self.timed_out = False
         self.closed = False
         self.broken = False  # a send failed or timed out: nothing more can be sent
+        self.broken_reason = ""
+        self.drop_reason: str | None = None  # why the server ended this connection, if it did
+        self.drop_level = "warning"
         self.pending = 0  # calls accepted from this client and not yet answered
         self.last_read = time.monotonic()
         self._lock = threading.Lock()
@@ -105,8 +111,8 @@ class ClientConnection:
                     sent = self._sock.sendmsg(parts, [], socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     sent = 0
-                except OSError:
-                    self._break()
+                except OSError as exc:
+                    self._break(exc)
                     return
                 parts = _consume(parts, sent)
                 if not parts:
@@ -129,9 +135,9 @@ class ClientConnection:
                 part = self._outbox[0]
             try:
                 sent = self._sock.sendmsg([part])
-            except OSError:  # a timeout (the client stopped reading) or a reset
+            except OSError as exc:  # a timeout (the client stopped reading) or a reset
                 with self._lock:
-                    self._break()
+                    self._break(exc)
                 continue
             with self._lock:
                 if sent == len(part):
@@ -141,8 +147,13 @@ class ClientConnection:
                 self._outbox_bytes -= sent
                 self._room.notify_all()
 
-    def _break(self) -> None:
+    def _break(self, exc: OSError) -> None:
         """Under the lock: stop sending, and wake the reader so it drops the connection."""
+        if not self.broken:
+            if isinstance(exc, (BlockingIOError, TimeoutError)):
+                self.broken_reason = "it stopped reading its replies (a send made no progress within send_timeout)"
+            else:
+                self.broken_reason = f"sending a reply failed: {exc.strerror or exc}"
         self.broken = True
         self._outbox.clear()
         self._outbox_bytes = 0
@@ -152,8 +163,45 @@ class ClientConnection:
     def wait_for_room(self) -> None:
         """Block while the outbox is over its bound: stop taking requests from a client that does not read."""
         with self._lock:
-            while self._outbox_bytes > self.outbox_limit and not (self.closed or self.broken):
+            while self._outbox_bytes > self.outbox_limit and not (self.closed or self.broken or self.drop_reason):
                 self._room.wait()
+
+    def drop(self, reason: str, level: str = "warning") -> None:
+        """End the connection from the server's side; the reading thread logs ``reason`` at ``level``."""
+        with self._lock:
+            if self.drop_reason is None:
+                self.drop_reason, self.drop_level = reason, level
+            self._room.notify_all()
+        transport.shutdown(self.conn)  # wakes the reading thread
+
+    def end_reason(self) -> tuple[str, str] | None:
+        """Why the server ended this connection, and the log level to say it at; None if it did not."""
+        with self._lock:
+            if self.drop_reason is not None:
+                return self.drop_reason, self.drop_level
+            if self.broken:
+                return self.broken_reason, "warning"
+            return None
+
+    def waiting_request_id(self) -> int | None:
+        """The id of a request waiting whole and unread at the head of the socket, if there is one.
+
+        Used while no thread reads the socket: after a handler serving it died.
+        """
+        with self._lock:
+            if self.closed:
+                return None
+            try:
+                peeked = self._sock.recv(lease.PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except OSError:
+                return None
+        frame = lease.whole_frame(peeked, lease.PEEK_BYTES)
+        if frame is None:
+            return None
+        try:
+            return protocol.parse_envelope(frame[4:]).id
+        except protocol.ProtocolError:
+            return None
 
     def idle_since(self) -> float | None:
         """When this connection went idle (nothing pending, nothing to send), or None if busy."""

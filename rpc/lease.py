@@ -8,6 +8,11 @@ arrives; then the socket goes back. Requests are read whole, so the server
 resumes at a frame boundary. While a call runs, the handler posts its id and
 deadline in memory the server shares, so the server can still enforce deadlines
 and answer for a handler that dies.
+
+A handler may be killed at any moment, so the shared state is written in an order
+that lets the server tell what the client has and has not received (see
+:func:`rpc.supervisor.HandlerPool._reap_lease`): a request is posted as running
+before it is taken off the socket, and each send's progress is posted after it.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ class CallState:
     """The call a handler runs on a lent socket, in memory shared with the server.
 
     Slots: 0 what (0 nothing, 1 running, 2 writing the reply), 1 deadline
-    (time.monotonic(), 0 for none), 2 request id, 3 calls answered in this lease.
+    (time.monotonic(), 0 for none), 2 request id, 3 calls done in this lease,
+    4 bytes of the reply frame, 5 bytes of it sent so far, 6 whether the kernel
+    sends that frame all or nothing (1) or may send part of it (0).
     """
 
-    SIZE = 4
+    SIZE = 7
 
     IDLE, RUNNING, WRITING = 0.0, 1.0, 2.0
 
@@ -51,8 +58,14 @@ class CallState:
         self.array[1] = deadline or 0.0
         self.array[0] = self.RUNNING
 
-    def writing(self) -> None:
+    def writing(self, size: int = 0, whole: bool = False) -> None:
+        self.array[4] = float(size)
+        self.array[5] = 0.0
+        self.array[6] = 1.0 if whole else 0.0
         self.array[0] = self.WRITING
+
+    def sent(self, count: int) -> None:
+        self.array[5] = float(count)
 
     def idle(self) -> None:
         self.array[0] = self.IDLE
@@ -68,28 +81,39 @@ class CallState:
         what, deadline, request_id, answered = self.array[0], self.array[1], self.array[2], self.array[3]
         return what, (deadline or None), int(request_id), int(answered)
 
+    def reply_progress(self) -> tuple[int, int, bool]:
+        """Of the reply being written: its size, the bytes known sent, and whether it goes all or nothing."""
+        return int(self.array[4]), int(self.array[5]), self.array[6] == 1.0
 
-_PEEK_BYTES = 65536
+
+PEEK_BYTES = 65536
 
 
-def _take_whole_frame(sock: socket.socket, max_message_bytes: int) -> bytes | None:
-    """Consume the next frame only if all of it is already waiting; else consume nothing.
+# A send on a Unix stream socket of at most this many bytes goes out in one kernel
+# buffer: all of it or none, even if the sender is killed during the call.
+_WHOLE_SEND_BYTES = 32 * 1024
 
-    The frame is taken with one system call, so a handler killed at any moment
-    leaves the socket at a frame boundary for the server. Returns b"" at the end
-    of the stream, and None when the frame is incomplete, too large for one
-    read, or over the size limit: then the server reads it instead.
+
+def _peek_whole_frame(sock: socket.socket, max_message_bytes: int) -> bytes | None:
+    """The next frame, with its header, if all of it is already waiting; consumes nothing.
+
+    Returns b"" at the end of the stream, and None when the frame is incomplete,
+    too large for one read, or over the size limit: then the server reads it instead.
     """
-    peeked = sock.recv(_PEEK_BYTES, socket.MSG_PEEK)
+    peeked = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
     if not peeked:
         return b""
+    return whole_frame(peeked, max_message_bytes)
+
+
+def whole_frame(peeked: bytes, max_message_bytes: int) -> bytes | None:
+    """The first frame of ``peeked``, header included, if all of it is there and within the limit."""
     if len(peeked) < 4:
         return None
     size = int.from_bytes(peeked[:4], "big", signed=True)
     if size < 0 or size > max_message_bytes or len(peeked) < 4 + size:
         return None
-    data = sock.recv(4 + size)
-    return data[4:]
+    return peeked[: 4 + size]
 
 
 def serve_lease(
@@ -105,35 +129,38 @@ def serve_lease(
     poller.register(pipe.fileno(), select.POLLIN)
     idle_ms = int(IDLE_SECONDS * 1000)
     pipe_fd = pipe.fileno()
+    whole_bytes = _whole_send_bytes(sock)
     served, reason, unserved = 0, "idle", None
+    waiting: bytes | None = None  # a whole frame still on the socket: taken once it is posted as running
     try:
         while True:
-            if frame is not None:
+            if frame is not None or waiting is not None:
                 try:
-                    request = protocol.decode_request(frame)  # decoded once: run from this
+                    request = protocol.decode_request(frame if frame is not None else waiting[4:])  # type: ignore[index]
                 except protocol.ProtocolError:
                     request = None
                 if request is None or request.id is None or request.method == PING:
-                    reason, unserved = "frame", frame  # the server handles everything else
+                    # The server handles everything else: the frame it lent us, or the one left unread.
+                    reason, unserved = "frame", frame
                     break
                 started = time.monotonic()
                 limits = [t for t in (request.timeout, max_call_seconds) if t is not None]
                 state.running(request.id, started + min(limits) if limits else None)
+                if waiting is not None:
+                    # Taken only now, in one call: killed before this, the server finds it unread.
+                    try:
+                        sock.recv(len(waiting))
+                    except OSError:
+                        state.idle()
+                        reason = "closed"
+                        break
+                frame = waiting = None
                 reply = execute(request)
-                state.writing()
-                try:
-                    sock.sendall(_header(len(reply)) + reply if len(reply) < _PEEK_BYTES else _header(len(reply)))
-                    if len(reply) >= _PEEK_BYTES:
-                        sock.sendall(reply)
-                except OSError:
+                if not _send_reply(sock, state, reply, whole_bytes):
                     reason = "broken"  # the client stopped reading or went away
                     break
-                finally:
-                    state.idle()
-                state.answered()
                 served += 1
                 on_call(request, reply, started)
-                frame = None
                 if time.monotonic() - started >= PARALLEL_WORTHY_SECONDS and _readable(sock):
                     # The client sends its next call before reading this answer: it pipelines
                     # calls that take a while, which other handlers could run meanwhile.
@@ -146,20 +173,60 @@ def serve_lease(
             if not ready:
                 break
             try:
-                taken = _take_whole_frame(sock, max_message_bytes)
+                peeked = _peek_whole_frame(sock, max_message_bytes)
             except OSError:
                 reason = "closed"
                 break
-            if taken == b"":
+            if peeked == b"":
                 reason = "closed"
                 break
-            if taken is None:
+            if peeked is None:
                 reason = "partial"  # the server reads what is not whole yet
                 break
-            frame = taken
+            waiting = peeked
     finally:
         sock.close()  # our copy of the descriptor; the server keeps its own
     return protocol.encode_internal(protocol.LEASE_END, reason, unserved, served)
+
+
+def _send_reply(sock: socket.socket, state: CallState, reply: bytes, whole_bytes: int) -> bool:
+    """Write one reply frame, posting its progress after each send; False if the socket failed."""
+    header = _header(len(reply))
+    size = len(header) + len(reply)
+    parts = [header + reply] if len(reply) < PEEK_BYTES else [header, reply]
+    state.writing(size, size <= whole_bytes)
+    sent = 0
+    try:
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                count = sock.send(view)
+                sent += count
+                state.sent(sent)
+                view = view[count:]
+    except OSError:
+        return False
+    finally:
+        # The call is done, whatever became of its reply: counted before going idle, so a
+        # handler killed in between is never taken for one that had not started its call.
+        state.answered()
+        state.idle()
+    return True
+
+
+def _whole_send_bytes(sock: socket.socket) -> int:
+    """The largest reply this socket sends all or nothing (0 if it may always send part of one).
+
+    Linux queues what one send() puts on a Unix stream socket in buffers of at
+    most half the send buffer (and about 36 KiB); each goes whole or not at all.
+    """
+    if sock.family != socket.AF_UNIX:
+        return 0
+    try:
+        half = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 - 64
+    except OSError:
+        return 0
+    return max(min(_WHOLE_SEND_BYTES, half), 0)
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -171,7 +171,7 @@ class Server:
         with self._lock:
             clients = list(self._connections)
         for client in clients:
-            transport.shutdown(client.conn)
+            client.drop("the server is shutting down", level="info")
         self._pool.stop()
         self._handlers_stopped.set()
         with self._lock:
@@ -288,8 +288,7 @@ class Server:
         for client in clients:
             since = client.idle_since()
             if since is not None and since < cutoff:
-                self._log.info("client_dropped", peer=client.peer, reason="idle", idle_timeout=self.config.idle_timeout)
-                transport.shutdown(client.conn)
+                client.drop(f"idle for longer than idle_timeout ({self.config.idle_timeout:g} s)", level="info")
 
     # -- one connection ---------------------------------------------------------------
 
@@ -298,6 +297,8 @@ class Server:
         try:
             if self._handshake(client, log):
                 self._read_requests(client, log)
+        except Exception as exc:  # a bug; the connection still ends with its reason logged
+            log.exception("client_dropped", reason=f"internal error: {type(exc).__name__}: {exc}")
         finally:
             client.close()
             self._pool.forget(client)
@@ -314,7 +315,7 @@ class Server:
             with self._lock:
                 timed_out = client.timed_out
                 client.handshake_deadline = None
-            reason = "handshake timed out" if timed_out else _reason(exc)
+            reason = "handshake timed out" if timed_out else (client.drop_reason or _reason(exc))
             log.warning("client_rejected", reason=reason)
             return False
         with self._lock:
@@ -335,34 +336,32 @@ class Server:
         conn = client.conn
         limit = self.config.max_message_bytes
         submit = self._pool.submit
-        unserved: bytes | None = None  # a frame a handler read from a lent socket and left to us
+        unserved: bytes | None = None  # the lent request, handed back by a handler that did not run it
         # Lending pays off over repeated calls, so never for: a connection's first call (a
         # one-shot client would only pay for the hand-over), a frame a handler handed back,
         # or the frame after a lease that ended because the client pipelines.
         may_lend = False
         while True:
             client.wait_for_room()  # backpressure: stop reading while its replies pile up unread
+            if client.end_reason() is not None:
+                _log_end(client, log)  # buffered requests of a dropped client are not served
+                return
             lend_this, may_lend = may_lend and unserved is None, True
             try:
                 frame = unserved if unserved is not None else conn.recv_bytes(limit)
                 unserved = None
             except EOFError:
-                if client.broken:
-                    log.warning("client_dropped", reason="it stopped reading its replies")
-                else:
-                    log.debug("client_disconnected")
+                _log_end(client, log)
                 return
             except OSError as exc:
-                if "bad message length" in str(exc):
+                if "bad message length" in str(exc) and client.end_reason() is None:
                     # The frame body was not read, so the stream cannot be resynchronised.
                     error = MessageTooLarge(f"message exceeds the server's limit of {limit} bytes")
                     client.reply(_error_frame(None, error))
                     log.warning("client_dropped", reason="message too large", limit=limit)
                     transport.close_after_error(conn)
-                elif client.broken:
-                    log.warning("client_dropped", reason="it stopped reading its replies")
                 else:
-                    log.debug("client_disconnected", reason=_reason(exc))
+                    _log_end(client, log, _reason(exc))
                 return
             client.last_read = time.monotonic()
             try:
@@ -384,11 +383,12 @@ class Server:
                 if lend_this and client.pending == 0 and self._pool.try_lease(call, client):
                     # A handler serves this socket directly for now; resume when it is back.
                     reason, unserved = client.wait_lease()
-                    may_lend = reason != "pipelined"
+                    # A frame the handler left unread is not lent again: it is one the server handles.
+                    may_lend = reason not in ("pipelined", "frame")
                     if reason == "broken":
-                        log.warning("client_dropped", reason="it stopped reading its replies")
-                    if reason in ("closed", "broken"):
-                        transport.shutdown(conn)
+                        client.drop("it stopped reading its replies, or went away: a send on the lent socket failed")
+                    elif reason == "closed":
+                        log.debug("client_disconnected")
                         return
                     continue
                 client.expect_answer(+1)  # before submitting: the answer may come back at once
@@ -407,6 +407,16 @@ class Server:
 
 def _error_frame(request_id: int | None, error: RPCError) -> bytes:
     return protocol.encode_error(request_id, protocol.ErrorInfo(error.code, type(error).__name__, error.message))
+
+
+def _log_end(client: ClientConnection, log: Any, error: str | None = None) -> None:
+    """Log why a connection ended: the server's reason if it dropped the client, else a disconnect."""
+    ended = client.end_reason()
+    if ended is None:
+        log.debug("client_disconnected", **({"reason": error} if error else {}))
+    else:
+        reason, level = ended
+        getattr(log, level)("client_dropped", reason=reason)
 
 
 def _reason(exc: BaseException) -> str:

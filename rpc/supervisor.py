@@ -22,7 +22,7 @@ from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from . import handler, lease, protocol, transport
+from . import handler, lease, protocol
 from .errors import (
     CallTimeout,
     RPCError,
@@ -573,10 +573,14 @@ class HandlerPool:
         return reason
 
     def _reap_lease(self, slot: _Slot, reason: str) -> None:
-        """A handler died serving a lent socket: answer its call, then give the socket back.
+        """A handler died serving a lent socket: answer its call if the client lacks an answer, give the socket back.
 
         The handler is dead, so the server can write to the socket without
-        interleaving; if it died halfway through a reply, the stream is broken.
+        interleaving. What it posted in the shared call state tells where it died
+        (see :mod:`rpc.lease`): before taking its request off the socket (the
+        server reads and runs it), while running it (the call failed), after
+        writing the whole reply (nothing is missing), or partway through the reply:
+        then the stream has half a frame in it and the connection must be dropped.
         """
         with self._lock:
             client, slot.lease = slot.lease, None
@@ -584,19 +588,27 @@ class HandlerPool:
                 return
             self._unanswered -= 1
             self._idle_changed.notify_all()
-        what, _deadline, request_id, answered = lease.CallState(slot.call_state).read()
+        state = lease.CallState(slot.call_state)
+        what, _deadline, request_id, answered = state.read()
         if what == lease.CallState.IDLE and not answered:
             # It died before starting the call it was lent the socket for: the server runs it.
             client.end_lease("crashed", slot.lease_frame)
             return
+        died = f"the handler process (pid {slot.pid}) died during this call: {reason}"
+        error: RPCError | None = None
         if what == lease.CallState.WRITING:
-            transport.shutdown(client.conn)
-        elif what == lease.CallState.RUNNING:
-            error: RPCError
-            if slot.kill_reason is not None:
-                error = CallTimeout("the call passed its deadline")
-            else:
-                error = WorkerCrashed(f"the handler process (pid {slot.pid}) died during this call: {reason}")
+            size, sent, whole = state.reply_progress()
+            if sent == 0 and whole:
+                # Sent whole or not at all: if it did go out, the client drops this second answer.
+                error = WorkerCrashed(died)
+            elif sent < size:
+                client.drop(
+                    f"handler process (pid {slot.pid}) {reason} while writing a reply on the lent socket, "
+                    f"{sent} of its {size} bytes known sent: the stream may be cut mid-frame"
+                )
+        elif what == lease.CallState.RUNNING and client.waiting_request_id() != request_id:
+            error = CallTimeout("the call passed its deadline") if slot.kill_reason is not None else WorkerCrashed(died)
+        if error is not None:
             client.reply(protocol.encode_error(request_id, protocol.ErrorInfo(error.code, type(error).__name__, error.message)))
         client.end_lease("crashed", None)
 

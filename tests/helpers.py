@@ -1,10 +1,13 @@
-"""Helpers shared by the tests: counting child processes, raw connections."""
+"""Helpers shared by the tests: counting child processes, waiting for things to happen."""
 
 from __future__ import annotations
 
 import os
 import time
+from multiprocessing.connection import Client as RawClient
 from pathlib import Path
+
+from rpc import protocol
 
 
 def _processes() -> dict[int, tuple[int, bytes]]:
@@ -61,3 +64,45 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+class Gate:
+    """The two files of a held call (``services.hold``): it has started; it may finish."""
+
+    def __init__(self, folder: Path, name: str = "gate") -> None:
+        self.started = folder / f"{name}.started"
+        self.release = folder / f"{name}.release"
+
+    def args(self) -> tuple[str, str]:
+        """The arguments of ``hold``."""
+        return str(self.started), str(self.release)
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        assert wait_for(self.started.exists, timeout), f"the call held by {self.started.name} never started"
+
+    def open(self) -> None:
+        self.release.touch()
+
+
+def queued_calls(test_server) -> int:
+    """How many calls wait in the server's queue for a handler (read from the running server)."""
+    return len(test_server.server._pool._queue)
+
+
+def log_has(test_server, text: str, timeout: float = 30.0) -> bool:
+    """Wait until ``text`` appears in the server's log."""
+    return bool(wait_for(lambda: text in test_server.log_text(), timeout))
+
+
+def raw_connection(server):
+    """An authenticated raw connection past the hello exchange, to send anything at all."""
+    conn = RawClient(server.address, authkey=server.authkey)
+    protocol.decode_hello(conn.recv_bytes())
+    conn.send_bytes(protocol.encode_hello({}))
+    return conn
+
+
+def still_serves(server) -> None:
+    """A valid client's call succeeds."""
+    with server.client(timeout=10) as client:
+        assert client.add(2, 3) == 5

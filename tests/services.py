@@ -69,6 +69,22 @@ def sleep(seconds, value=None):
 
 
 @registry.expose
+def hold(started, release, value=None, timeout=60):
+    """Create the file ``started``, return ``value`` once the file ``release`` exists.
+
+    A call that runs exactly as long as a test wants: the test waits for ``started``
+    to know the call runs, and creates ``release`` to let it finish.
+    """
+    Path(started).touch()
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} was never created")
+        time.sleep(0.005)
+    return value
+
+
+@registry.expose
 def pid():
     return os.getpid()
 
@@ -186,3 +202,62 @@ def chatter(text):
     logging.getLogger("myapp").warning("myapp says %s", text)
     warnings.warn(f"careful: {text}", stacklevel=1)
     return "done"
+
+
+# -- test hooks: where a handler serving a lent socket can be made to stop -------------
+
+LEASE_HOOKS = "RPC_TEST_LEASE_HOOKS"  # a folder; handlers started with it set install the hooks
+
+
+def _install_lease_hooks(folder: Path) -> None:
+    """Let a test stop a handler at a chosen point of serving a lent socket, once.
+
+    The test creates ``pause-<point>`` in ``folder``; the first handler to reach that
+    point claims the file, creates ``paused-<pid>`` and sleeps until it is killed.
+    Points: ``before-send`` (a reply is about to be written), ``after-send`` (the
+    whole reply is written, the state not yet back to idle), ``decode`` (a request of method
+    ``touch`` is about to run). Each call run on a lent socket creates ``lent-<id>``
+    holding the handler's pid.
+    """
+    from rpc import lease, protocol
+
+    def reached(point: str) -> None:
+        pid = os.getpid()
+        try:
+            os.rename(folder / f"pause-{point}", folder / f"claimed-{pid}")
+        except FileNotFoundError:
+            return
+        (folder / f"paused-{pid}").touch()
+        time.sleep(120)  # until the test kills this process
+
+    running, writing, idle = lease.CallState.running, lease.CallState.writing, lease.CallState.idle
+    decode_request = protocol.decode_request
+
+    def running_hook(self, request_id, deadline):
+        running(self, request_id, deadline)
+        try:
+            (folder / f"lent-{int(request_id)}").write_text(str(os.getpid()))  # this call runs on a lent socket
+        except OSError:
+            pass  # the test that made the folder is over
+
+    def writing_hook(self, *args, **kwargs):
+        writing(self, *args, **kwargs)
+        reached("before-send")
+
+    def idle_hook(self):
+        if self.array[0] == lease.CallState.WRITING:
+            reached("after-send")
+        idle(self)
+
+    def decode_hook(frame):
+        request = decode_request(frame)
+        if request.method == "touch":
+            reached("decode")
+        return request
+
+    lease.CallState.running, lease.CallState.writing, lease.CallState.idle = running_hook, writing_hook, idle_hook
+    protocol.decode_request = decode_hook
+
+
+if os.environ.get(LEASE_HOOKS) and __name__ != "__main__":
+    _install_lease_hooks(Path(os.environ[LEASE_HOOKS]))

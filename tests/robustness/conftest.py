@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import threading
-from multiprocessing.connection import Client as RawClient
 
 import pytest
 
-from helpers import child_pids, wait_for
-from rpc import protocol
+from helpers import child_pids, raw_connection, still_serves, wait_for  # noqa: F401 (used by the tests)
 
 
 def fd_count() -> int:
@@ -60,21 +58,12 @@ def server(rpc_server):
 @pytest.fixture
 def baseline(server):
     """Resources with the server up and idle; the test checks they come back."""
-    with server.client() as client:  # warm up: first-use threads and imports
+    return settled_baseline(server)
+
+
+def settled_baseline(server) -> Baseline:
+    """Resources once ``server`` is up and has served a call (first-use threads and imports)."""
+    with server.client() as client:
         client.add(1, 2)
     wait_for(lambda: threading.active_count() == Baseline().threads, timeout=2)
     return Baseline()
-
-
-def raw_connection(server):
-    """An authenticated raw connection past the hello exchange, to send anything at all."""
-    conn = RawClient(server.address, authkey=server.authkey)
-    protocol.decode_hello(conn.recv_bytes())
-    conn.send_bytes(protocol.encode_hello({}))
-    return conn
-
-
-def still_serves(server) -> None:
-    """A valid client's call succeeds."""
-    with server.client(timeout=10) as client:
-        assert client.add(2, 3) == 5

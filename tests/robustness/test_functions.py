@@ -9,7 +9,7 @@ import pytest
 
 import rpc
 from conftest import still_serves
-from helpers import wait_for
+from helpers import Gate, wait_for
 
 
 @pytest.fixture
@@ -63,14 +63,16 @@ def test_16_exit_requests_are_errors_to_the_caller_and_the_handler_stays(server,
 def test_17_a_dying_handler_fails_only_its_call_and_is_not_retried(server, baseline, how, tmp_path):
     other = server.client(timeout=30)
     result = {}
-    slow = threading.Thread(target=lambda: result.setdefault("v", other.sleep(0.5, "ok")))
+    gate = Gate(tmp_path)
+    slow = threading.Thread(target=lambda: result.setdefault("v", other.hold(*gate.args(), "ok")))
     slow.start()
-    time.sleep(0.1)
+    gate.wait_started()
     with server.client(timeout=30) as client:
         with pytest.raises(rpc.WorkerCrashed):
             client.crash(how)
         assert client.add(1, 2) == 3
-    slow.join(10)
+    gate.open()  # the other call ran on throughout
+    slow.join(30)
     assert result == {"v": "ok"}
     other.close()
     assert wait_for(lambda: len(server.handler_pids()) == 2)
@@ -83,7 +85,7 @@ def test_18_a_loop_that_holds_the_gil_and_ignores_sigterm_is_killed_at_its_deadl
     started = time.monotonic()
     with pytest.raises(rpc.CallTimeout):
         client.call("spin_ignoring_sigterm", 30, timeout=0.5)
-    assert 0.4 < time.monotonic() - started < 1.5  # at the deadline, within a tolerance
+    assert 0.4 < time.monotonic() - started < 10  # not before the deadline; the upper bound catches a hang
     # SIGTERM is ignored, so SIGKILL follows; then the handler is replaced
     assert wait_for(lambda: "passed its deadline" in server.log_text(), timeout=10)
     assert wait_for(lambda: len(server.handler_pids()) == 2 and len(before - set(server.handler_pids())) == 1)
@@ -97,13 +99,16 @@ def test_18_a_loop_that_holds_the_gil_and_ignores_sigterm_is_killed_at_its_deadl
 def test_19_a_call_that_expires_in_the_queue_never_runs(rpc_server, tmp_path):
     server = rpc_server("services:registry", workers=1)
     busy, waiting = server.client(timeout=30), server.client()
-    blocker = threading.Thread(target=busy.sleep, args=(1.0,))
+    gate = Gate(tmp_path)
+    blocker = threading.Thread(target=busy.hold, args=gate.args())
     blocker.start()
-    time.sleep(0.2)
+    gate.wait_started()
     marker = tmp_path / "ran"
     with pytest.raises(rpc.CallTimeout):
         waiting.call("touch", str(marker), timeout=0.3)
-    blocker.join(10)
-    time.sleep(0.3)
+    gate.open()
+    blocker.join(30)
+    # The queue is first in, first out: had the expired call been kept, it would run before this one.
+    assert busy.add(1, 2) == 3
     assert not marker.exists()
     still_serves(server)

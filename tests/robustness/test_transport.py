@@ -14,7 +14,7 @@ import time
 import pytest
 
 import rpc
-from conftest import fd_count, raw_connection, rss_mb, still_serves
+from conftest import fd_count, raw_connection, rss_mb, settled_baseline, still_serves
 from helpers import wait_for
 from rpc import protocol
 
@@ -24,39 +24,44 @@ def test_1_wrong_or_missing_authkey_fails_clearly_before_the_deadline(server, ba
         started = time.monotonic()
         with pytest.raises(rpc.AuthenticationError):
             rpc.connect(server.address, authkey=key, connect_timeout=5)
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 5  # a hang check: refused within milliseconds
     still_serves(server)
     baseline.assert_restored()
 
 
-def test_3_silent_and_slow_handshakes_are_dropped_at_one_overall_deadline(server, baseline):
+def test_3_silent_and_slow_handshakes_are_dropped_at_one_overall_deadline(rpc_server):
+    # A deadline long enough that a valid client is surely served before it, even on a loaded machine.
+    server = rpc_server("services:registry", workers=2, transport="tcp", handshake_timeout=3.0)
+    baseline = settled_baseline(server)
     silent = [socket.create_connection(server.address) for _ in range(50)]
     slow = socket.create_connection(server.address)
     slow.recv(1024)  # the challenge
-    dropped_at = []
+    outcome = []
 
     def trickle() -> None:
-        started = time.monotonic()
         try:
-            for _ in range(20):  # one byte at a time: each read makes progress, the whole never ends
+            # A reply to the challenge announced as 200 bytes, then one byte every 0.2 s for
+            # 8 s: each read makes progress, the whole never ends.
+            slow.send(struct.pack("!i", 200))
+            for _ in range(40):
                 slow.send(b"\x00")
-                time.sleep(0.2)
+                time.sleep(0.2)  # the attacker's pace, not a synchronisation
         except OSError:
-            pass
-        dropped_at.append(time.monotonic() - started)
+            outcome.append("cut off")
+            return
+        outcome.append("never cut off")
 
     trickler = threading.Thread(target=trickle)
     trickler.start()
-    started = time.monotonic()
-    still_serves(server)  # valid clients see normal service meanwhile
-    assert time.monotonic() - started < 1.0
+    still_serves(server)  # valid clients see normal service meanwhile...
+    assert "handshake timed out" not in server.log_text()  # ...while the bad ones still hold their places
     for sock in silent:
-        sock.settimeout(5)
+        sock.settimeout(30)
         sock.recv(1024)  # the challenge...
         assert sock.recv(1024) == b""  # ...then EOF at the deadline
-    assert time.monotonic() - started < 3.0
-    trickler.join(10)
-    assert dropped_at and dropped_at[0] < 3.0  # an overall deadline, not one per read
+    trickler.join(30)
+    assert outcome == ["cut off"]  # an overall deadline, not one per read
+    assert server.log_text().count("handshake timed out") == 51
     for sock in silent + [slow]:
         sock.close()
     baseline.assert_restored()
@@ -122,7 +127,10 @@ def test_6_cut_frames_and_clients_leaving_mid_call_leak_nothing(server, baseline
     baseline.assert_restored(timeout=30)
 
 
-def test_7_a_client_that_never_reads_is_throttled_then_dropped(server, baseline):
+def test_7_a_client_that_never_reads_is_throttled_then_dropped(rpc_server):
+    # A send timeout long enough that the other client is surely served before the drop.
+    server = rpc_server("services:registry", workers=2, transport="tcp", send_timeout=3.0, max_pending=64)
+    baseline = settled_baseline(server)
     before = rss_mb()
     greedy = raw_connection(server)
     sock = socket.socket(fileno=greedy.fileno())
@@ -140,9 +148,8 @@ def test_7_a_client_that_never_reads_is_throttled_then_dropped(server, baseline)
     finally:
         sock.detach()
     assert sent < 2000
-    started = time.monotonic()
-    still_serves(server)  # others are unaffected
-    assert time.monotonic() - started < 2
+    still_serves(server)  # others are unaffected...
+    assert "stopped reading its replies" not in server.log_text()  # ...while the greedy one is still held
     assert rss_mb() - before < 200  # bounded by the outbox limit, not by what was asked
     assert wait_for(lambda: "stopped reading its replies" in server.log_text(), timeout=10)  # dropped
     greedy.close()
@@ -173,7 +180,7 @@ def test_8_a_peer_that_vanishes_is_reclaimed_by_the_idle_timeout(rpc_server):
         with_peer = fd_count()  # includes the server's end of the peer's connection
         os.kill(peer.pid, signal.SIGSTOP)  # gone without closing: no FIN, no RST
         assert wait_for(lambda: fd_count() == with_peer - 1, timeout=10)
-        assert "reason=idle" in server.log_text()
+        assert "client_dropped" in server.log_text() and "idle for longer" in server.log_text()
     finally:
         os.kill(peer.pid, signal.SIGKILL)
         peer.wait()
@@ -203,8 +210,31 @@ def test_8_a_client_waiting_on_a_stopped_server_times_out_by_its_deadline(tmp_pa
         started = time.monotonic()
         with pytest.raises(rpc.CallTimeout):
             client.call("add", 1, 2, timeout=0.5)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 10  # a hang check: the deadline is 0.5 s
         client.close()
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def test_9_every_connection_the_server_ends_is_logged_with_the_reason(rpc_server, monkeypatch):
+    server = rpc_server("services:registry", workers=1)
+    real_parse = protocol.parse_envelope
+
+    def parse(frame):  # a fault inside the server's reading thread, for one method
+        envelope = real_parse(frame)
+        if envelope.method == "echo":
+            raise RuntimeError("injected fault")
+        return envelope
+
+    monkeypatch.setattr(protocol, "parse_envelope", parse)
+    with server.client(timeout=30) as faulted:
+        with pytest.raises(rpc.ConnectionClosed):
+            faulted.echo(1)
+    assert wait_for(lambda: "injected fault" in server.log_text(), timeout=10)
+    assert "client_dropped" in server.log_text()
+    monkeypatch.undo()
+    idle = server.client(timeout=30)
+    assert idle.add(1, 2) == 3
+    server.server.close()  # the server, not the test's clients
+    assert "the server is shutting down" in server.log_text()
