@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 import rpc
-from helpers import child_pids, wait_for
+from helpers import Gate, child_pids, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "config" / "rpc.toml")
@@ -74,46 +73,51 @@ def test_client_commands_without_a_server_exit_1(daemon):
     assert result.returncode == 1 and "cannot connect" in result.stderr
 
 
-def test_sigterm_lets_calls_in_flight_finish_then_exits_0_leaving_no_process(daemon):
-    process = daemon.start("--workers", "3")
+def test_sigterm_lets_calls_in_flight_finish_then_exits_0_leaving_no_process(daemon, tmp_path):
+    process = daemon.start("--workers", "3", "services:registry")
     handlers = wait_for(lambda: len(child_pids(process.pid)) >= 3 and child_pids(process.pid))
     results, errors = [], []
     clients = [_client(daemon, timeout=30) for _ in range(3)]  # connected before the signal
+    gates = [Gate(tmp_path, f"call{i}") for i in range(3)]
 
-    def slow_call(client) -> None:
+    def held_call(client, gate) -> None:
         try:
-            results.append(client.sleep(1.5))
+            results.append(client.hold(*gate.args(), value="done"))
         except Exception as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=slow_call, args=(client,)) for client in clients]
+    threads = [threading.Thread(target=held_call, args=pair) for pair in zip(clients, gates)]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)  # let the three calls reach their handlers
-    started = time.monotonic()
+    for gate in gates:
+        gate.wait_started()  # all three calls run in handlers
     process.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: "shutdown_begun" in daemon.log(), timeout=30)
+    assert process.poll() is None  # draining: the calls in flight keep it up
+    for gate in gates:
+        gate.open()
     for thread in threads:
         thread.join(30)
     assert process.wait(30) == 0
-    assert time.monotonic() - started < 10  # within shutdown_grace
-    assert (results, errors) == ([1.5, 1.5, 1.5], [])
+    assert (results, errors) == (["done"] * 3, [])
     assert not [pid for pid in handlers if Path(f"/proc/{pid}").exists()]
     assert not Path(daemon.env["RPC_ADDRESS"]).exists()  # the socket file is removed
 
 
-def test_a_second_signal_stops_at_once(daemon):
-    process = daemon.start("--workers", "1")
+def test_a_second_signal_stops_at_once(daemon, tmp_path):
+    process = daemon.start("--workers", "1", "services:registry")
     client = _client(daemon)
+    gate = Gate(tmp_path)  # never opened: the call runs until the second signal stops it
     outcome = []
-    caller = threading.Thread(target=lambda: outcome.append(_outcome(client.sleep, 30)))
+    caller = threading.Thread(target=lambda: outcome.append(_outcome(client.hold, *gate.args())))
     caller.start()
-    time.sleep(0.3)
+    gate.wait_started()
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    assert wait_for(lambda: "shutdown_begun" in daemon.log(), timeout=30)
     assert process.poll() is None  # still waiting for the call
     process.send_signal(signal.SIGINT)
-    assert process.wait(10) == 1
-    caller.join(10)
+    assert process.wait(30) == 1
+    caller.join(30)
     assert isinstance(outcome[0], (rpc.WorkerCrashed, rpc.ConnectionClosed))
 
 
