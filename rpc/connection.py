@@ -121,8 +121,13 @@ class ClientConnection:
                 self._outbox.append(part)
                 self._outbox_bytes += len(part)
             if self._writer is None:
-                self._writer = threading.Thread(target=self._drain, name=f"rpc-writer-{self.peer}", daemon=True)
-                self._writer.start()
+                writer = threading.Thread(target=self._drain, name=f"rpc-writer-{self.peer}", daemon=True)
+                try:
+                    writer.start()
+                except RuntimeError as exc:  # no thread to be had (a pids limit): this client loses, nobody else
+                    self._break_with(f"no thread could be started to send its replies: {exc}")
+                    return
+                self._writer = writer
 
     def _drain(self) -> None:
         """The writer thread: send the outbox in order, blocking up to the socket's send timeout."""
@@ -149,11 +154,15 @@ class ClientConnection:
 
     def _break(self, exc: OSError) -> None:
         """Under the lock: stop sending, and wake the reader so it drops the connection."""
+        if isinstance(exc, (BlockingIOError, TimeoutError)):
+            self._break_with("it stopped reading its replies (a send made no progress within send_timeout)")
+        else:
+            self._break_with(f"sending a reply failed: {exc.strerror or exc}")
+
+    def _break_with(self, reason: str) -> None:
+        """Under the lock: stop sending for ``reason``, and wake the reader so it drops the connection."""
         if not self.broken:
-            if isinstance(exc, (BlockingIOError, TimeoutError)):
-                self.broken_reason = "it stopped reading its replies (a send made no progress within send_timeout)"
-            else:
-                self.broken_reason = f"sending a reply failed: {exc.strerror or exc}"
+            self.broken_reason = reason
         self.broken = True
         self._outbox.clear()
         self._outbox_bytes = 0

@@ -215,6 +215,7 @@ def remote_error_class(type_name: str) -> type[RemoteError]:
 
     Only builtin exception types get a dual class; anything else is a plain
     :class:`RemoteError`, so nothing of the server's is ever instantiated here.
+    ``StopIteration`` and ``StopAsyncIteration`` stay plain too: they steer loops.
     """
     cls = _remote_classes.get(type_name)
     if cls is not None:
@@ -222,6 +223,10 @@ def remote_error_class(type_name: str) -> type[RemoteError]:
     builtin = getattr(builtins, type_name, None) if type(type_name) is str else None
     if not (isinstance(builtin, type) and issubclass(builtin, Exception) and not issubclass(builtin, RPCError)):
         return RemoteError  # not cached: a server may send any number of distinct names
+    if issubclass(builtin, (StopIteration, StopAsyncIteration)):
+        # They steer iteration: raised in a caller's generator, one would silently end it
+        # (or become RuntimeError); a remote one is a failure, nothing more.
+        return RemoteError
     try:
         cls = type(f"Remote{type_name}", (RemoteError, builtin), {"__module__": __name__})
         cls("probe", type_name=type_name)  # some builtins (ExceptionGroup) need more to exist

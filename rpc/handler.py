@@ -202,6 +202,9 @@ def execute_request(
         reply = protocol.encode_response(request.id, result, request.method)
     except SerializationError as exc:
         return protocol.encode_error(request.id, _error_info(exc.code, exc, False))
+    except BaseException as exc:  # a user type's encoder raised SystemExit or KeyboardInterrupt
+        error = SerializationError(f"cannot encode the result of {protocol.quote(request.method)}: {protocol.brief(exc)}")
+        return protocol.encode_error(request.id, _error_info(error.code, error, False))
     if len(reply) > settings.max_message_bytes:
         error = MessageTooLarge(
             f"the result of {request.method!r} is {len(reply)} bytes, over the limit of "
@@ -226,21 +229,24 @@ def _id_of(frame: bytes) -> int | None:
 
 
 def _error_info(code: str, exc: BaseException, with_traceback: bool) -> ErrorInfo:
-    if isinstance(exc, RPCError):
-        message = exc.message
-    else:
-        try:
-            message = str(exc)
-        except Exception:
-            message = f"<{type(exc).__name__} whose str() failed>"
-    # The text must be encodable UTF-8 whatever the exception held.
-    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    text = ""
-    if with_traceback:
-        # Skip this module's frame: the user's function is where the story starts.
-        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """The failure as it travels; never raises, whatever the exception's str, args or traceback do."""
     cls = type(exc)
     type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    return ErrorInfo(code, type_name, message, text, exc.args if code == "remote_error" else ())
+    try:
+        message = exc.message if isinstance(exc, RPCError) else str(exc)
+    except BaseException:
+        message = f"<{cls.__name__} whose str() failed>"
+    text = ""
+    if with_traceback:
+        try:
+            # Skip this module's frame: the user's function is where the story starts.
+            tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+            text = "".join(traceback.format_exception(cls, exc, tb))
+        except BaseException:
+            text = f"<the traceback of {cls.__name__} could not be formatted>"
+    try:
+        args = tuple(exc.args) if code == "remote_error" else ()
+    except BaseException:
+        args = ()  # an args property that raises: the message still travels
+    # Texts are made valid UTF-8 and cut to size by protocol.encode_error.
+    return ErrorInfo(code, type_name, message, text, args)

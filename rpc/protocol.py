@@ -387,10 +387,26 @@ def brief(value: object, limit: int = _QUOTE_CHARS) -> str:
 
 
 def quote(value: object, limit: int = _QUOTE_CHARS) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a peer's strings may be huge)."""
+    """``repr(value)``, cut to ``limit`` characters; never raises.
+
+    A peer's values may be huge strings, integers too long for ``repr`` or lists
+    nested too deep for it: they are named by their type instead.
+    """
     if isinstance(value, (str, bytes)) and len(value) > limit:
         return f"{brief(repr(value[:limit]), limit)}... ({len(value)} in all)"
-    return brief(repr(value), limit)
+    if isinstance(value, (list, dict)):
+        return f"{'a map' if isinstance(value, dict) else 'an array'} of {len(value)}"
+    try:
+        return brief(repr(value), limit)
+    except Exception:  # ValueError for a 5000-digit int, InvalidOperation, ...
+        return f"a value of type {type(value).__name__}"
+
+
+def _text(value: object, default: str) -> str:
+    """A text field of a peer's error map: a string as is, anything else quoted, never raising."""
+    if value is None:
+        return default
+    return value if type(value) is str else quote(value)
 
 
 # -- messages -----------------------------------------------------------------------
@@ -496,7 +512,7 @@ def encode_error(id: int | None, error: ErrorInfo) -> bytes:
     if error.args:
         try:
             args = _pack(list(error.args))
-        except Exception:  # the exception's args are not encodable; its text still is
+        except BaseException:  # the exception's args are not encodable (whatever an encoder raised); its text still is
             args = b""
         if 0 < len(args) <= MAX_ERROR_ARGS_BYTES:
             body["args"] = list(error.args)
@@ -573,6 +589,8 @@ def parse_envelope(frame: bytes) -> Envelope:
     if type(message) is not list or not message:
         raise ProtocolError("malformed message: not a non-empty array")
     kind = message[0]
+    if type(kind) is not int:
+        raise ProtocolError(f"malformed message: kind {quote(kind)} is not an int")
     if kind == REQUEST and len(message) == 6:
         request_id = message[1]
         if type(request_id) is not int or not 0 <= request_id < 2**64:
@@ -683,10 +701,20 @@ def _readable_id(frame: bytes) -> int | None:
 
 
 def decode_request(frame: bytes) -> Request:
-    """Decode a request or notification in full (the handler's side)."""
+    """Decode a request or notification in full (the handler's side); only ever raises ProtocolError."""
+    try:
+        return _decode_request(frame)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # whatever a hostile value makes a check raise: never the handler's end
+        raise ProtocolError(f"malformed message: {brief(exc)}") from None
+
+
+def _decode_request(frame: bytes) -> Request:
     message = decode_value(frame)
     _expect(type(message) is list and message, "not a message array")
     kind = message[0]
+    _expect(type(kind) is int, "kind must be an int")  # before comparing: Decimal('sNaN') == 0 raises
     if kind == REQUEST:
         _expect(len(message) == 6, "a request is an array of 6")
         _, request_id, method, args, kwargs, meta = message
@@ -709,7 +737,7 @@ def decode_request(frame: bytes) -> Request:
 def decode_response(frame: bytes) -> Response:
     """Decode a response (the client's side)."""
     message = decode_value(frame)
-    _expect(type(message) is list and len(message) == 4 and message[0] == RESPONSE, "not a response")
+    _expect(type(message) is list and len(message) == 4 and _is_kind(message[0], RESPONSE), "not a response")
     _, response_id, error, result = message
     _expect(response_id is None or type(response_id) is int, "response id must be an int or nil")
     if error is None:
@@ -717,13 +745,17 @@ def decode_response(frame: bytes) -> Response:
     _expect(type(error) is dict, "error must be a map")
     args = error.get("args", ())
     info = ErrorInfo(
-        code=str(error.get("code", "rpc_error")),
-        type_name=str(error.get("type", "Exception")),
-        message=str(error.get("message", "")),
-        traceback=str(error.get("traceback", "")),
+        code=_text(error.get("code"), "rpc_error"),
+        type_name=_text(error.get("type"), "Exception"),
+        message=_text(error.get("message"), ""),
+        traceback=_text(error.get("traceback"), ""),
         args=tuple(args) if type(args) is list else (),
     )
     return Response(response_id, info, None)
+
+
+def _is_kind(value: object, kind: int) -> bool:
+    return type(value) is int and value == kind
 
 
 def decode_hello(frame: bytes) -> Hello:
@@ -732,7 +764,7 @@ def decode_hello(frame: bytes) -> Hello:
         message = msgpack.unpackb(frame, ext_hook=_no_ext, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises a zoo of types for bad input
         raise ProtocolError(f"malformed hello: {brief(exc)}") from None
-    _expect(type(message) is list and len(message) == 3 and message[0] == HELLO, "expected a hello")
+    _expect(type(message) is list and len(message) == 3 and _is_kind(message[0], HELLO), "expected a hello")
     _, version, info = message
     _expect(type(version) is int and type(info) is dict, "malformed hello")
     return Hello(version, info)

@@ -218,10 +218,16 @@ class Server:
     # -- threads -----------------------------------------------------------------------
 
     def _spawn(self, target: Any, name: str, *args: Any) -> None:
+        """Run ``target`` on a tracked thread; RuntimeError if no thread can be started."""
         thread = threading.Thread(target=self._tracked, args=(target, *args), name=name, daemon=True)
         with self._lock:
             self._threads.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._threads.discard(thread)  # never started: close() must not join it
+            raise
 
     def _tracked(self, target: Any, *args: Any) -> None:
         try:
@@ -249,14 +255,25 @@ class Server:
                 else:
                     self._log.warning("accept_failed", error=str(exc))
                 continue
-            backoff = 0.05
             if accepted is not None:
                 conn, peer = accepted
                 client = ClientConnection(conn, peer, self.config.max_outbox_bytes)
                 client.handshake_deadline = time.monotonic() + self.config.handshake_timeout
                 with self._lock:
                     self._connections.add(client)
-                self._spawn(self._serve_connection, f"rpc-conn-{peer}", client)
+                try:
+                    self._spawn(self._serve_connection, f"rpc-conn-{peer}", client)
+                except RuntimeError as exc:
+                    # No thread to be had (a pids or memory limit): refuse this client, keep
+                    # accepting, and back off as when descriptors run out.
+                    with self._lock:
+                        self._connections.discard(client)
+                    client.close()
+                    self._log.error("accept_failed", peer=peer, error=f"cannot start a thread: {exc}", retry_in=backoff)
+                    self._closing.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                backoff = 0.05
 
     def _housekeeping(self) -> None:
         while not self._closing.wait(HOUSEKEEPING_INTERVAL):

@@ -261,3 +261,31 @@ def _install_lease_hooks(folder: Path) -> None:
 
 if os.environ.get(LEASE_HOOKS) and __name__ != "__main__":
     _install_lease_hooks(Path(os.environ[LEASE_HOOKS]))
+
+
+class ArgsRaise(Exception):
+    @property
+    def args(self):
+        raise RuntimeError("no args for you")
+
+
+@registry.expose
+def fail_args_property():
+    """Raise an exception whose ``args`` property raises."""
+    raise ArgsRaise("odd")
+
+
+class Interrupting:
+    """A registered type whose encoder raises KeyboardInterrupt."""
+
+
+def _interrupt(value):
+    raise KeyboardInterrupt
+
+
+rpc.register_type(Interrupting, 100, encode=_interrupt, decode=lambda value: Interrupting())
+
+
+@registry.expose
+def interrupting_result():
+    return Interrupting()

@@ -42,7 +42,8 @@ def test_dual_classes_for_standard_exceptions():
 def test_every_builtin_exception_arrives_as_remote_error_and_the_builtin(name):
     cls = remote_error_class(name)
     if cls is rpc.RemoteError:
-        assert name == "ExceptionGroup"  # needs its sub-exceptions, which do not travel
+        # ExceptionGroup needs its sub-exceptions, which do not travel; the Stop* ones steer loops
+        assert name in ("ExceptionGroup", "StopIteration", "StopAsyncIteration")
         return
     error = cls("the message", type_name=name, remote_traceback="tb")
     assert isinstance(error, rpc.RemoteError)
@@ -55,3 +56,9 @@ def test_every_builtin_exception_arrives_as_remote_error_and_the_builtin(name):
 def test_other_remote_types_are_plain_remote_errors(name):
     """Nothing but builtin Exception types is ever instantiated from a remote name."""
     assert remote_error_class(name) is rpc.RemoteError
+
+
+def test_a_remote_stop_iteration_cannot_end_a_callers_loop():
+    """Raised inside a generator, a StopIteration would end it silently; a remote one is a plain RemoteError."""
+    cls = remote_error_class("StopIteration")
+    assert cls is rpc.RemoteError and not issubclass(cls, StopIteration)

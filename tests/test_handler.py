@@ -102,3 +102,13 @@ def test_handler_process_reports_a_registry_it_cannot_import():
     finally:
         conn.close()
         process.join(10)
+
+
+def test_an_exception_whose_args_raise_still_fails_only_the_call():
+    error = run("fail_args_property").error
+    assert (error.code, error.message) == ("remote_error", "odd")
+
+
+def test_an_encoder_raising_keyboard_interrupt_is_a_serialization_error():
+    error = run("interrupting_result").error
+    assert error.code == "serialization_error" and "interrupting_result" in error.message

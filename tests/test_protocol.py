@@ -382,3 +382,31 @@ def test_unencodable_values_name_what_they_were_and_the_fix():
         protocol.encode_request(1, "add", (object(),), {}, None)
     with pytest.raises(SerializationError, match=r"the result of 'f'.*rpc.register_type"):
         protocol.encode_response(1, object(), "f")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [msgpack.ExtType(6, b"sNaN"), msgpack.ExtType(9, (10**5000).to_bytes(2100, "big", signed=True)), "deep"],
+    ids=["decimal-snan", "5000-digit-int", "1000-deep-list"],
+)
+def test_hostile_kinds_are_protocol_errors_in_every_decoder(kind):
+    """Values whose comparison or repr raises used to escape as ValueError, InvalidOperation or RecursionError."""
+    if kind == "deep":
+        frame = b"\x96" + b"\x91" * 1000 + b"\xc0" + b"\x01\xa3add\x90\x80\x80"
+    else:
+        frame = msgpack.packb([kind, 1, "add", [], {}, {}])
+    with pytest.raises(ProtocolError):
+        protocol.decode_request(frame)
+    with pytest.raises(ProtocolError):
+        protocol.parse_envelope(frame)
+    with pytest.raises(ProtocolError):
+        protocol.decode_response(frame)
+
+
+def test_odd_error_fields_from_a_server_decode_to_text():
+    """An error map whose message is a 5000-digit integer gives text, not a ValueError in the client."""
+    big = msgpack.ExtType(9, (10**5000).to_bytes(2100, "big", signed=True))
+    frame = msgpack.packb([1, 3, {"code": "remote_error", "type": big, "message": big, "traceback": [1]}, None])
+    error = protocol.decode_response(frame).error
+    assert error.message == "a value of type int" and error.type_name == "a value of type int"
+    assert error.traceback == "an array of 1"

@@ -238,3 +238,44 @@ def test_9_every_connection_the_server_ends_is_logged_with_the_reason(rpc_server
     assert idle.add(1, 2) == 3
     server.server.close()  # the server, not the test's clients
     assert "the server is shutting down" in server.log_text()
+
+
+THREADLESS_SERVER = r"""
+import resource, socket, sys, threading
+import rpc.testing
+from helpers import wait_for
+
+def vm_size():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+with rpc.testing.serve("services:registry", workers=2, transport="tcp", handshake_timeout=2.0) as server:
+    with server.client(timeout=10) as client:
+        assert client.add(1, 1) == 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    # Room for about 60 more thread stacks (8 MiB each), as under a container's pids limit.
+    resource.setrlimit(resource.RLIMIT_AS, (vm_size() + (500 << 20), hard))
+    silent = []
+    for _ in range(400):
+        silent.append(socket.create_connection(server.address))
+        if "cannot start a thread" in server.log_text():
+            break
+    ran_out = wait_for(lambda: "cannot start a thread" in server.log_text(), timeout=30)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    for sock in silent:
+        sock.close()
+    alive = any(t.name == "rpc-accept" for t in threading.enumerate())
+    with server.client(timeout=10, connect_timeout=30) as client:
+        served = client.add(2, 3)
+    print(ran_out, alive, served, flush=True)
+print("closed", flush=True)
+"""
+
+
+def test_10_no_thread_for_a_new_connection_refuses_it_and_keeps_accepting(tmp_path):
+    """A failed thread start (a pids limit) used to end the accept loop for good and break close()."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__) + "/..", os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", THREADLESS_SERVER], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+    )
+    assert result.stdout.split() == ["True", "True", "5", "closed"], result.stdout + result.stderr[-3000:]
