@@ -7,7 +7,7 @@ processes; :func:`connect` returns a client whose attributes call them.
 __version__ = "0.1.0"
 
 from .client import Client, connect
-from .config import ServerConfig
+from .config import ServerConfig, read_authkey
 from .errors import (
     AuthenticationError,
     CallError,
@@ -39,6 +39,7 @@ __all__ = [
     "ServerConfig",
     "Client",
     "connect",
+    "read_authkey",
     "register_type",
     "RPCError",
     "ConfigError",

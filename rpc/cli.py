@@ -16,12 +16,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .client import connect
 from .config import DEFAULT_ADDRESS, DEFAULT_REGISTRY, Settings, check_registry_spec, load_settings, resolve_authkey
-from .errors import ConfigError, ConnectionClosed, RemoteError, RPCError, StartupError
+from .errors import AuthenticationError, ConfigError, ConnectionClosed, RemoteError, RPCError, StartupError
 from .logs import LOG_FORMATS, LOG_LEVELS, make_logger
 
 __all__ = ["main", "format_result"]
@@ -246,11 +247,21 @@ class _CannotConnect(RPCError):
 def _client(args: argparse.Namespace, environ: Mapping[str, str], timeout: float | None = None) -> Any:
     settings = _settings(args, environ)
     address = settings.address()
-    authkey, _, _ = resolve_authkey(settings, environ, create=False)
+    authkey, key_file, _ = resolve_authkey(settings, environ, create=False)
     try:
         return connect(address, authkey=authkey, timeout=timeout)
     except ConnectionClosed as exc:
         raise _CannotConnect(str(exc)) from None
+    except AuthenticationError as exc:
+        raise AuthenticationError(f"{exc} (the key came from {_key_source(settings, key_file)})") from None
+
+
+def _key_source(settings: Settings, key_file: Path | None) -> str:
+    """Where the client's authkey came from, for an error that says the server refused it."""
+    if key_file is None:
+        return "RPC_AUTHKEY"
+    source = settings.sources.get("authkey_file")
+    return f"the default file {key_file}" if source is None else f"{key_file}, named by {source}"
 
 
 def _call(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

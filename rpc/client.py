@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import os
 import socket
 import threading
@@ -35,6 +36,7 @@ from typing import Any
 from . import __version__, framing, protocol, transport
 from .errors import (
     CallTimeout,
+    ConfigError,
     ConnectionClosed,
     ProtocolError,
     RemoteError,
@@ -48,6 +50,29 @@ from .registry import MethodInfo
 __all__ = ["Client", "connect"]
 
 _DEFAULT: Any = object()
+
+
+def _check_timeout(value: Any, name: str = "timeout") -> float | None:
+    """A timeout is None or a finite number of seconds > 0; anything else is refused."""
+    if value is None:
+        return None
+    if type(value) not in (int, float):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    if not 0 < value < math.inf:  # also refuses NaN
+        raise ValueError(f"{name} must be a finite number of seconds > 0, or None, not {value!r}")
+    return value
+
+
+def _check_authkey(authkey: Any) -> bytes | None:
+    if authkey is None:
+        return None
+    if isinstance(authkey, str):
+        raise ConfigError("authkey must be bytes, not str (use b'...' or .encode())")
+    if not isinstance(authkey, (bytes, bytearray)):
+        raise ConfigError(f"authkey must be bytes, not {type(authkey).__name__}")
+    if not authkey:
+        raise ConfigError("authkey must not be empty")
+    return bytes(authkey)
 
 
 class _Pending:
@@ -93,7 +118,7 @@ class _Method:
         return _Method(self._client, f"{self._name}.{name}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._client._call(self._name, args, kwargs, self._client.timeout)
+        return self._client._call(self._name, args, kwargs, self._client._timeout)
 
     def __repr__(self) -> str:
         return f"<remote method {self._name!r}>"
@@ -102,8 +127,11 @@ class _Method:
 class Client:
     """A connection to an rpc server. Prefer :func:`connect`.
 
-    ``timeout`` is the default deadline of each call in seconds (None: wait as
-    long as it takes); ``connect_timeout`` bounds connecting and the handshake.
+    ``address`` is ``(host, port)``, or text: ``"HOST:PORT"`` is TCP, a path (text
+    with a ``/`` or without a ``:``) a Unix socket. ``timeout`` is the default
+    deadline of each call in seconds (None: wait as long as it takes);
+    ``connect_timeout`` bounds connecting and the whole handshake. Timeouts must
+    be finite numbers > 0 (or None, for ``timeout``).
     """
 
     def __init__(
@@ -114,15 +142,16 @@ class Client:
         connect_timeout: float = 10.0,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if isinstance(authkey, str):
-            raise TypeError("authkey must be bytes, not str")
-        self.address = address
-        self.timeout = timeout
+        authkey = _check_authkey(authkey)
+        self._timeout = _check_timeout(timeout)
+        if _check_timeout(connect_timeout, "connect_timeout") is None:
+            raise ValueError("connect_timeout must be a finite number of seconds > 0, not None")
+        self.address = address = transport._check_address(address)
         self._max_message_bytes = max_message_bytes
         deadline = time.monotonic() + connect_timeout
         conn = transport.connect(address, connect_timeout)
         try:
-            first = transport.client_handshake(conn, authkey, deadline)
+            first = transport.client_handshake(conn, authkey, deadline, address, connect_timeout)
             conn.send_bytes(protocol.encode_hello({"client": "rpc", "version": __version__}))
             hello = protocol.decode_hello(first)
             if hello.version != protocol.PROTOCOL_VERSION:
@@ -166,6 +195,15 @@ class Client:
 
     # -- public API --------------------------------------------------------------------
 
+    @property
+    def timeout(self) -> float | None:
+        """The default deadline of each call in seconds (None: none); checked when set."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = _check_timeout(value)
+
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
@@ -173,7 +211,7 @@ class Client:
 
     def call(self, name: str, /, *args: Any, timeout: float | None = _DEFAULT, **kwargs: Any) -> Any:
         """Call ``name`` with ``args`` and ``kwargs``; ``timeout`` overrides the client's default."""
-        return self._call(name, args, kwargs, self.timeout if timeout is _DEFAULT else timeout)
+        return self._call(name, args, kwargs, self._timeout if timeout is _DEFAULT else _check_timeout(timeout))
 
     def notify(self, name: str, /, *args: Any, **kwargs: Any) -> None:
         """Run ``name`` on the server without waiting for, or getting, any answer."""
@@ -187,7 +225,7 @@ class Client:
         Many submitted calls may be in flight on the connection at once; their
         replies are read by a background thread while any is outstanding.
         """
-        timeout = self.timeout if timeout is _DEFAULT else timeout
+        timeout = self._timeout if timeout is _DEFAULT else _check_timeout(timeout)
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # sent at once: it cannot be cancelled
         self._start(name, args, kwargs, timeout, None if timeout is None else time.monotonic() + timeout, future)
@@ -204,10 +242,16 @@ class Client:
         """Call ``name`` once per item of ``iterables`` (zipped, as positional arguments).
 
         Yields the results in order, keeping at most ``max_in_flight`` calls in
-        flight; an error is raised when its result's turn comes.
+        flight; an error is raised when its result's turn comes. Bad arguments
+        are refused here, before any call is made.
         """
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        if type(max_in_flight) is not int or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a whole number >= 1, not {max_in_flight!r}")
+        if timeout is not _DEFAULT:
+            _check_timeout(timeout)
+        return self._map(name, iterables, timeout, max_in_flight)
+
+    def _map(self, name: str, iterables: tuple[Iterable[Any], ...], timeout: Any, max_in_flight: int) -> Iterator[Any]:
         in_flight: deque[Future[Any]] = deque()
         for args in zip(*iterables):
             if len(in_flight) >= max_in_flight:
@@ -519,7 +563,11 @@ def connect(
 ) -> Client:
     """Connect and authenticate to the server at ``address``; returns a :class:`Client`.
 
-    ``timeout`` is each call's default deadline in seconds (None: no deadline).
+    ``address`` is ``(host, port)``, ``"HOST:PORT"``, or a Unix socket path.
+    ``authkey`` is the server's key as bytes (:func:`rpc.read_authkey` reads the
+    key file ``rpc serve`` uses). ``timeout`` is each call's default deadline in
+    seconds (None: no deadline); ``connect_timeout`` bounds connecting and the
+    whole handshake. A timeout that is not a finite number > 0 raises ValueError.
     """
     return Client(
         address, authkey=authkey, timeout=timeout, connect_timeout=connect_timeout, max_message_bytes=max_message_bytes

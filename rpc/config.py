@@ -20,7 +20,7 @@ from typing import Any
 from . import protocol
 from .errors import ConfigError
 from .logs import LOG_FORMATS, LOG_LEVELS
-from .transport import Address, _check_address, format_address, is_loopback
+from .transport import Address, _check_address, format_address, is_loopback, parse_address, unix_path
 
 __all__ = [
     "ServerConfig",
@@ -29,6 +29,7 @@ __all__ = [
     "load_settings",
     "parse_address",
     "resolve_authkey",
+    "read_authkey",
     "check_registry_spec",
     "FILE_KEYS",
     "ENV_VARIABLES",
@@ -203,21 +204,6 @@ def default_authkey_file(environ: Mapping[str, str]) -> Path:
     return Path(base) / "rpc" / "authkey"
 
 
-def parse_address(text: str) -> Address:
-    """``host:port``, ``[v6 host]:port``, or a Unix socket path (anything with a ``/``)."""
-    if text.startswith("unix:"):
-        return text[len("unix:") :]
-    if "/" in text:
-        return text
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"address {text!r} must be HOST:PORT or a Unix socket path")
-    if not 0 <= int(port) < 65536:
-        raise ConfigError(f"address {text!r}: port {int(port)} is out of range (0-65535)")
-    return (host, int(port))
-
-
 def check_registry_spec(text: str) -> str:
     """Check the form ``pkg.module:registry`` (dotted identifiers on both sides of one colon)."""
     module, sep, attribute = text.partition(":")
@@ -255,7 +241,7 @@ class Settings:
         except ConfigError as exc:
             raise self._error("address", exc.message) from None
         if isinstance(address, str):
-            address = str(self._relative_to_source("address", address))
+            address = unix_path(str(self._relative_to_source("address", address)))
         return address
 
     def authkey_file(self, environ: Mapping[str, str]) -> Path:
@@ -478,3 +464,21 @@ def resolve_authkey(settings: Settings, environ: Mapping[str, str], create: bool
     if create and not os.path.lexists(path):  # a dangling symlink is refused, not written through
         return create_authkey_file(path), path, True
     return read_authkey_file(path), path, False
+
+
+def read_authkey(path: str | os.PathLike[str] | None = None) -> bytes:
+    """The authkey in the key file ``rpc serve`` uses, for a Python program to connect with.
+
+    ``path`` None means the default file, ``$XDG_CONFIG_HOME/rpc/authkey`` or
+    ``~/.config/rpc/authkey``: finding it reads ``XDG_CONFIG_HOME`` and ``HOME``,
+    which is acceptable here because you call this helper yourself; the rest of
+    the library reads no environment. ``RPC_AUTHKEY`` is not read: pass
+    ``os.environ["RPC_AUTHKEY"].encode()`` yourself if you keep the key there.
+    The file is checked as the ``rpc`` command checks it (private, a plain file,
+    in a folder only its owner can write); returns the key without surrounding
+    whitespace. Raises :class:`ConfigError` saying what is wrong.
+    """
+    key_file = default_authkey_file(os.environ) if path is None else Path(os.path.expanduser(os.fspath(path)))
+    if not os.path.lexists(key_file):
+        raise ConfigError(f"authkey file {key_file} does not exist (`rpc serve` creates it when it first starts)")
+    return read_authkey_file(key_file)

@@ -36,11 +36,12 @@ class FrameReader:
     """Frames from the socket ``fd``, each at most ``max_bytes`` long.
 
     One thread at a time may call :meth:`read`; the caller keeps it that way.
+    ``max_bytes`` may be changed between reads (the handshake caps each message).
     """
 
     def __init__(self, fd: int, max_bytes: int) -> None:
         self._fd = fd
-        self._max_bytes = max_bytes
+        self.max_bytes = max_bytes
         self._buffer = bytearray()
         self._need = 0  # the buffered frame's full length (header included), once known
         self._poller = select.poll()
@@ -93,7 +94,7 @@ class FrameReader:
         """The payload if ``chunk`` is exactly one short-header frame within the limit."""
         if len(chunk) >= 4:
             size = _SHORT.unpack_from(chunk)[0]
-            if 0 <= size <= self._max_bytes and len(chunk) == 4 + size:
+            if 0 <= size <= self.max_bytes and len(chunk) == 4 + size:
                 return chunk[4:]
         return None
 
@@ -112,8 +113,10 @@ class FrameReader:
             start = 12
         elif size < 0:
             raise ProtocolError(f"a frame announced a negative length ({size})")
-        if size > self._max_bytes:
-            raise MessageTooLarge(f"a frame of {size} bytes exceeds this client's max_message_bytes ({self._max_bytes})")
+        if size > self.max_bytes:
+            error = MessageTooLarge(f"a frame of {size} bytes exceeds this client's max_message_bytes ({self.max_bytes})")
+            error.size = size  # type: ignore[attr-defined]  # lets a caller word its own message
+            raise error
         end = start + size
         if have < end:
             self._need = end

@@ -19,7 +19,16 @@ import time
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Union
 
-from .errors import AuthenticationError, ConfigError, ConnectionClosed, ConnectTimeout, StartupError
+from .errors import (
+    AuthenticationError,
+    ConfigError,
+    ConnectionClosed,
+    ConnectTimeout,
+    MessageTooLarge,
+    ProtocolError,
+    StartupError,
+)
+from .framing import FrameReader, SendTimeout, send_frame
 
 __all__ = [
     "Address",
@@ -27,6 +36,7 @@ __all__ = [
     "connect",
     "is_loopback",
     "format_address",
+    "parse_address",
     "shutdown",
     "server_handshake",
     "client_handshake",
@@ -64,13 +74,42 @@ def format_address(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def unix_path(path: str) -> str:
+    """``path`` as text that :func:`parse_address` reads back as this path ("a:1" becomes "./a:1")."""
+    return path if "/" in path or ":" not in path else os.path.join(".", path)
+
+
+def parse_address(text: str) -> Address:
+    """One rule for text addresses, for the command line and the Python API alike.
+
+    ``HOST:PORT`` or ``[v6 host]:PORT`` is TCP; text with a ``/``, text without a
+    ``:``, or text after ``unix:`` is a Unix socket path.
+    """
+    if text.startswith("unix:"):
+        return unix_path(text[len("unix:") :])
+    if "/" in text or ":" not in text:
+        if not text:
+            raise ConfigError("a Unix socket path must not be empty")
+        return text
+    host, _, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"address {text!r} must be HOST:PORT or a Unix socket path (write ./{text} or unix:{text} for a socket file)"
+        )
+    if not 0 <= int(port) < 65536:
+        raise ConfigError(f"address {text!r}: port {int(port)} is out of range (0-65535)")
+    return (host, int(port))
+
+
 def _check_address(address: object) -> Address:
     if isinstance(address, os.PathLike):
-        address = os.fspath(address)
+        path = os.fspath(address)
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"a Unix socket path must be non-empty text, not {path!r}")
+        return path
     if isinstance(address, str):
-        if not address:
-            raise ConfigError("a Unix socket path must not be empty")
-        return address
+        return parse_address(address)
     if isinstance(address, tuple) and len(address) == 2 and isinstance(address[0], str) and isinstance(address[1], int):
         if not 0 <= address[1] < 65536:
             raise ConfigError(f"address {address!r}: port {address[1]} is out of range (0-65535)")
@@ -254,51 +293,117 @@ def server_handshake(conn: Connection, authkey: bytes | None) -> None:
         raise AuthenticationError(str(exc)) from None
 
 
-class _Replay:
-    """A Connection that yields one already-received message before reading on."""
+# The handshake's messages are small: a challenge, a digest, a hello.
+HANDSHAKE_MAX_BYTES = 64 * 1024
 
-    def __init__(self, conn: Connection, first: bytes) -> None:
-        self._conn = conn
-        self._first: bytes | None = first
+
+class _HandshakeStream:
+    """The handshake's frames, read and sent under one deadline for the whole exchange.
+
+    ``answer_challenge``/``deliver_challenge`` call ``recv_bytes``/``send_bytes`` on it;
+    a socket timeout would bound each ``recv()`` only, and a server trickling a byte
+    at a time could hold the client for as long as it liked.
+    """
+
+    def __init__(self, conn: Connection, deadline: float) -> None:
+        self._sock = socket.socket(fileno=conn.fileno())  # borrowed: released by close()
+        self._frames = FrameReader(conn.fileno(), HANDSHAKE_MAX_BYTES)
+        self._deadline = deadline
+        self._first: bytes | None = None  # a message read ahead, handed out again by recv_bytes
+        self.heard = False  # whether the server sent anything at all
+
+    def replay(self, message: bytes) -> None:
+        self._first = message
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         if self._first is not None:
             first, self._first = self._first, None
             return first
-        return self._conn.recv_bytes(maxlength)
+        self._frames.max_bytes = min(maxlength or HANDSHAKE_MAX_BYTES, HANDSHAKE_MAX_BYTES)
+        try:
+            frame = self._frames.read(self._deadline)
+        finally:
+            self.heard = self.heard or self._frames.buffered > 0
+        if frame is None:
+            raise TimeoutError
+        self.heard = True
+        return frame
 
     def send_bytes(self, data: bytes) -> None:
-        self._conn.send_bytes(data)
+        try:
+            send_frame(self._sock, data, self._deadline)
+        except SendTimeout:
+            raise TimeoutError from None
+
+    @property
+    def limit(self) -> int:
+        return self._frames.max_bytes
+
+    def last(self, message: bytes) -> bytes:
+        """The handshake's last message; bytes read past it would be lost, so refuse them."""
+        if self._frames.buffered:
+            raise ProtocolError("the server sent more than its hello before the client's hello")
+        return message
+
+    def close(self) -> None:
+        self._sock.detach()  # the socket stays open: it belongs to ``conn``
 
 
-def client_handshake(conn: Connection, authkey: bytes | None, deadline: float) -> bytes:
+def client_handshake(
+    conn: Connection,
+    authkey: bytes | None,
+    deadline: float,
+    address: Address | None = None,
+    timeout: float | None = None,
+) -> bytes:
     """Authenticate to the server; returns the server's first message after it (its hello).
 
-    Reads the server's first message before deciding, so a missing or unexpected
-    key gives a clear :class:`AuthenticationError`, never a decode error.
+    The whole exchange must end by ``deadline``. Reads the server's first message
+    before deciding, so a missing or unexpected key gives a clear
+    :class:`AuthenticationError`, never a decode error. ``address`` and ``timeout``
+    only word the errors.
     """
+    where = "the server" if address is None else format_address(address)
+    stream = _HandshakeStream(conn, deadline)
     try:
-        set_io_timeout(conn, deadline - time.monotonic())
-        first = conn.recv_bytes(256 if authkey is not None else 65536)
+        first = stream.recv_bytes(HANDSHAKE_MAX_BYTES)
         if not first.startswith(CHALLENGE):
             if authkey is not None:
                 raise AuthenticationError("the server did not ask for the authkey: it runs without one")
-            return first
+            return stream.last(first)
         if authkey is None:
-            raise AuthenticationError("the server requires an authkey and none was given")
+            raise AuthenticationError(
+                "the server requires an authkey and none was given: pass authkey=rpc.read_authkey() "
+                "to use the key file `rpc serve` made, or the server's key as bytes"
+            )
+        stream.replay(first)
         try:
-            answer_challenge(_Replay(conn, first), authkey)  # type: ignore[arg-type]
-            set_io_timeout(conn, deadline - time.monotonic())
-            deliver_challenge(conn, authkey)
-        except multiprocessing.AuthenticationError as exc:
-            raise AuthenticationError(f"authentication failed (wrong authkey?): {exc}") from None
-        set_io_timeout(conn, deadline - time.monotonic())
-        hello = conn.recv_bytes(65536)
-        set_io_timeout(conn, None)
-        return hello
-    except BlockingIOError:
-        raise ConnectTimeout("the server did not complete the handshake in time") from None
+            answer_challenge(stream, authkey)  # type: ignore[arg-type]
+        except multiprocessing.AuthenticationError:
+            raise AuthenticationError(
+                f"{where} refused this authkey: it is not the key the server was started with"
+            ) from None
+        try:
+            deliver_challenge(stream, authkey)  # type: ignore[arg-type]
+        except multiprocessing.AuthenticationError:
+            raise AuthenticationError(
+                f"{where} accepted this authkey but could not prove it holds it: is it the server you meant?"
+            ) from None
+        return stream.last(stream.recv_bytes(HANDSHAKE_MAX_BYTES))
+    except TimeoutError:
+        within = "" if timeout is None else f" within {timeout:g} s"
+        if not stream.heard:
+            raise ConnectTimeout(
+                f"connected to {where}, but nothing answered{within}: is an rpc server listening there?"
+            ) from None
+        raise ConnectTimeout(f"{where} did not complete the handshake{within}") from None
+    except MessageTooLarge as exc:
+        size = getattr(exc, "size", "too many")
+        raise MessageTooLarge(
+            f"{where} sent a handshake message announcing {size} bytes; at most "
+            f"{stream.limit} are accepted there: is an rpc server listening there?"
+        ) from None
     except (EOFError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-            raise ConnectTimeout("the server did not complete the handshake in time") from None
         raise ConnectionClosed(f"the server closed the connection during the handshake: {exc or 'EOF'}") from None
+    finally:
+        stream.close()

@@ -70,13 +70,15 @@ def test_relative_paths_in_a_file_are_relative_to_it(tmp_path):
         ("localhost:1", ("localhost", 1)),
         ("/run/rpc.sock", "/run/rpc.sock"),
         ("unix:rpc.sock", "rpc.sock"),
+        ("rpc.sock", "rpc.sock"),  # no ":": a socket file in the current folder
+        ("unix:a:1", "./a:1"),  # stays a path when parsed again
     ],
 )
 def test_addresses_parse(text, address):
     assert parse_address(text) == address
 
 
-@pytest.mark.parametrize("text", ["nowhere", "host:", ":80", "host:99999", "host:http"])
+@pytest.mark.parametrize("text", ["host:", ":80", "host:99999", "host:http", ""])
 def test_bad_addresses_are_refused(text):
     with pytest.raises(rpc.ConfigError):
         parse_address(text)

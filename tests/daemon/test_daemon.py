@@ -193,7 +193,7 @@ def test_a_reload_whose_code_does_not_import_keeps_the_old_handlers(daemon):
         ("workers = -2\n", "workers must be a whole number >= 1"),
         ("workers = 'many'\n", "workers must be a whole number"),
         ("log_level = 'loud'\n", "log_level must be one of"),
-        ("address = 'nowhere'\n", "must be HOST:PORT"),
+        ("address = 'nowhere:http'\n", "must be HOST:PORT"),  # 'nowhere' alone is a socket path
         ("not toml at all [\n", "not valid TOML"),
     ],
 )

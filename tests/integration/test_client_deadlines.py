@@ -321,8 +321,53 @@ def test_an_oversized_hello_is_refused_from_its_header(hostile):
 
     server = hostile(huge_hello, hello=False)
     outcome = bounded(lambda: rpc.connect(server.address, authkey=AUTHKEY, connect_timeout=HANG))
-    assert isinstance(outcome.error, rpc.TransportError), outcome.error
+    assert isinstance(outcome.error, rpc.MessageTooLarge), outcome.error
+    assert f"{transport.format_address(server.address)} sent a handshake message announcing 1073741824 bytes; " \
+        "at most 65536 are accepted there" in str(outcome.error)
     assert outcome.seconds < HANG / 2  # refused at once, not after the connect timeout
+
+
+def test_a_hello_trickled_a_byte_at_a_time_ends_at_the_connect_timeout(hostile):
+    """connect_timeout bounds the whole handshake, not each read of it."""
+    hello = framed(protocol.encode_hello({"server": "hostile"}) + b"\0" * 200)
+
+    def trickle(server: HostileServer, conn: Connection) -> None:
+        # The slow sender under test: a byte every 0.1 s would take 20 s (> HANG) to finish.
+        for byte in hello:
+            if server.release.wait(0.1):
+                return
+            os.write(conn.fileno(), bytes([byte]))
+
+    server = hostile(trickle, hello=False)
+    outcome = bounded(lambda: rpc.connect(server.address, authkey=AUTHKEY, connect_timeout=0.5))
+    assert isinstance(outcome.error, rpc.ConnectTimeout), outcome.error
+    where = transport.format_address(server.address)
+    assert str(outcome.error) == f"{where} did not complete the handshake within 0.5 s"
+
+
+def test_a_server_that_accepts_and_says_nothing_is_named_in_the_connect_timeout():
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+    try:
+        where = transport.format_address(silent.getsockname()[:2])
+        outcome = bounded(lambda: rpc.connect(silent.getsockname()[:2], authkey=AUTHKEY, connect_timeout=0.5))
+        assert isinstance(outcome.error, rpc.ConnectTimeout), outcome.error
+        assert str(outcome.error) == f"connected to {where}, but nothing answered within 0.5 s: is an rpc server listening there?"
+    finally:
+        silent.close()
+
+
+def test_a_connection_nobody_completes_says_connecting_took_too_long():
+    # listen(0) queues one connection; with it taken, the kernel drops the next SYNs.
+    full = socket.create_server(("127.0.0.1", 0), backlog=0)
+    filler = socket.create_connection(full.getsockname()[:2], timeout=HANG)
+    try:
+        address = full.getsockname()[:2]
+        outcome = bounded(lambda: rpc.connect(address, authkey=AUTHKEY, connect_timeout=0.5))
+        assert isinstance(outcome.error, rpc.ConnectTimeout), outcome.error
+        assert str(outcome.error) == f"connecting to {transport.format_address(address)} took longer than 0.5 s"
+    finally:
+        filler.close()
+        full.close()
 
 
 # -- the server's CallTimeout (the client's own is checked above) ---------------------
