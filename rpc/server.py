@@ -19,7 +19,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from . import __version__, protocol, transport
-from .config import ServerConfig
+from .config import ServerConfig, check_registry_spec
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -70,7 +70,8 @@ class Server:
         if config is not None and options:
             raise ConfigError("pass either config= or server options, not both")
         self.config = config if config is not None else ServerConfig.build(address=address, **options)
-        self.registry_spec = registry if isinstance(registry, str) else import_string_of(registry)
+        # A malformed import string fails here, once, not in every handler as it starts.
+        self.registry_spec = check_registry_spec(registry) if isinstance(registry, str) else import_string_of(registry)
         config = self.config
         self._log_stream = open_log_file(config.log_file) if config.log_file else None
         self._log = make_logger(config.log_level, config.log_format, self._log_stream, component="rpc.server")
