@@ -334,7 +334,10 @@ class Server:
                 timed_out = client.timed_out
                 client.handshake_deadline = None
             reason = "handshake timed out" if timed_out else (client.drop_reason or _reason(exc))
-            log.warning("client_rejected", reason=reason)
+            # A peer that closes without a word (a port probe, `rpc serve` checking a socket in
+            # use) went away: info. A stalled or wrong handshake is a fault: warning.
+            gone = not timed_out and client.drop_reason is None and isinstance(exc, _GONE)
+            (log.info if gone else log.warning)("client_rejected", reason=reason)
             return False
         with self._lock:
             client.handshake_deadline = None
@@ -435,6 +438,9 @@ def _log_end(client: ClientConnection, log: Any, error: str | None = None) -> No
     else:
         reason, level = ended
         getattr(log, level)("client_dropped", reason=reason)
+
+
+_GONE = (EOFError, BrokenPipeError, ConnectionResetError)  # the peer closed its end
 
 
 def _reason(exc: BaseException) -> str:
