@@ -23,11 +23,14 @@ class Daemon:
         self.process: subprocess.Popen[str] | None = None
         self.log_path = cwd / "serve.log"
 
-    def rpc(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """Run an `rpc` command to completion."""
+    def rpc(
+        self, *args: str, timeout: float = 60, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run an `rpc` command to completion; with ``cwd``, the installed `rpc` script in that folder."""
+        command = [script()] if cwd is not None else [sys.executable, "-m", "rpc"]
         return subprocess.run(
-            [sys.executable, "-m", "rpc", *args],
-            cwd=self.cwd,
+            [*command, *args],
+            cwd=cwd or self.cwd,
             env=env or self.env,
             capture_output=True,
             text=True,

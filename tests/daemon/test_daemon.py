@@ -624,13 +624,7 @@ def test_a_folder_named_rpc_in_the_current_folder_does_not_hide_rpc_from_the_han
     (here / "mine.py").write_text("import rpc\nregistry = rpc.Registry()\nregistry.register(lambda: 7, name='seven')\n")
     editable = not Path(rpc.__file__).is_relative_to(sysconfig.get_paths()["purelib"])
     if editable:
-        import subprocess
-
-        from conftest import script
-
-        refused = subprocess.run(
-            [script(), "serve", "mine:registry"], cwd=here, env=daemon.env, capture_output=True, text=True, timeout=60
-        )
+        refused = daemon.rpc("serve", "mine:registry", cwd=here)
         assert refused.returncode == 2, refused.stderr
         assert str(here / "rpc") in refused.stderr and "would hide the rpc package" in refused.stderr
         assert len(refused.stderr.splitlines()) == 1
