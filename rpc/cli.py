@@ -22,7 +22,15 @@ from typing import Any
 
 from . import __version__
 from .client import connect
-from .config import DEFAULT_ADDRESS, DEFAULT_REGISTRY, MAX_SECONDS, Settings, check_registry_spec, load_settings, resolve_authkey
+from .config import (
+    DEFAULT_ADDRESS,
+    DEFAULT_REGISTRY,
+    MAX_SECONDS,
+    Settings,
+    check_registry_spec,
+    load_settings,
+    resolve_authkey,
+)
 from .errors import ConfigError, ConnectionClosed, RemoteError, RPCError, StartupError
 from .logs import LOG_FORMATS, LOG_LEVELS, make_logger
 
