@@ -2,32 +2,43 @@
 
 The edge of the program: the only module that reads the environment and the
 command line. It builds the settings, then hands frozen config objects down.
-Exit codes: 0 ok, 1 a call or the server failed, 2 usage or configuration error;
-every command reports its errors through :func:`main`, one line each.
+Exit codes: 0 ok, 1 a call or the server failed, 2 usage or configuration error,
+130 interrupted (Ctrl-C); every command reports its errors through :func:`main`,
+one line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .client import connect
-from .config import DEFAULT_ADDRESS, DEFAULT_REGISTRY, Settings, check_registry_spec, load_settings, resolve_authkey
+from .config import (
+    DEFAULT_ADDRESS,
+    DEFAULT_REGISTRY,
+    MAX_SECONDS,
+    Settings,
+    check_registry_spec,
+    load_settings,
+    resolve_authkey,
+)
 from .errors import AuthenticationError, ConfigError, ConnectionClosed, RemoteError, RPCError, StartupError
 from .logs import LOG_FORMATS, LOG_LEVELS, make_logger
 
 __all__ = ["main", "format_result"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 CALL_EPILOG = """\
 Options may come before or after the arguments. An argument that starts with a
@@ -36,16 +47,17 @@ others after --, which ends the options: rpc call echo -- -x
 """
 
 
-def _positive(kind: Callable[[str], Any], words: str) -> Callable[[str], Any]:
-    """An argparse type: ``kind`` of the text, finite and above zero."""
+def _positive(kind: Callable[[str], Any], words: str, maximum: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` of the text, finite, above zero and at most ``maximum``."""
+    bound = f" and at most {maximum}" if maximum is not None else ""
 
     def convert(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {words} > 0, not {text!r}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"must be {words} > 0, not {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {words} > 0{bound}, not {text!r}") from None
+        if not math.isfinite(value) or value <= 0 or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {words} > 0{bound}, not {text!r}")
         return value
 
     convert.__name__ = kind.__name__
@@ -54,11 +66,14 @@ def _positive(kind: Callable[[str], Any], words: str) -> Callable[[str], Any]:
 
 def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and the parser of each command."""
-    parser = argparse.ArgumentParser(prog="rpc", description="Serve and call Python functions over rpc.")
+    # allow_abbrev=False: an abbreviated or misspelt option (--addres) is an error, not a guess.
+    parser = argparse.ArgumentParser(
+        prog="rpc", description="Serve and call Python functions over rpc.", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"rpc {__version__}", help="print the version")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--config", metavar="FILE", help="TOML config file (default: $RPC_CONFIG, else none)")
     common.add_argument(
         "--address",
@@ -70,11 +85,14 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
         metavar="FILE",
         dest="authkey_file",
         help="file holding the authkey; given, it wins over $RPC_AUTHKEY (default: the key in $RPC_AUTHKEY, "
-        "else the file $RPC_AUTHKEY_FILE, else the config's authkey_file, else ~/.config/rpc/authkey)",
+        "else the file $RPC_AUTHKEY_FILE, else the config's authkey_file, else $XDG_CONFIG_HOME/rpc/authkey, "
+        "else ~/.config/rpc/authkey)",
     )
 
     def command(name: str, help: str, **options: Any) -> argparse.ArgumentParser:
-        return commands.add_parser(name, parents=[common], help=help, description=help, **options)
+        return commands.add_parser(
+            name, parents=[common], help=help, description=help, allow_abbrev=False, **options
+        )
 
     serve = command("serve", "run the server until SIGTERM or Ctrl-C")
     serve.add_argument(
@@ -111,10 +129,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     )
     call.add_argument(
         "--timeout",
-        type=_positive(float, "a number"),
+        type=_positive(float, "a number", MAX_SECONDS),  # longer overflows the system's timeouts
         default=60.0,
         metavar="SECONDS",
-        help="seconds to wait for the result (default: 60)"
+        help=f"seconds to wait for the result, at most {MAX_SECONDS} (a year) (default: 60)",
     )
     call.add_argument("--verbose", "-v", action="store_true", help="print the remote traceback of an error")
 
@@ -168,11 +186,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except StartupError as exc:
         print(f"rpc: cannot start: {exc}{_startup_hint(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    except _BadArgument as exc:
+        print(f"rpc {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except RPCError as exc:
         _print_error(exc, getattr(args, "verbose", False))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return EXIT_FAILED
+        # The request may have reached the server: interrupting the client does not cancel it.
+        running = "; the call may still be running on the server" if args.command == "call" else ""
+        print(f"rpc: interrupted{running}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _settings(args: argparse.Namespace, environ: Mapping[str, str], *names: str) -> Settings:
@@ -199,9 +223,8 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     settings = _settings(args, environ, "registry", "workers", "log_format", "log_level")
     settings.server_config(b"\0" * 32)  # every setting is valid before anything is created
-    # Like `python -m`, let IMPORT_STRING name modules in the current folder.
-    sys.path.insert(0, os.getcwd())
-    _check_importable(check_registry_spec(settings.registry))
+    shadow = _add_current_folder()
+    _check_importable(check_registry_spec(settings.registry), shadow)
     authkey, key_file, created = resolve_authkey(settings, environ, create=True)
     config = settings.server_config(authkey)
     log = make_logger(config.log_level, config.log_format, component="rpc.daemon")
@@ -211,7 +234,42 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return daemon.serve(server, log)
 
 
-def _check_importable(spec: str) -> None:
+def _add_current_folder() -> str | None:
+    """Like `python -m`, let IMPORT_STRING name modules in the current folder.
+
+    The folder goes last on the path, so it cannot hide an installed package from
+    the handlers, which import with this path. One case remains: a folder here
+    named ``rpc`` (say, a clone of rpc's repository) hides an rpc installed in
+    editable mode, whose finder runs after the path is searched. Then the current
+    folder is left off, and its ``rpc`` returned to explain a registry not found.
+    """
+    folder = os.getcwd()
+    if folder in sys.path:  # `python -m rpc` put it first already
+        return None
+    sys.path.append(folder)
+    if _finds_this_rpc():
+        return None
+    sys.path.remove(folder)
+    return os.path.join(folder, "rpc")
+
+
+def _finds_this_rpc() -> bool:
+    """Whether a fresh import of ``rpc`` (in a handler) finds this very package."""
+    this = sys.modules[__package__].__spec__
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        if find_spec is None:
+            continue
+        try:
+            spec = find_spec(__package__, None)
+        except Exception:
+            continue
+        if spec is not None:
+            return this is not None and spec.origin == this.origin
+    return True  # nothing else claims the name
+
+
+def _check_importable(spec: str, shadow: str | None = None) -> None:
     """Fail early, once, as a config error, when the registry's module cannot be found.
 
     This finds the module without running it (only its parent packages are
@@ -227,6 +285,12 @@ def _check_importable(spec: str) -> None:
     except Exception as exc:  # a parent package that fails as it is imported
         raise ConfigError(f"registry {spec!r}: importing {module!r} failed: {type(exc).__name__}: {exc}") from None
     if found is None:
+        if shadow is not None:
+            raise ConfigError(
+                f"registry {spec!r}: no module named {module!r} on sys.path; the current folder was left off "
+                f"because its {shadow} would hide the rpc package from the handlers: rename that folder, or "
+                "run rpc serve from a folder without one"
+            )
         raise ConfigError(f"registry {spec!r}: no module named {module!r} (from {os.getcwd()} and sys.path)")
 
 
@@ -262,6 +326,10 @@ def _key_source(settings: Settings, key_file: Path | None) -> str:
         return "RPC_AUTHKEY"
     source = settings.sources.get("authkey_file")
     return f"the default file {key_file}" if source is None else f"{key_file}, named by {source}"
+
+
+class _BadArgument(Exception):
+    """An argument of ``rpc call`` that cannot be read (a usage error)."""
 
 
 def _call(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -309,11 +377,33 @@ def _parse_arguments(texts: Sequence[str]) -> tuple[list[Any], dict[str, Any]]:
     return positional, keywords
 
 
+@contextlib.contextmanager
+def _any_int_digits() -> Iterator[None]:
+    """Lift Python's limit of 4300 digits for int <-> str, for the user's own values.
+
+    The limit guards servers against costly conversions of untrusted text; here
+    the numbers are the user's arguments and the results they asked for.
+    """
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        yield
+    finally:
+        sys.set_int_max_str_digits(limit)
+
+
 def _literal(text: str) -> Any:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        with _any_int_digits():
+            return json.loads(text)
+    except RecursionError:
+        raise _BadArgument(f"argument {_quote(text)} nests too deeply to read as JSON") from None
+    except ValueError:  # JSONDecodeError, and any other value json refuses
         return text  # plain words need no JSON quotes
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def format_result(value: Any) -> str:
@@ -324,15 +414,16 @@ def format_result(value: Any) -> str:
     bytes, datetimes, NaN, non-string keys, ...) would be changed by JSON, so the
     readable and faithful repr of the whole value is printed instead.
     """
-    if _is_json(value):
+    with _any_int_digits():  # a result may be an int of any size
+        if _is_json(value):
+            try:
+                return json.dumps(value, ensure_ascii=False, allow_nan=False)
+            except (ValueError, RecursionError):
+                pass
         try:
-            return json.dumps(value, ensure_ascii=False, allow_nan=False)
-        except (ValueError, RecursionError):
-            pass
-    try:
-        return repr(value)
-    except RecursionError:
-        return f"<a {type(value).__name__} nested too deeply to print>"
+            return repr(value)
+        except RecursionError:
+            return f"<a {type(value).__name__} nested too deeply to print>"
 
 
 def _is_json(value: Any) -> bool:

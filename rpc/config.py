@@ -38,10 +38,20 @@ __all__ = [
 
 START_METHODS = ("spawn", "forkserver")
 
+#: the largest value of any setting in seconds: one year. Larger values (or infinity)
+#: overflow the operating system's timeouts and would fail every connection.
+MAX_SECONDS = 365 * 24 * 3600
+#: larger values overflow listen() and setrlimit() (the kernel caps the backlog lower anyway)
+MAX_BACKLOG = 65535
+MAX_MEMORY_LIMIT = 2**62
+
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Every setting of a server. Build with keywords; invalid values raise :class:`ConfigError`."""
+    """Every setting of a server. Build with keywords; invalid values raise :class:`ConfigError`.
+
+    Durations are seconds, finite and at most :data:`MAX_SECONDS` (one year).
+    """
 
     address: Address = ("127.0.0.1", 0)
     #: None: no authentication (refused on non-loopback addresses). Never shown in repr.
@@ -102,13 +112,13 @@ class ServerConfig:
             )
         _positive_int(self, "workers")
         _positive_int(self, "max_message_bytes")
-        _positive_int(self, "backlog")
+        _positive_int(self, "backlog", MAX_BACKLOG)
         _non_negative_int(self, "max_pending")
         for name in ("handshake_timeout", "shutdown_grace", "startup_timeout", "send_timeout"):
             _non_negative_number(self, name)
         _positive_int(self, "max_outbox_bytes")
         if self.handler_memory_limit is not None:
-            _positive_int(self, "handler_memory_limit")
+            _positive_int(self, "handler_memory_limit", MAX_MEMORY_LIMIT)
         for name in ("max_call_seconds", "idle_timeout"):
             if getattr(self, name) is not None:
                 _non_negative_number(self, name)
@@ -135,10 +145,12 @@ def _invalid(name: str, message: str) -> ConfigError:
     return error
 
 
-def _positive_int(config: ServerConfig, name: str) -> None:
+def _positive_int(config: ServerConfig, name: str, maximum: int | None = None) -> None:
     value = getattr(config, name)
     if type(value) is not int or value < 1:
         raise _invalid(name, f"must be a whole number >= 1, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise _invalid(name, f"must be a whole number from 1 to {maximum}, not {value!r}")
 
 
 def _non_negative_int(config: ServerConfig, name: str) -> None:
@@ -148,9 +160,10 @@ def _non_negative_int(config: ServerConfig, name: str) -> None:
 
 
 def _non_negative_number(config: ServerConfig, name: str) -> None:
+    """A duration in seconds: finite, >= 0 and at most :data:`MAX_SECONDS`."""
     value = getattr(config, name)
-    if type(value) not in (int, float) or value < 0 or value != value:
-        raise _invalid(name, f"must be a number >= 0, not {value!r}")
+    if type(value) not in (int, float) or not 0 <= value <= MAX_SECONDS:  # refuses NaN and infinity too
+        raise _invalid(name, f"must be a number of seconds from 0 to {MAX_SECONDS} (one year), not {value!r}")
 
 
 # -- the daemon's settings: file, environment, flags ------------------------------------
@@ -209,12 +222,29 @@ def check_registry_spec(text: str) -> str:
     module, sep, attribute = text.partition(":")
     parts = module.split(".") + attribute.split(".")
     if not sep or not all(part.isidentifier() for part in parts):
-        hint = f"; did you mean '{text}:registry'?" if not sep and all(p.isidentifier() for p in parts[:-1]) else ""
+        hint = _module_of_path(module, attribute or "registry")
+        if not hint and not sep and all(p.isidentifier() for p in parts[:-1]):
+            hint = f"; did you mean '{text}:registry'?"
         raise ConfigError(
             f"registry {text!r} must look like 'pkg.module:registry' "
             f"(a module, a colon, and the name of the rpc.Registry in it){hint}"
         )
     return text
+
+
+def _module_of_path(path: str, attribute: str) -> str:
+    """A hint naming the module of a file path such as ``myapp/api.py``, or ""."""
+    if not (path.endswith(".py") or "/" in path or os.sep in path):
+        return ""
+    file = Path(path)
+    parts = (file.parent / file.stem if file.suffix == ".py" else file).parts
+    if file.is_absolute():
+        module, where = file.stem, f" (run from {file.parent})"
+    else:
+        module, where = ".".join(p for p in parts if p not in (".", "")), ""
+    if not all(part.isidentifier() for part in module.split(".")):
+        return ""
+    return f"; did you mean '{module}:{attribute}'{where}? (an import string names a module, not a file)"
 
 
 @dataclass(frozen=True)
@@ -298,7 +328,11 @@ def load_settings(
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         for key, value in document.items():
             if key not in FILE_KEYS:
-                raise ConfigError(f"{path}: unknown key {key!r}; allowed keys: {', '.join(FILE_KEYS)}")
+                close = difflib.get_close_matches(key, FILE_KEYS, n=1, cutoff=0.8)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                if key == "authkey":
+                    hint = "the key itself never goes in a config file: name a key file with authkey_file; "
+                raise ConfigError(f"{path}: unknown key {key!r}; {hint}allowed keys: {', '.join(FILE_KEYS)}")
             values[key] = _check_type(key, value, str(path))
             sources[key] = str(path)
     for key, kind in FILE_KEYS.items():
@@ -311,7 +345,9 @@ def load_settings(
             values[key] = value
             sources[key] = "--" + key.replace("_", "-")
     authkey = environ.get("RPC_AUTHKEY")
-    return Settings(values, sources, Path(path) if path else None, authkey.encode() if authkey else None)
+    # os.fsencode gives back the variable's exact bytes: os.environ holds bytes that are
+    # not UTF-8 as surrogate escapes, which a plain encode() refuses.
+    return Settings(values, sources, Path(path) if path else None, os.fsencode(authkey) if authkey else None)
 
 
 def _check_variables(environ: Mapping[str, str]) -> None:

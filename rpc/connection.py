@@ -53,6 +53,7 @@ class ClientConnection:
         self.closed = False
         self.broken = False  # a send failed or timed out: nothing more can be sent
         self.broken_reason = ""
+        self.broken_level = "warning"
         self.drop_reason: str | None = None  # why the server ended this connection, if it did
         self.drop_level = "warning"
         self.pending = 0  # calls accepted from this client and not yet answered
@@ -157,12 +158,14 @@ class ClientConnection:
         if isinstance(exc, (BlockingIOError, TimeoutError)):
             self._break_with("it stopped reading its replies (a send made no progress within send_timeout)")
         else:
-            self._break_with(f"sending a reply failed: {exc.strerror or exc}")
+            # A closed or reset peer went away (after its own CallTimeout, say): no fault, so info.
+            gone = isinstance(exc, (BrokenPipeError, ConnectionResetError))
+            self._break_with(f"sending a reply failed: {exc.strerror or exc}", "info" if gone else "warning")
 
-    def _break_with(self, reason: str) -> None:
+    def _break_with(self, reason: str, level: str = "warning") -> None:
         """Under the lock: stop sending for ``reason``, and wake the reader so it drops the connection."""
         if not self.broken:
-            self.broken_reason = reason
+            self.broken_reason, self.broken_level = reason, level
         self.broken = True
         self._outbox.clear()
         self._outbox_bytes = 0
@@ -189,7 +192,7 @@ class ClientConnection:
             if self.drop_reason is not None:
                 return self.drop_reason, self.drop_level
             if self.broken:
-                return self.broken_reason, "warning"
+                return self.broken_reason, self.broken_level
             return None
 
     def waiting_request_id(self) -> int | None:

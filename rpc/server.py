@@ -19,7 +19,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from . import __version__, protocol, transport
-from .config import ServerConfig
+from .config import ServerConfig, check_registry_spec
 from .errors import (
     AuthenticationError,
     ConfigError,
@@ -70,7 +70,8 @@ class Server:
         if config is not None and options:
             raise ConfigError("pass either config= or server options, not both")
         self.config = config if config is not None else ServerConfig.build(address=address, **options)
-        self.registry_spec = registry if isinstance(registry, str) else import_string_of(registry)
+        # A malformed import string fails here, once, not in every handler as it starts.
+        self.registry_spec = check_registry_spec(registry) if isinstance(registry, str) else import_string_of(registry)
         config = self.config
         self._log_stream = open_log_file(config.log_file) if config.log_file else None
         self._log = make_logger(config.log_level, config.log_format, self._log_stream, component="rpc.server")
@@ -333,7 +334,10 @@ class Server:
                 timed_out = client.timed_out
                 client.handshake_deadline = None
             reason = "handshake timed out" if timed_out else (client.drop_reason or _reason(exc))
-            log.warning("client_rejected", reason=reason)
+            # A peer that closes without a word (a port probe, `rpc serve` checking a socket in
+            # use) went away: info. A stalled or wrong handshake is a fault: warning.
+            gone = not timed_out and client.drop_reason is None and isinstance(exc, _GONE)
+            (log.info if gone else log.warning)("client_rejected", reason=reason)
             return False
         with self._lock:
             client.handshake_deadline = None
@@ -434,6 +438,9 @@ def _log_end(client: ClientConnection, log: Any, error: str | None = None) -> No
     else:
         reason, level = ended
         getattr(log, level)("client_dropped", reason=reason)
+
+
+_GONE = (EOFError, BrokenPipeError, ConnectionResetError)  # the peer closed its end
 
 
 def _reason(exc: BaseException) -> str:

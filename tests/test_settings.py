@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -193,3 +194,46 @@ def test_an_oversized_key_file_is_refused(tmp_path):
     path.write_bytes(b"k" * (1 << 20))
     with pytest.raises(rpc.ConfigError, match="should hold one key"):
         read_authkey_file(path)
+
+
+@pytest.mark.parametrize(
+    "text, hint",
+    [
+        ("adress = '127.0.0.1:1'\n", "unknown key 'adress'; did you mean 'address'?"),
+        ("send_timout = 3\n", "unknown key 'send_timout'; did you mean 'send_timeout'?"),
+        ("authkey = 'x'\n", "unknown key 'authkey'; the key itself never goes in a config file: name a key file with authkey_file"),
+    ],
+)
+def test_a_misspelt_config_file_key_suggests_the_right_one(tmp_path, text, hint):
+    path = _file(tmp_path, text)
+    with pytest.raises(rpc.ConfigError, match=f"{path}: " + re.escape(hint)):
+        load_settings(path, {}, {})
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e20", "infinity"])
+@pytest.mark.parametrize("name", ["send_timeout", "handshake_timeout", "shutdown_grace", "startup_timeout", "max_call_seconds", "idle_timeout"])
+def test_durations_that_would_break_the_server_are_refused_naming_the_variable(name, value):
+    variable = "RPC_" + name.upper()
+    with pytest.raises(rpc.ConfigError, match=f"{variable}: {name} must be a number of seconds from 0 to 31536000"):
+        load_settings(None, {variable: value}, {}).server_config(b"k" * 32)
+
+
+def test_an_authkey_that_is_not_utf8_is_read_as_its_exact_bytes(tmp_path):
+    key = b"\xff\xfe" + b"k" * 40
+    env = {"RPC_AUTHKEY": os.fsdecode(key), "XDG_CONFIG_HOME": str(tmp_path)}  # as os.environ holds it
+    assert resolve_authkey(load_settings(None, env, {}), env, create=False)[0] == key
+
+
+@pytest.mark.parametrize(
+    "spec, suggestion",
+    [
+        ("myapp/api.py", "did you mean 'myapp.api:registry'?"),
+        ("./app.py", "did you mean 'app:registry'?"),
+        ("app.py", "did you mean 'app:registry'?"),
+        ("myapp/api.py:api", "did you mean 'myapp.api:api'?"),
+        ("/srv/code/app.py", "did you mean 'app:registry' (run from /srv/code)?"),
+    ],
+)
+def test_a_file_path_given_as_registry_suggests_its_module(spec, suggestion):
+    with pytest.raises(rpc.ConfigError, match=re.escape(suggestion)):
+        check_registry_spec(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,21 +23,26 @@ class Daemon:
         self.process: subprocess.Popen[str] | None = None
         self.log_path = cwd / "serve.log"
 
-    def rpc(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """Run an `rpc` command to completion."""
+    def rpc(
+        self, *args: str, timeout: float = 60, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run an `rpc` command to completion; with ``cwd``, the installed `rpc` script in that folder."""
+        command = [script()] if cwd is not None else [sys.executable, "-m", "rpc"]
         return subprocess.run(
-            [sys.executable, "-m", "rpc", *args],
-            cwd=self.cwd,
+            [*command, *args],
+            cwd=cwd or self.cwd,
             env=env or self.env,
             capture_output=True,
             text=True,
             timeout=timeout,
         )
 
-    def start(self, *args: str, wait: bool = True) -> subprocess.Popen[str]:
+    def start(self, *args: str, wait: bool = True, cwd: Path | None = None) -> subprocess.Popen[str]:
+        """Start `rpc serve`; with ``cwd``, the installed `rpc` script in that folder (not `python -m`)."""
         log = open(self.log_path, "w")
+        command = [script(), "serve"] if cwd is not None else [sys.executable, "-m", "rpc", "serve"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rpc", "serve", *args], cwd=self.cwd, env=self.env, stdout=log, stderr=log, text=True
+            [*command, *args], cwd=cwd or self.cwd, env=self.env, stdout=log, stderr=log, text=True
         )
         log.close()
         if wait:
@@ -54,6 +60,13 @@ class Daemon:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def script() -> str:
+    """The installed `rpc` console script."""
+    found = shutil.which("rpc", path=os.path.dirname(sys.executable))
+    assert found is not None, "the rpc console script is not installed next to this Python"
+    return found
 
 
 @pytest.fixture

@@ -430,6 +430,7 @@ def test_usage_errors_show_the_commands_own_usage_and_exit_2(daemon):
     for args, usage in [
         (("call", "add", "1", "--timeout", "-5"), "usage: rpc call"),
         (("call", "add", "--timeout", "nan"), "usage: rpc call"),
+        (("call", "add", "--timeout", "1e9"), "usage: rpc call"),  # over a year: would overflow timeouts
         (("call", "add", "--bogus"), "usage: rpc call"),
         (("ping", "--count", "0"), "usage: rpc ping"),
         (("serve", "--workers", "0"), "usage: rpc serve"),
@@ -538,3 +539,122 @@ def test_a_registry_that_fails_to_import_is_reported_once_with_where_it_failed(d
     assert result.stderr.count("RuntimeError: boom at import") == 1  # the traceback's last line
     assert 'broken_app.py", line 3' in result.stderr
     assert "registry_import_failed" not in result.stderr and "importlib" not in result.stderr
+
+
+# -- hardening: odd values, interrupted calls, a folder named rpc, usage ------------------
+
+
+def test_durations_that_would_break_every_connection_are_refused_before_starting(daemon):
+    for variable, value in [("RPC_SEND_TIMEOUT", "inf"), ("RPC_HANDSHAKE_TIMEOUT", "nan"), ("RPC_IDLE_TIMEOUT", "1e20")]:
+        result = daemon.rpc("serve", env={**daemon.env, variable: value}, timeout=30)
+        assert result.returncode == 2, (variable, result.stderr)
+        assert result.stderr.startswith(f"rpc: configuration error: {variable}: ")
+        assert "from 0 to 31536000" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_call_reads_and_prints_integers_of_any_size(daemon):
+    daemon.start("services:registry")
+    digits = "1" * 5000  # over Python's default limit of 4300 digits, both ways
+    result = daemon.rpc("call", "echo", digits)
+    assert (result.returncode, result.stdout, result.stderr) == (0, digits + "\n", "")
+    result = daemon.rpc("call", "add", "9" * 4300, "1")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "1" + "0" * 4300 + "\n", "")
+
+
+def test_an_argument_nested_too_deeply_is_a_usage_error(daemon):
+    _write_key(daemon)
+    result = daemon.rpc("call", "echo", "[" * 50_000 + "]" * 50_000)  # one argument is at most 128 KiB
+    assert result.returncode == 2
+    assert result.stderr == "rpc call: argument '" + "[" * 40 + "...' nests too deeply to read as JSON\n"
+
+
+def test_an_authkey_that_is_not_utf8_works_as_its_exact_bytes(daemon):
+    daemon.env["RPC_AUTHKEY"] = os.fsdecode(b"\xff" + b"k" * 40)  # subprocess passes the byte \xff
+    daemon.start()
+    result = daemon.rpc("call", "add", "1", "2")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "3\n", "")
+    wrong = daemon.rpc("call", "add", "1", "2", env={**daemon.env, "RPC_AUTHKEY": os.fsdecode(b"\xfe" + b"k" * 40)})
+    assert wrong.returncode == 1 and "AuthenticationError" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def _interrupted_as_python_would_be() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a SIGINT ignored by whoever started pytest is not inherited
+
+
+def test_ctrl_c_on_call_says_the_call_may_still_run_and_exits_130(daemon, tmp_path):
+    import subprocess
+    import sys
+
+    daemon.start("--workers", "1", "services:registry")
+    gate = Gate(tmp_path)
+    caller = subprocess.Popen(
+        [sys.executable, "-m", "rpc", "call", "hold", *gate.args(), "done"],
+        cwd=daemon.cwd,
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_interrupted_as_python_would_be if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else None,
+    )
+    try:
+        gate.wait_started()  # the call runs on the server
+        caller.send_signal(signal.SIGINT)
+        stdout, stderr = caller.communicate(timeout=30)
+    finally:
+        gate.open()
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(10)
+    assert (caller.returncode, stdout) == (130, "")
+    assert stderr == "rpc: interrupted; the call may still be running on the server\n"
+
+
+def test_a_folder_named_rpc_in_the_current_folder_does_not_hide_rpc_from_the_handlers(daemon, tmp_path):
+    import sysconfig
+
+    here = tmp_path / "parent-of-a-clone"
+    (here / "rpc").mkdir(parents=True)  # like the folder of a clone of rpc's repository
+    daemon.start("--workers", "1", cwd=here)
+    result = daemon.rpc("call", "add", "2", "3")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "5\n", "")
+    daemon.stop()
+
+    # A registry in that folder: served if rpc is installed normally; if it is installed in
+    # editable mode, the folder named rpc would hide it, so rpc serve explains and stops.
+    (here / "mine.py").write_text("import rpc\nregistry = rpc.Registry()\nregistry.register(lambda: 7, name='seven')\n")
+    editable = not Path(rpc.__file__).is_relative_to(sysconfig.get_paths()["purelib"])
+    if editable:
+        refused = daemon.rpc("serve", "mine:registry", cwd=here)
+        assert refused.returncode == 2, refused.stderr
+        assert str(here / "rpc") in refused.stderr and "would hide the rpc package" in refused.stderr
+        assert len(refused.stderr.splitlines()) == 1
+    else:
+        daemon.start("--workers", "1", "mine:registry", cwd=here)
+        assert daemon.rpc("call", "seven").stdout == "7\n"
+
+
+def test_abbreviated_options_are_refused(daemon):
+    for args in [("call", "add", "1", "--addres", "x:1"), ("serve", "--work", "2"), ("ping", "--cou", "2")]:
+        result = daemon.rpc(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "unrecognized arguments" in result.stderr, (args, result.stderr)
+
+
+def test_help_names_the_default_key_file_under_xdg_config_home(daemon):
+    for command in ("serve", "call", "methods", "ping"):
+        text = " ".join(daemon.rpc(command, "--help").stdout.split())
+        assert "else $XDG_CONFIG_HOME/rpc/authkey, else ~/.config/rpc/authkey)" in text, command
+
+
+def test_a_misspelt_config_key_suggests_the_right_one(daemon):
+    config = daemon.cwd / "typo.toml"
+    config.write_text("adress = '127.0.0.1:1'\n")
+    result = daemon.rpc("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert f"{config}: unknown key 'adress'; did you mean 'address'?" in result.stderr
+
+
+def test_a_file_path_as_registry_suggests_the_module(daemon):
+    result = daemon.rpc("serve", "myapp/api.py")
+    assert result.returncode == 2
+    assert "did you mean 'myapp.api:registry'?" in result.stderr and len(result.stderr.splitlines()) == 1
