@@ -34,6 +34,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import __version__, framing, protocol, transport
+from .config import MAX_SECONDS
 from .errors import (
     CallTimeout,
     ConfigError,
@@ -53,13 +54,16 @@ _DEFAULT: Any = object()
 
 
 def _check_timeout(value: Any, name: str = "timeout") -> float | None:
-    """A timeout is None or a finite number of seconds > 0; anything else is refused."""
+    """A timeout is None or a number of seconds > 0 and at most a year; anything else is refused.
+
+    (Beyond a year, deadlines overflow what poll() and the socket timeouts accept.)
+    """
     if value is None:
         return None
     if type(value) not in (int, float):
         raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
-    if not 0 < value < math.inf:  # also refuses NaN
-        raise ValueError(f"{name} must be a finite number of seconds > 0, or None, not {value!r}")
+    if not 0 < value <= MAX_SECONDS:  # also refuses NaN and infinity
+        raise ValueError(f"{name} must be a number of seconds > 0 and at most {MAX_SECONDS} (a year), or None, not {value!r}")
     return value
 
 
@@ -145,7 +149,7 @@ class Client:
         authkey = _check_authkey(authkey)
         self._timeout = _check_timeout(timeout)
         if _check_timeout(connect_timeout, "connect_timeout") is None:
-            raise ValueError("connect_timeout must be a finite number of seconds > 0, not None")
+            raise ValueError("connect_timeout must be a number of seconds > 0 and at most a year, not None")
         self.address = address = transport._check_address(address)
         self._max_message_bytes = max_message_bytes
         deadline = time.monotonic() + connect_timeout
