@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 
+from helpers import wait_for
 from rpc.handler_output import MAX_LINE_CHARS, OutputRouter
 from rpc.logs import dropped_lines, make_logger, open_log_file, report_dropped
 from rpc.testing import serve
@@ -358,3 +359,35 @@ def test_a_real_handler_logs_bytes_thread_output_and_long_lines_as_bounded_event
         ("after", "print_bytes", None),
     ]
     assert all(len(e["line"]) <= MAX_LINE_CHARS for e in events)
+
+
+# -- a repeated warning -----------------------------------------------------------------------
+
+
+def test_a_throttled_warning_logs_the_first_then_counts_until_the_interval_has_passed():
+    from rpc.logs import Throttle
+
+    stream = io.StringIO()
+    log = make_logger(fmt="json", stream=stream)
+    throttle = Throttle("thing_dropped", interval=3600)  # no timer fires during the test
+    for i in range(1000):
+        throttle(log, item=i)
+    (first,) = _events(stream.getvalue())
+    assert (first["event"], first["count"], first["item"], first["level"]) == ("thing_dropped", 1, 0, "warning")
+    throttle.flush()  # as a server does when it stops
+    throttle.flush()  # nothing more to say
+    summary = _events(stream.getvalue())[1:]
+    assert [(e["count"], e["item"]) for e in summary] == [(999, 999)]
+
+
+def test_a_burst_that_stops_is_still_summed_up_after_the_interval():
+    from rpc.logs import Throttle
+
+    stream = io.StringIO()
+    log = make_logger(fmt="json", stream=stream)
+    throttle = Throttle("thing_dropped", interval=0.05)
+    for i in range(1000):
+        throttle(log, item=i)
+    # Nothing more happens, yet the count arrives (a timer logs it).
+    assert wait_for(lambda: sum(e["count"] for e in _events(stream.getvalue())) == 1000, timeout=30)
+    assert _events(stream.getvalue())[-1]["item"] == 999
