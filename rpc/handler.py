@@ -88,7 +88,7 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
             return execute_request(registry, request, settings, note_method)
         finally:
             if output is not None:
-                output.method = None
+                output.end_call()
 
     def log_call(request: protocol.Request, reply: bytes, started: float) -> None:
         if settings.access_log:
@@ -107,7 +107,7 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
             if kind is None:
                 reply = execute(registry, frame, settings, note_method)
                 if output is not None:
-                    output.method = None
+                    output.end_call()
                 conn.send_bytes(reply)
             elif kind == protocol.LEASE and state is not None:
                 conn.send_bytes(

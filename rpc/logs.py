@@ -8,6 +8,11 @@ Logging never takes a process down: a line that cannot be written (a closed
 terminal, a pipe whose reader went away, a full disk, a closed file) is dropped
 and counted, and the count is logged as ``log_lines_dropped`` as soon as a line
 can be written again, and at shutdown (:func:`report_dropped`).
+
+Lines stay bounded and whole: a text field longer than :data:`MAX_FIELD_CHARS` is
+cut (with a marker saying how much), a line logged from a signal handler while its
+thread is writing one follows that line instead of deadlocking or splitting it, and
+a warning that can repeat without limit can be throttled (:class:`Throttle`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
+from collections import deque
 from typing import Any, TextIO
 
 import structlog
@@ -31,12 +38,19 @@ __all__ = [
     "dropped_lines",
     "report_dropped",
     "Logger",
+    "MAX_FIELD_CHARS",
+    "cut_text",
+    "Throttle",
 ]
 
 LOG_FORMATS = ("auto", "console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 Logger = Any  # a structlog bound logger; structlog's own typing is looser than mypy likes
+
+# The most characters a text field of a log event keeps: a 20 MiB message is not a log line.
+MAX_FIELD_CHARS = 64 * 1024
+_MARKER_ROOM = 40  # characters kept free for the marker, so a cut text stays within the limit
 
 
 def open_log_file(path: str) -> TextIO:
@@ -80,6 +94,7 @@ def make_logger(level: str = "info", fmt: str = "auto", stream: TextIO | None = 
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _add_pid,
+            _cut_long_texts,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
@@ -87,6 +102,77 @@ def make_logger(level: str = "info", fmt: str = "auto", stream: TextIO | None = 
     logger = logger.bind(**context) if context else logger
     sink.reporter = logger
     return logger
+
+
+def cut_text(text: str, limit: int = MAX_FIELD_CHARS, more: int = 0) -> str:
+    """``text`` in at most ``limit`` characters: its start and a marker saying how many were cut.
+
+    ``more`` counts characters left out before (the rest of a line already thrown away).
+    A text that fits, with nothing left out, is returned unchanged.
+    """
+    if len(text) <= limit and more == 0:
+        return text
+    keep = max(0, min(len(text), limit - _MARKER_ROOM))
+    return f"{text[:keep]}... [{len(text) - keep + more} characters cut]"
+
+
+class Throttle:
+    """One warning that may repeat without limit, logged at most once per ``interval`` seconds.
+
+    The first occurrence is logged at once with ``count=1``; later ones are counted, and
+    a summary (the fields of the last one, and ``count``: how many since the previous
+    line) is logged when the interval has passed, by the next occurrence or by a timer,
+    so a burst that stops is still reported. :meth:`flush` logs what is counted now.
+    Thread-safe; ``log`` may differ per call (the summary uses the last one).
+    """
+
+    def __init__(self, event: str, interval: float = 1.0, level: str = "warning") -> None:
+        self.event = event
+        self.interval = interval
+        self.level = level
+        self._lock = threading.Lock()
+        self._next = 0.0  # the monotonic time when a line may be logged again
+        self._count = 0  # occurrences not logged yet
+        self._last: tuple[Logger, dict[str, Any]] | None = None
+        self._timer: threading.Timer | None = None
+
+    def __call__(self, log: Logger, **fields: Any) -> None:
+        with self._lock:
+            self._count += 1
+            self._last = (log, fields)
+            now = time.monotonic()
+            due = now >= self._next
+            if due:
+                self._next = now + self.interval
+            elif self._timer is None:
+                self._start_timer(self._next - now)
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Log the occurrences counted so far, if any (a server calls this as it shuts down)."""
+        with self._lock:
+            count, last, timer = self._count, self._last, self._timer
+            self._count, self._timer = 0, None
+        if timer is not None:
+            timer.cancel()
+        if count and last is not None:
+            log, fields = last
+            getattr(log, self.level)(self.event, **fields, count=count)
+
+    def _start_timer(self, delay: float) -> None:
+        timer = threading.Timer(max(delay, 0.0), self._on_timer)
+        timer.daemon = True
+        try:
+            timer.start()
+        except RuntimeError:  # no thread to be had: the next occurrence or flush() reports
+            return
+        self._timer = timer
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._next = time.monotonic() + self.interval
+        self.flush()
 
 
 def dropped_lines(log: Logger) -> int:
@@ -106,28 +192,48 @@ def report_dropped(log: Logger) -> None:
 
 
 class _Output:
-    """One stream shared by every logger that writes to it: one lock, one count of drops."""
+    """One stream shared by every logger that writes to it: one lock, one count of drops.
+
+    The lock is reentrant because a signal handler runs on the thread it interrupts,
+    maybe in the middle of a write: a line it logs then is held back and written
+    right after the interrupted one, never inside it (and never waits for a lock
+    its own thread holds, which would hang that thread for good).
+    """
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.reporting = threading.Lock()  # one report of drops at a time
         self.dropped = 0
         self.reported = 0
         self.error = ""  # the last write error, for the report
+        self.writing = False  # the lock's holder is in the middle of a line
+        self.held_back: deque[tuple[str, bool]] = deque()  # lines a signal handler logged meanwhile
 
     def write_line(self, line: str, count: bool = True) -> bool:
         """Write and flush one line (one write, so processes sharing the stream never interleave)."""
         with self.lock:
-            try:
-                self.stream.write(line + "\n")
-                self.stream.flush()
+            if self.writing:  # only this thread can be here: a signal handler interrupted it
+                self.held_back.append((line, count))
                 return True
-            except (OSError, ValueError) as exc:  # ValueError: a closed file, or an unencodable line
-                if count:
-                    self.dropped += 1
-                    self.error = f"{type(exc).__name__}: {exc}"
-                return False
+            written = self._write(line, count)
+            while self.held_back:
+                self._write(*self.held_back.popleft())
+            return written
+
+    def _write(self, line: str, count: bool) -> bool:
+        self.writing = True
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            return True
+        except (OSError, ValueError) as exc:  # ValueError: a closed file, or an unencodable line
+            if count:
+                self.dropped += 1
+                self.error = f"{type(exc).__name__}: {exc}"
+            return False
+        finally:
+            self.writing = False
 
 
 _outputs: weakref.WeakKeyDictionary[Any, _Output] = weakref.WeakKeyDictionary()
@@ -194,6 +300,14 @@ def _sink_of(log: Logger) -> _SafeWriteLogger:
 def _add_pid(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     """Every line says which process it is about: the emitting one unless it names another."""
     event.setdefault("pid", os.getpid())
+    return event
+
+
+def _cut_long_texts(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Every text field (the event name too) within MAX_FIELD_CHARS, so no line is huge."""
+    for key, value in event.items():
+        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            event[key] = cut_text(value)
     return event
 
 

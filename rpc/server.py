@@ -30,7 +30,7 @@ from .errors import (
 )
 from .connection import ClientConnection
 from .handler import HandlerSettings
-from .logs import make_logger, open_log_file
+from .logs import Throttle, make_logger, open_log_file
 from .registry import Registry, import_string_of
 from .supervisor import Call, HandlerPool, PoolSettings
 
@@ -75,6 +75,8 @@ class Server:
         config = self.config
         self._log_stream = open_log_file(config.log_file) if config.log_file else None
         self._log = make_logger(config.log_level, config.log_format, self._log_stream, component="rpc.server")
+        # A client can send notifications faster than anything can log each one dropped.
+        self._notification_dropped = Throttle("notification_dropped")
         self._pool = HandlerPool(
             PoolSettings(
                 workers=config.workers,
@@ -184,6 +186,7 @@ class Server:
             self._listener.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        self._notification_dropped.flush()
         self._log.info("shutdown_finished", connections=len(clients), unfinished_calls=unfinished)
         _running_servers.discard(self)
         self._close_log()
@@ -422,7 +425,7 @@ class Server:
                 try:
                     submit(Call(None, None, envelope.method, frame, None))
                 except ServerBusy:
-                    log.warning("notification_dropped", method=envelope.method, reason="server busy")
+                    self._notification_dropped(log, method=envelope.method, reason="server busy")
             # Cancel is reserved in this protocol version, and a second hello means nothing.
 
 
