@@ -37,6 +37,7 @@ from .supervisor import Call, HandlerPool, PoolSettings
 __all__ = ["Server"]
 
 PING = "_rpc.ping"
+_SIGNAL_CHECK_SECONDS = 0.2
 HOUSEKEEPING_INTERVAL = 0.05  # seconds: the resolution of handshake and call deadlines
 _DESCRIPTOR_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -151,9 +152,15 @@ class Server:
         return self
 
     def serve_forever(self) -> None:
-        """Start if needed, then block until :meth:`close` is called (from another thread)."""
+        """Start if needed, then block until :meth:`close` is called (from another thread).
+
+        Ctrl-C (SIGINT) raises KeyboardInterrupt here, as in any Python program.
+        """
         self.start()
-        self._closed.wait()
+        # Wait in short steps: the kernel may deliver a signal to any of the server's
+        # threads, and a wait with no timeout would not wake to run its Python handler.
+        while not self._closed.wait(_SIGNAL_CHECK_SECONDS):
+            pass
 
     def close(self, grace: float | None = None) -> None:
         """Stop accepting, let calls in flight finish within ``grace`` s, stop the handlers."""

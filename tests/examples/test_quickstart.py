@@ -15,7 +15,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
 
 
 def test_quickstart_server_and_client():
-    env = {**os.environ, "RPC_AUTHKEY": secrets.token_hex(32)}
+    # PYTHONFAULTHANDLER: a server that does not stop is made to print every thread's stack.
+    env = {**os.environ, "RPC_AUTHKEY": secrets.token_hex(32), "PYTHONFAULTHANDLER": "1"}
     server = subprocess.Popen(
         [sys.executable, "server.py"], cwd=EXAMPLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -36,7 +37,11 @@ def test_quickstart_server_and_client():
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            server.send_signal(signal.SIGABRT)  # faulthandler prints the stacks, then the process ends
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     assert server.returncode == 0, server.stderr.read()
     assert env["RPC_AUTHKEY"] not in server.stderr.read()

@@ -6,9 +6,12 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import Client as RawClient
+from pathlib import Path
 
 import pytest
 
@@ -352,3 +355,37 @@ def _ignore(function, *args):
         function(*args)
     except rpc.RPCError:
         pass
+
+
+SERVE_FOREVER = r"""
+import signal, sys, tempfile, threading, os
+import rpc
+
+def interrupt_from_another_thread(server):
+    server._started_event.wait()
+    other = next(t for t in threading.enumerate() if t.name == "rpc-housekeeping")
+    signal.pthread_kill(other.ident, signal.SIGINT)  # the kernel may pick any thread; pick one
+
+if __name__ == "__main__":
+    folder = tempfile.mkdtemp()
+    server = rpc.Server("services:registry", address=os.path.join(folder, "s.sock"), workers=1, log_level="warning")
+    server._started_event = threading.Event()
+    threading.Thread(target=interrupt_from_another_thread, args=(server,), daemon=True).start()
+    server.start()
+    server._started_event.set()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    server.close()
+    print("closed", flush=True)
+"""
+
+
+def test_ctrl_c_stops_serve_forever_whichever_thread_the_signal_reaches(tmp_path):
+    """SIGINT handled by one of the server's threads must still interrupt serve_forever in the main one."""
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE_FOREVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.split() == ["interrupted", "closed"], result.stderr[-3000:]
