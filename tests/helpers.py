@@ -106,3 +106,15 @@ def still_serves(server) -> None:
     """A valid client's call succeeds."""
     with server.client(timeout=10) as client:
         assert client.add(2, 3) == 5
+
+
+def sigint_as_by_default() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT.
+
+    A process started in the background (``cmd &`` with no job control, nohup) has
+    SIGINT ignored, its children inherit that, and Python then installs no
+    KeyboardInterrupt: reset it so the child behaves as when run from a terminal.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

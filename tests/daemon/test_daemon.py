@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import rpc
-from helpers import Gate, child_pids, wait_for
+from helpers import Gate, child_pids, sigint_as_by_default, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "config" / "rpc.toml")
@@ -577,10 +577,6 @@ def test_an_authkey_that_is_not_utf8_works_as_its_exact_bytes(daemon):
     assert wrong.returncode == 1 and "AuthenticationError" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
-def _interrupted_as_python_would_be() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a SIGINT ignored by whoever started pytest is not inherited
-
-
 def test_ctrl_c_on_call_says_the_call_may_still_run_and_exits_130(daemon, tmp_path):
     import subprocess
     import sys
@@ -594,7 +590,7 @@ def test_ctrl_c_on_call_says_the_call_may_still_run_and_exits_130(daemon, tmp_pa
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_interrupted_as_python_would_be if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else None,
+        preexec_fn=sigint_as_by_default,
     )
     try:
         gate.wait_started()  # the call runs on the server

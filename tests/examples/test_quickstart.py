@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import sigint_as_by_default
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
 
 
@@ -18,7 +20,13 @@ def test_quickstart_server_and_client():
     # PYTHONFAULTHANDLER: a server that does not stop is made to print every thread's stack.
     env = {**os.environ, "RPC_AUTHKEY": secrets.token_hex(32), "PYTHONFAULTHANDLER": "1"}
     server = subprocess.Popen(
-        [sys.executable, "server.py"], cwd=EXAMPLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "server.py"],
+        cwd=EXAMPLE,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_as_by_default,  # the test stops it with Ctrl-C's signal
     )
     try:
         line = server.stdout.readline()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import rpc
-from helpers import Gate, child_pids, log_has, queued_calls, wait_for
+from helpers import Gate, child_pids, log_has, queued_calls, sigint_as_by_default, wait_for
 from rpc import protocol
 from rpc.testing import serve
 
@@ -387,5 +387,7 @@ def test_ctrl_c_stops_serve_forever_whichever_thread_the_signal_reaches(tmp_path
     script = tmp_path / "serve.py"
     script.write_text(SERVE_FOREVER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env, preexec_fn=sigint_as_by_default
+    )
     assert result.stdout.split() == ["interrupted", "closed"], result.stderr[-3000:]
