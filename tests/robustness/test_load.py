@@ -80,6 +80,7 @@ def test_22_soak_killing_a_handler_every_second_fails_only_their_calls(rpc_serve
     stop = threading.Event()
     ok, crashed = [0] * 4, [0] * 4
     unexpected: list[tuple[int, int, Exception]] = []
+    snapshots: list[str] = []
     # Far more calls than a client makes in the soak; the loop ends at the first surprise anyway.
     max_calls = int(seconds * 50_000) + 10_000
 
@@ -95,6 +96,7 @@ def test_22_soak_killing_a_handler_every_second_fails_only_their_calls(rpc_serve
                     crashed[i] += 1
                 except Exception as exc:  # ConnectionClosed (or anything else) ends this client
                     unexpected.append((i, call, exc))
+                    snapshots.append(_server_state(server))  # while the call is still lost, if it is
                     stop.set()
                     return
             unexpected.append((i, max_calls, RuntimeError("the soak never ended")))
@@ -117,10 +119,33 @@ def test_22_soak_killing_a_handler_every_second_fails_only_their_calls(rpc_serve
         t.join(60)
     assert not any(t.is_alive() for t in threads), "a client is still calling"
     log = server.log_text()
-    assert unexpected == [], f"{unexpected} after {kills} kills; dropped: {_lines(log, 'client_dropped')}"
+    assert unexpected == [], f"{unexpected} after {kills} kills; dropped: {_lines(log, 'client_dropped')}\n{snapshots[0]}"
     assert sum(ok) > 100 and sum(crashed) <= kills
     assert "Traceback" not in log
     still_serves(server)
+
+
+def _server_state(test_server) -> str:
+    """The pool's slots and the connections as the server sees them, and every thread's stack: for a failure report."""
+    import faulthandler
+    import tempfile
+
+    pool, server = test_server.server._pool, test_server.server
+    lines = []
+    for slot in pool._slots:
+        call = slot.current
+        lines.append(
+            f"slot {slot.index} pid {slot.pid} current {call and (call.id, call.method, call.answered)} "
+            f"lease {slot.lease and slot.lease.peer} recalled {slot.recalled} state {list(slot.call_state)}"
+        )
+    lines.append(f"idle {[s.index for s in pool._idle]} queued {len(pool._queue)} unanswered {pool._unanswered}")
+    for conn in list(server._connections):
+        lines.append(f"connection pending {conn.pending} broken {conn.broken} drop {conn.drop_reason}")
+    with tempfile.TemporaryFile("w+") as stacks:
+        faulthandler.dump_traceback(stacks, all_threads=True)
+        stacks.seek(0)
+        lines.append(stacks.read())
+    return "\n".join(lines)
 
 
 def _lines(log: str, word: str) -> list[str]:
