@@ -285,14 +285,26 @@ class HandlerPool:
             client.begin_lease()
             # Taken before the pool lock is let go, so no RECALL can come between the two parts.
             slot.lease_lock.acquire()
+        half_sent: OSError | None = None
         try:
             assert conn is not None and pid is not None
             conn.send_bytes(protocol.encode_internal(protocol.LEASE, call.frame, client.peer))
-            reduction.send_handle(conn, client.conn.fileno(), pid)
+            try:
+                reduction.send_handle(conn, client.conn.fileno(), pid)
+            except OSError as exc:
+                half_sent = exc
         except (OSError, AssertionError):
             pass  # the handler died: its slot thread ends the lease
         finally:
             slot.lease_lock.release()
+        if half_sent is not None:
+            # The handler has the LEASE but not the socket: it would wait for it forever, or
+            # take the next message on its pipe for it. Stop it; its slot thread then ends the
+            # lease, and the server runs the call itself.
+            with self._lock:
+                slot.kill_reason = f"the lent socket could not be handed to it: {half_sent}"
+            self._log.warning("lease_failed", slot=slot.index, pid=pid, error=str(half_sent))
+            self._signal(slot, signal.SIGKILL)
         return True
 
     def _recall_one(self) -> _Slot | None:
@@ -564,7 +576,8 @@ class HandlerPool:
                 call.answered = True
             self._idle_changed.notify_all()
         if slot.conn is not None:
-            slot.conn.close()
+            with slot.lease_lock:  # not while try_lease sends on it: its number could be reused meanwhile
+                slot.conn.close()
         self._reap_lease(slot, reason)
         if crashed:
             assert call is not None

@@ -82,3 +82,28 @@ def test_a_timeout_on_a_lent_socket_answers_at_the_deadline(rpc_server):
             client.call("sleep", 10, timeout=0.3)
         assert time.monotonic() - started < 10  # a hang check: the deadline is 0.3 s
         assert client.add(2, 2) == 4
+
+
+def test_a_socket_that_cannot_be_handed_over_ends_the_lease_and_the_call_is_answered(rpc_server, monkeypatch):
+    """The LEASE went out but its socket did not: the handler must not wait for it forever."""
+    from multiprocessing import reduction
+
+    from rpc import supervisor
+
+    server = rpc_server("services:registry", workers=2)
+    failures = []
+    send_handle = reduction.send_handle
+
+    def send_handle_failing_once(conn, handle, pid):
+        if not failures:
+            failures.append(pid)
+            raise OSError("injected: the descriptor could not be sent")
+        return send_handle(conn, handle, pid)
+
+    monkeypatch.setattr(supervisor.reduction, "send_handle", send_handle_failing_once)
+    with server.client(timeout=30) as client:
+        assert [client.add(i, 1) for i in range(5)] == [1, 2, 3, 4, 5]  # the second call is lent
+        assert wait_for(lambda: len(server.handler_pids()) == 2 and failures[0] not in server.handler_pids())
+        assert [client.add(i, 1) for i in range(5)] == [1, 2, 3, 4, 5]  # and lent again, for real
+    assert failures, "no socket was lent"
+    assert "lease_failed" in server.log_text() and "Traceback" not in server.log_text()
