@@ -346,7 +346,7 @@ class Client:
             if self._reader_polling:
                 assert self._wake is not None
                 try:
-                    self._wake[1].send(b"\0")
+                    os.write(self._wake[1].fileno(), b"\0")  # raw bytes on a socket pair: no pickle here
                 except BlockingIOError:
                     pass  # a byte is already waiting to wake it
             elif self._waiters:
