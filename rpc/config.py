@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 START_METHODS = ("spawn", "forkserver")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 #: the largest value of any setting in seconds: one year. Larger values (or infinity)
 #: overflow the operating system's timeouts and would fail every connection.
@@ -88,12 +89,16 @@ class ServerConfig:
     send_timeout: float = 30.0
     #: replies waiting for a slow client beyond which its requests are not read
     max_outbox_bytes: int = 16 * 1024 * 1024
+    #: bytes of requests waiting for a free handler before new ones get ServerBusy
+    max_queue_bytes: int = 256 * 1024 * 1024
     #: close connections with no call in flight and no request for this long; None: never
     idle_timeout: float | None = None
     #: address-space limit of each handler process in bytes (RLIMIT_AS); None: none
     handler_memory_limit: int | None = None
     #: lend a one-call-at-a-time client's socket to a spare handler (the latency fast path)
     lease: bool = True
+    #: the router's event loop: "auto" (uvloop where installed, else asyncio's own), "uvloop" or "asyncio"
+    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", _check_address(self.address))
@@ -117,12 +122,13 @@ class ServerConfig:
         for name in ("handshake_timeout", "shutdown_grace", "startup_timeout", "send_timeout"):
             _non_negative_number(self, name)
         _positive_int(self, "max_outbox_bytes")
+        _positive_int(self, "max_queue_bytes")
         if self.handler_memory_limit is not None:
             _positive_int(self, "handler_memory_limit", MAX_MEMORY_LIMIT)
         for name in ("max_call_seconds", "idle_timeout"):
             if getattr(self, name) is not None:
                 _non_negative_number(self, name)
-        for name, allowed in (("start_method", START_METHODS), ("log_level", LOG_LEVELS), ("log_format", LOG_FORMATS)):
+        for name, allowed in (("start_method", START_METHODS), ("event_loop", EVENT_LOOPS), ("log_level", LOG_LEVELS), ("log_format", LOG_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise _invalid(name, f"must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
 
@@ -189,9 +195,11 @@ FILE_KEYS: dict[str, type] = {
     "startup_timeout": float,
     "send_timeout": float,
     "max_outbox_bytes": int,
+    "max_queue_bytes": int,
     "idle_timeout": float,
     "handler_memory_limit": int,
     "lease": bool,
+    "event_loop": str,
     "tracebacks": bool,
     "access_log": bool,
     "log_level": str,
