@@ -1,7 +1,8 @@
 """Run rpc's benchmarks and print a table: ``python -m bench [--quick] [--only a,b] [--json FILE]``.
 
 Every figure comes with the baseline it is compared to, measured in the same run
-on the same machine. Run it by hand on a quiet machine; tests only check that it runs.
+on the same machine. Run it by hand, on a machine as quiet as you can get; tests
+only check that it runs. Linux only (CPU time, memory and pinning come from /proc).
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
+import time
+import traceback
 
-from .suite import SECTIONS, Settings
+from .machine import cpus_available, describe
+from .report import Row, print_tables
+from .suite import QUICK, SECTIONS, Settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="tiny rounds: checks that everything runs, measures nothing")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -26,33 +30,51 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         parser.error(f"unknown sections: {', '.join(unknown)}")
-    settings = Settings()
-    if args.quick:
-        settings = Settings(rounds=1, calls=20, seconds=0.2, burn_ms=2, idle_connections=20, bulk_sizes=(1 << 16,))
-    rows = []
+    settings = QUICK if args.quick else Settings()
+    check_seconds = 0.05 if args.quick else 0.5
+    load_before, free_before = os.getloadavg(), cpus_available(check_seconds)
+    started = time.monotonic()
+    rows: list[Row] = []
+    failed: dict[str, str] = {}
     for name in names:
-        print(f"[{name}]", file=sys.stderr, flush=True)
-        rows.extend(SECTIONS[name](settings))
-    print(f"{'measure':<58} {'rpc':>10} {'unit':<9} {'baseline':>10}  {'ratio':>6}  {'target':<18} baseline is")
-    for row in rows:
-        base = "" if row.baseline_value is None else f"{row.baseline_value:10.1f}"
-        ratio = "" if row.ratio is None else f"{row.ratio:6.2f}"
-        print(
-            f"{row.section + ': ' + row.what:<58} {row.value:10.1f} {row.unit:<9} {base:>10}  {ratio:>6}  "
-            f"{row.target:<18} {row.baseline}"
-        )
+        print(f"[{name}]", end=" ", file=sys.stderr, flush=True)
+        begun = time.monotonic()
+        try:
+            rows.extend(SECTIONS[name](settings))
+        except Exception as exc:  # one section failing still reports the others
+            traceback.print_exc()
+            failed[name] = f"{type(exc).__name__}: {exc}"
+        print(f"{time.monotonic() - begun:.1f} s", file=sys.stderr, flush=True)
+    seconds = round(time.monotonic() - started, 1)
+    load_after, free_after = os.getloadavg(), cpus_available(check_seconds)
+    machine = {
+        **describe(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "cpus_available_before": round(free_before, 2),
+        "cpus_available_after": round(free_after, 2),
+        "seconds": seconds,
+    }
+    print(f"python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"{machine['cpus']} CPUs, Python {machine['python']}, {machine['platform']}; {seconds} s")
+    print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; CPUs a busy process per CPU "
+          f"could get: {free_before:.2f} before, {free_after:.2f} after (parallel speed-ups need more than 1)\n")
+    print_tables(rows, sys.stdout)
+    for name, why in failed.items():
+        print(f"FAILED {name}: {why}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
                 {
-                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+                    "machine": machine,
                     "settings": dataclasses.asdict(settings),
-                    "results": [dataclasses.asdict(r) for r in rows],
+                    "results": [dataclasses.asdict(row) for row in rows],
+                    "failed": failed,
                 },
                 f,
                 indent=2,
             )
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
