@@ -77,6 +77,15 @@ def thread_count(pid: int) -> int:
     return _status(pid, "Threads")
 
 
+def open_files_limit(pid: int) -> str:
+    """The soft RLIMIT_NOFILE of ``pid``, as /proc/PID/limits gives it."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return line.split()[3]
+    return "?"
+
+
 def has_loaded(pid: int, fragment: str) -> bool:
     """Whether a file whose path contains ``fragment`` is mapped into ``pid`` (an extension module, say)."""
     try:

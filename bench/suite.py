@@ -29,7 +29,7 @@ from . import services
 from .callers import Caller, connect
 from .load import IdleConnections, Load, run_clients
 from .machine import calibrate_burn
-from .procs import SELF, descendants, has_loaded, pinned, read_cpu, rss_mb, thread_count
+from .procs import SELF, descendants, has_loaded, open_files_limit, pinned, read_cpu, rss_mb, thread_count
 from .report import Row, compare
 from .servers import AUTHKEY, EchoServer, ManagersServer, MsgpackServer, RpcServer, Server
 
@@ -349,6 +349,7 @@ def connections(s: Settings) -> list[Row]:
         first.call()
         first.close()
         idle, idle_threads = rss_mb(server.pid), thread_count(server.pid)
+        server_nofile = open_files_limit(server.pid)
         handler = max((rss_mb(pid) for pid in descendants(server.pid)), default=math.nan)
         with IdleConnections(server.address, total, processes, s.connection_seconds) as held:
             opened = held.opened()
@@ -358,8 +359,11 @@ def connections(s: Settings) -> list[Row]:
             answered = held.call_each() if alive else None
             after_calls = _rss_or_nan(server.pid)
     count = answered.count if answered else 0
-    story = [f"asked for {total} connections from {processes} client processes (their RLIMIT_NOFILE: {opened.nofile})",
-             f"opened {opened.count}" + (f", {opened.failures} attempts failed" if opened.failures else "")]
+    story = [
+        f"asked for {total} connections from {processes} client processes",
+        f"RLIMIT_NOFILE {opened.nofile} in each client, {server_nofile} in the server",
+        f"opened {opened.count}" + (f", {opened.failures} attempts failed" if opened.failures else ""),
+    ]
     if opened.why:
         story.append(f"why not all: {opened.why}")
     if not alive:
