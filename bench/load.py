@@ -76,7 +76,7 @@ def _caller(kind: str, address: Any, seconds: float, ready: Any, start: Any, res
         cpu, begin = time.process_time(), time.perf_counter()
         deadline, count = begin + seconds, 0
         try:
-            while time.perf_counter() < deadline:
+            while count == 0 or time.perf_counter() < deadline:  # at least one call, however late we woke
                 caller.call()
                 count += 1
         except Exception as exc:
