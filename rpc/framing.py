@@ -24,12 +24,80 @@ from typing import Any
 
 from .errors import MessageTooLarge, ProtocolError
 
-__all__ = ["FrameReader", "SendTimeout", "send_frame"]
+__all__ = ["FrameDecoder", "FrameReader", "SendTimeout", "frame_header", "send_frame"]
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
 _CHUNK = 1 << 16  # bytes asked of the socket per read when no frame is pending
 _MAX_CHUNK = 1 << 20  # at most this much per read, however large the frame
+
+
+class FrameDecoder:
+    """Frames out of a byte stream, with no I/O: :meth:`feed` bytes, take frames with :meth:`next`.
+
+    The one place that reads frame headers. Frames are taken one at a time, so a
+    caller may change ``max_bytes`` between them (a handshake message is held to
+    fewer bytes than a request). A header announcing more than ``max_bytes``
+    raises :class:`MessageTooLarge` before anything is buffered for it (its
+    ``size`` attribute says how many bytes it announced); a negative length
+    raises :class:`ProtocolError`. After either, the stream cannot be resynchronised.
+    """
+
+    __slots__ = ("max_bytes", "_buffer", "_need")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._buffer = bytearray()
+        self._need = 0  # the first frame's full length (header included), once known
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not yet taken as frames."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Add ``data``. If it is exactly one frame and nothing else is buffered (the usual
+        case), that frame is returned at once, uncopied into the buffer; then :meth:`next`
+        has nothing more. Otherwise None: take the frames with :meth:`next`."""
+        if not self._buffer and len(data) >= 4:
+            size = _SHORT.unpack_from(data)[0]
+            if 0 <= size <= self.max_bytes and len(data) == 4 + size:
+                return data[4:]
+        self._buffer += data
+        return None
+
+    def next(self) -> bytes | None:
+        """Remove and return the first whole frame buffered, or None if there is none yet."""
+        buffer = self._buffer
+        have = len(buffer)
+        if have < 4 or have < self._need:
+            return None
+        size = _SHORT.unpack_from(buffer)[0]
+        start = 4
+        if size == -1:
+            if have < 12:
+                return None
+            size = _LONG.unpack_from(buffer, 4)[0]
+            start = 12
+        elif size < 0:
+            raise ProtocolError(f"a frame announced a negative length ({size})")
+        if size > self.max_bytes:
+            raise too_large(size, self.max_bytes)
+        end = start + size
+        if have < end:
+            self._need = end
+            return None
+        with memoryview(buffer) as view:
+            frame = bytes(view[start:end])
+        del buffer[:end]
+        self._need = 0
+        return frame
+
+
+def too_large(size: int, limit: int) -> MessageTooLarge:
+    error = MessageTooLarge(f"a frame of {size} bytes exceeds the limit of {limit} bytes")
+    error.size = size  # type: ignore[attr-defined]  # lets a caller word its own message
+    return error
 
 
 class FrameReader:

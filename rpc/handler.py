@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection, wait
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from . import lease, protocol
+from . import protocol
 from .handler_output import OutputRouter
 from .logs import Logger, make_logger, open_log_file, report_dropped, resolve_format
 from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, SerializationError
@@ -33,7 +33,7 @@ from .registry import Registry, load_registry
 __all__ = ["HandlerSettings", "run", "execute", "execute_request"]
 
 # Names answered by rpc itself; user names never start with "_", so these cannot clash.
-METHODS = "_rpc.methods"
+METHODS = protocol.METHODS
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ class HandlerSettings:
     access_log: bool = False
 
 
-def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> None:
-    """Entry point of a handler process. ``call_state`` is the shared array of a lent socket's call."""
+def run(conn: Connection, settings: HandlerSettings) -> None:
+    """Entry point of a handler process: serve the requests that come on ``conn``."""
     # Ctrl-C reaches the whole process group; the supervisor decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A log reader that went away must not kill the handler (failed log lines are dropped).
@@ -81,21 +81,6 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
     note_method = output.note_method if output is not None else None
     conn.send_bytes(protocol.encode_hello({"pid": os.getpid()}))
     log.debug("handler_ready", registry=settings.registry, methods=len(registry))
-    state = lease.CallState(call_state) if call_state is not None else None
-
-    def run_call(request: protocol.Request) -> bytes:
-        try:
-            return execute_request(registry, request, settings, note_method)
-        finally:
-            if output is not None:
-                output.end_call()
-
-    def log_call(request: protocol.Request, reply: bytes, started: float) -> None:
-        if settings.access_log:
-            outcome = "error" if protocol.response_is_error(reply) else "ok"
-            ms = round((time.monotonic() - started) * 1000, 3)
-            log.info("call", method=request.method, id=request.id, ms=ms, outcome=outcome, leased=True)
-
     try:
         while True:
             try:
@@ -103,19 +88,10 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
                 frame = conn.recv_bytes(settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
             except (EOFError, OSError):
                 return  # the supervisor closed the pipe: stop
-            kind = protocol.internal_kind(frame)
-            if kind is None:
-                reply = execute(registry, frame, settings, note_method)
-                if output is not None:
-                    output.end_call()
-                conn.send_bytes(reply)
-            elif kind == protocol.LEASE and state is not None:
-                conn.send_bytes(
-                    lease.serve_lease(
-                        conn, frame, run_call, state, settings.max_message_bytes, settings.max_call_seconds, log_call
-                    )
-                )
-            # a RECALL that arrives after its lease ended needs nothing
+            reply = execute(registry, frame, settings, note_method)
+            if output is not None:
+                output.end_call()
+            conn.send_bytes(reply)
     finally:
         if output is not None:
             output.close()

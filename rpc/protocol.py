@@ -120,7 +120,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from .errors import MessageTooLarge, ProtocolError, SerializationError
+from .errors import MessageTooLarge, ProtocolError, RPCError, SerializationError
 
 __all__ = [
     "REQUEST",
@@ -167,6 +167,10 @@ LEASE_END = 17  # [17, reason, unserved frame or nil, calls served]: the socket 
 RECALL = 18  # [18]: end the lease after the current call
 
 PROTOCOL_VERSION = 1
+
+# Names rpc answers itself; user names never start with "_", so these cannot clash.
+PING = "_rpc.ping"  # answered by the server, without a handler
+METHODS = "_rpc.methods"  # answered by a handler: what the registry exposes
 # Room for a response's envelope around a result of the size limit, between server and handlers.
 ENVELOPE_MARGIN = 65536
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -517,6 +521,11 @@ def encode_error(id: int | None, error: ErrorInfo) -> bytes:
         if 0 < len(args) <= MAX_ERROR_ARGS_BYTES:
             body["args"] = list(error.args)
     return _pack([RESPONSE, id, body, None])
+
+
+def error_frame(id: int | None, error: RPCError) -> bytes:
+    """The error response that carries one of rpc's own errors (CallTimeout, ServerBusy, ...)."""
+    return encode_error(id, ErrorInfo(error.code, type(error).__name__, error.message))
 
 
 def encode_hello(info: dict[str, Any]) -> bytes:

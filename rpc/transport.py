@@ -203,6 +203,11 @@ class ListeningSocket:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    @property
+    def sock(self) -> socket.socket:
+        """The listening socket itself, for an event loop to accept on."""
+        return self._sock
+
     def accept(self) -> tuple[Connection, str] | None:
         """An accepted connection and its peer's name, or None if none is waiting.
 

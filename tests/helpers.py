@@ -86,7 +86,7 @@ class Gate:
 
 def queued_calls(test_server) -> int:
     """How many calls wait in the server's queue for a handler (read from the running server)."""
-    return len(test_server.server._pool._queue)
+    return len(test_server.server._router.table.queue)
 
 
 def log_has(test_server, text: str, timeout: float = 30.0) -> bool:

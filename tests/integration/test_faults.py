@@ -363,7 +363,7 @@ import rpc
 
 def interrupt_from_another_thread(server):
     server._started_event.wait()
-    other = next(t for t in threading.enumerate() if t.name == "rpc-housekeeping")
+    other = next(t for t in threading.enumerate() if t.name == "rpc-router")
     signal.pthread_kill(other.ident, signal.SIGINT)  # the kernel may pick any thread; pick one
 
 if __name__ == "__main__":

@@ -126,21 +126,19 @@ def test_22_soak_killing_a_handler_every_second_fails_only_their_calls(rpc_serve
 
 
 def _server_state(test_server) -> str:
-    """The pool's slots and the connections as the server sees them, and every thread's stack: for a failure report."""
+    """The handler slots and the connections as the server sees them, and every thread's stack: for a failure report."""
     import faulthandler
     import tempfile
 
-    pool, server = test_server.server._pool, test_server.server
+    router = test_server.server._router
+    table = router.table
     lines = []
-    for slot in pool._slots:
-        call = slot.current
-        lines.append(
-            f"slot {slot.index} pid {slot.pid} current {call and (call.id, call.method, call.answered)} "
-            f"lease {slot.lease and slot.lease.peer} recalled {slot.recalled} state {list(slot.call_state)}"
-        )
-    lines.append(f"idle {[s.index for s in pool._idle]} queued {len(pool._queue)} unanswered {pool._unanswered}")
-    for conn in list(server._connections):
-        lines.append(f"connection pending {conn.pending} broken {conn.broken} drop {conn.drop_reason}")
+    for slot, call in enumerate(list(table.running)):
+        handler = router.arbiter.handlers[slot]
+        lines.append(f"slot {slot} pid {handler and handler.pid} running {call!r}")
+    lines.append(f"idle {list(table.idle)} queued {len(table.queue)} unanswered {table.unanswered}")
+    for conn in list(router.connections):
+        lines.append(f"connection {conn.peer} state {conn.state} parked {len(conn.parked)} end {conn.end_reason}")
     with tempfile.TemporaryFile("w+") as stacks:
         faulthandler.dump_traceback(stacks, all_threads=True)
         stacks.seek(0)

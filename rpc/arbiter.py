@@ -1,0 +1,301 @@
+"""Handler processes: start, watch, replace, reload, stop. Never touches request bytes.
+
+Each of the ``workers`` slots holds one handler process at a time. A slot's task
+(:meth:`Arbiter._run_slot`) starts a handler, hands its pipe to the router, waits
+until the router reports the pipe closed (the handler exited or was killed),
+collects the process and starts the next one. Blocking steps (starting a process
+and waiting for its hello, joining it) run on a small thread pool, off the
+router's loop; signals are sent from the loop, and never to a process whose
+slot task has begun collecting it, so a recycled pid is never signalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import handler, protocol
+from .errors import RPCError, StartupError
+from .framing import FrameReader
+from .logs import Logger
+
+__all__ = ["ArbiterSettings", "Handler", "Arbiter"]
+
+_HELLO_LIMIT = 1 << 20  # a handler's hello, or its report of why the registry failed to import
+_KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL for a handler being stopped
+
+
+@dataclass(frozen=True)
+class ArbiterSettings:
+    workers: int
+    start_method: str
+    startup_timeout: float
+
+
+class Handler:
+    """One handler process in a slot."""
+
+    def __init__(self, slot: int, process: Any, pipe: socket.socket) -> None:
+        self.slot = slot
+        self.process = process
+        self.pid: int = process.pid
+        self.pipe = pipe  # the supervisor's end; the router reads and writes it
+        self.kill_reason: str | None = None  # set when the supervisor stops it
+        self.reaping = False  # being collected: signal it no more
+        self.retired = False  # replaced by a reload
+        self.end_input: Callable[[], None] = self._shutdown_pipe  # the router's way, once it serves the pipe
+
+    def _shutdown_pipe(self) -> None:
+        try:
+            self.pipe.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def signal(self, signum: int) -> None:
+        if self.reaping:
+            return
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+# What the router does with a ready handler: serve its pipe until it closes.
+Attach = Callable[[Handler], Awaitable[None]]
+
+
+class Arbiter:
+    """The handler processes of one server."""
+
+    def __init__(
+        self,
+        settings: ArbiterSettings,
+        handler_settings: handler.HandlerSettings,
+        log: Logger,
+        attach: Attach,
+        retire: Callable[[int], None],
+        lost: Callable[[Handler, str], None],
+    ) -> None:
+        self._settings = settings
+        self._handler_settings = handler_settings
+        self._log = log
+        self._attach = attach
+        self._retire = retire  # the router stops giving the slot calls and lets its handler exit
+        self._lost = lost  # the router fails the call a collected handler held
+        self._context = multiprocessing.get_context(settings.start_method)
+        self._threads = ThreadPoolExecutor(max_workers=min(settings.workers + 2, 32), thread_name_prefix="rpc-arbiter")
+        self.handlers: list[Handler | None] = [None] * settings.workers
+        self._tasks: list[asyncio.Task[None]] = []
+        self._replaced: list[asyncio.Event] = []
+        self._stopping = False
+
+    # -- start and run ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every slot's handler; raises StartupError (with every handler stopped) if one fails."""
+        first: list[asyncio.Future[str | None]] = []
+        loop = asyncio.get_running_loop()
+        for slot in range(self._settings.workers):
+            ready: asyncio.Future[str | None] = loop.create_future()
+            first.append(ready)
+            self._replaced.append(asyncio.Event())
+            self._tasks.append(asyncio.create_task(self._run_slot(slot, ready), name=f"rpc-slot-{slot}"))
+        errors = [error for error in await asyncio.gather(*first) if error is not None]
+        if errors:
+            await self.stop(0)
+            raise StartupError(errors[0])
+
+    async def _run_slot(self, slot: int, ready: asyncio.Future[str | None]) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.1
+        while not self._stopping:
+            started = await loop.run_in_executor(self._threads, self._start, slot)
+            if isinstance(started, str):
+                if not ready.done():
+                    ready.set_result(started)
+                    return
+                if self._stopping:
+                    return
+                self._log.error("handler_start_failed", slot=slot, error=started)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            self.handlers[slot] = started
+            if self._stopping:
+                started.end_input()  # stop() began while it started: let it exit
+            if not ready.done():
+                ready.set_result(None)
+            self._log.info("handler_started", slot=slot, pid=started.pid)
+            self._replaced[slot].set()
+            await self._attach(started)  # returns once its pipe has closed
+            started.reaping = True
+            code = await loop.run_in_executor(self._threads, _collect, started.process)
+            self.handlers[slot] = None
+            reason = started.kill_reason or ("reload" if started.retired else _exit_reason(code))
+            self._lost(started, reason)
+            if self._stopping:
+                return
+            if reason == "reload":
+                self._log.info("handler_reloading", slot=slot, pid=started.pid)
+            else:
+                self._log.warning("handler_replaced", slot=slot, pid=started.pid, reason=reason)
+
+    def _start(self, slot: int, log: bool = True) -> Handler | str:
+        """Start a handler and wait for its hello (on a pool thread); the handler, or why it failed."""
+        parent, child = socket.socketpair()
+        child_conn = Connection(child.detach())
+        process = self._context.Process(
+            target=handler.run,
+            args=(child_conn, self._handler_settings),
+            name=f"rpc-handler-{slot}",
+            # Not daemonic, so exposed functions may start processes of their own. A
+            # handler exits by itself when the supervisor dies (see rpc.handler).
+            daemon=False,
+        )
+        try:
+            process.start()
+        except Exception as exc:
+            parent.close()
+            child_conn.close()
+            return f"cannot start a handler process: {exc}"
+        child_conn.close()  # so the supervisor reads EOF when the handler dies
+        error = None
+        try:
+            deadline = time.monotonic() + self._settings.startup_timeout
+            first = FrameReader(parent.fileno(), _HELLO_LIMIT).read(deadline)
+            if first is None:
+                error = f"handler did not start within {self._settings.startup_timeout:g} s"
+            else:
+                try:
+                    protocol.decode_hello(first)
+                except RPCError:
+                    info = protocol.decode_response(first).error
+                    error = _import_failure(self._handler_settings.registry, info) if info else "bad hello"
+        except (EOFError, OSError):
+            process.join(1.0)
+            error = (
+                f"handler exited while starting ({_exit_reason(process.exitcode)}); its traceback is on stderr. "
+                "Handlers import the main module first: run from a file whose server starts under "
+                "`if __name__ == '__main__':`"
+            )
+        if error is not None:
+            parent.close()
+            process.kill()
+            process.join()
+            return error
+        parent.setblocking(False)
+        return Handler(slot, process, parent)
+
+    # -- stopping one -------------------------------------------------------------------
+
+    def kill(self, slot: int, reason: str) -> None:
+        """Stop the slot's handler for ``reason``: SIGTERM now, SIGKILL if it lingers."""
+        target = self.handlers[slot]
+        if target is None or target.kill_reason is not None:
+            return
+        target.kill_reason = reason
+        target.signal(signal.SIGTERM)
+        asyncio.get_running_loop().call_later(_KILL_AFTER, target.signal, signal.SIGKILL)
+
+    def pids(self) -> list[int]:
+        return [h.pid for h in self.handlers if h is not None]
+
+    # -- reload and stop ----------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Replace the handlers one at a time with processes that import the code afresh.
+
+        A probe handler imports the registry first; if that fails, nothing is
+        replaced. Each handler finishes its current call before it is replaced,
+        and the others keep serving meanwhile, so no call fails.
+        """
+        loop = asyncio.get_running_loop()
+        error = await loop.run_in_executor(self._threads, self._probe)
+        if error is not None:
+            self._log.error("reload_failed", error=error)
+            return False
+        for slot in range(self._settings.workers):
+            if self._stopping:
+                return False
+            old = self.handlers[slot]
+            if old is None:
+                continue  # being replaced already: the new one imports the new code
+            old.retired = True
+            self._replaced[slot].clear()
+            self._retire(slot)
+            try:
+                await asyncio.wait_for(self._replaced[slot].wait(), self._settings.startup_timeout + 10)
+            except asyncio.TimeoutError:
+                self._log.error("reload_failed", error=f"handler {slot} was not replaced in time")
+                return False
+        self._log.info("reload_finished", workers=self._settings.workers)
+        return True
+
+    def _probe(self) -> str | None:
+        """Start a throwaway handler to check that the registry imports; an error or None."""
+        probe = self._start(-1)
+        if isinstance(probe, str):
+            return probe
+        probe.pipe.close()
+        probe.process.join(10)
+        if probe.process.exitcode is None:
+            probe.process.kill()
+            probe.process.join()
+        return None
+
+    async def stop(self, grace: float) -> None:
+        """Stop every handler: end its pipe (it exits after its call), then SIGTERM, then SIGKILL."""
+        self._stopping = True
+        for target in self.handlers:
+            if target is not None:
+                target.end_input()
+        tasks = [task for task in self._tasks if not task.done()]
+        for signum, wait_seconds in ((None, grace), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
+            if signum is not None:
+                for target in self.handlers:
+                    if target is not None:
+                        target.signal(signum)
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=max(wait_seconds, 0.01))
+                tasks = list(pending)
+            if not tasks:
+                break
+        self._threads.shutdown(wait=False)
+
+
+def _collect(process: Any) -> int | None:
+    """Join a handler whose pipe closed (on a pool thread); its exit code."""
+    process.join(5.0)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    code: int | None = process.exitcode
+    process.close()  # its sentinel descriptor, now rather than whenever it is collected
+    return code
+
+
+def _import_failure(registry: str, info: protocol.ErrorInfo) -> str:
+    """Why handlers cannot import the registry, with the traceback that says where."""
+    text = f"handlers cannot import the registry {registry!r}: {info.message}"
+    return f"{text}\n{info.traceback.rstrip()}" if info.traceback else text
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"

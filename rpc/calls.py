@@ -1,0 +1,225 @@
+"""The call table: which handler runs which call, the queue, deadlines, answer-exactly-once.
+
+Plain data, with no sockets, processes or clocks of its own (callers pass ``now``),
+so every rule here is tested on its own. Handlers are known by their slot number.
+The router asks the table what to do and does the I/O:
+
+- :meth:`CallTable.admit` a request: run it on an idle slot, queue it, or refuse it
+  (``ServerBusy`` when the queue is full in calls or in bytes);
+- :meth:`CallTable.release` a slot whose handler answered (or just started): its
+  next call from the queue, or idle;
+- :meth:`CallTable.settle` before sending any answer: True exactly once per call,
+  so a call that timed out, crashed and replied all at once is answered once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from .errors import ServerBusy, ServerShuttingDown
+
+__all__ = ["Call", "CallTable"]
+
+
+class Call:
+    """One request on its way through the server."""
+
+    __slots__ = ("connection", "id", "method", "frame", "deadline", "received", "answered", "slot")
+
+    def __init__(
+        self, connection: Any, id: int | None, method: str, frame: bytes, deadline: float | None, received: float
+    ) -> None:
+        self.connection = connection  # where the answer goes; None for a notification
+        self.id = id
+        self.method = method
+        self.frame = frame
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.received = received
+        self.answered = False
+        self.slot: int | None = None  # the handler running it, once it runs
+
+    def __repr__(self) -> str:
+        return f"<Call {self.method!r} id={self.id} slot={self.slot} answered={self.answered}>"
+
+
+class CallTable:
+    """Calls accepted and not yet answered, for ``workers`` handler slots."""
+
+    def __init__(
+        self, workers: int, max_pending: int, max_queue_bytes: int, max_call_seconds: float | None = None
+    ) -> None:
+        self.workers = workers
+        self.max_pending = max_pending
+        self.max_queue_bytes = max_queue_bytes
+        self.max_call_seconds = max_call_seconds
+        self.running: list[Call | None] = [None] * workers
+        self.idle: list[int] = []  # slots whose handler waits for a call
+        self.queue: deque[Call] = deque()
+        self.queue_bytes = 0
+        self.unanswered = 0  # accepted and not settled: queued or running
+        self.closing = False  # no new calls
+        self.retiring: set[int] = set()  # slots whose handler takes no more calls (a reload)
+        # A connection's fair share of the queue: past it, the router reads no more of its
+        # requests until some leave the queue, so one client cannot fill it for everyone.
+        self.share_calls = max(1, max_pending // 4)
+        self.share_bytes = max(1, max_queue_bytes // 4)
+        self.queued_by: dict[Any, list[int]] = {}  # connection -> [calls, bytes] in the queue
+
+    # -- calls in -----------------------------------------------------------------------
+
+    def admit(self, call: Call) -> int | None:
+        """Accept ``call``: the slot to run it on now, or None if it was queued.
+
+        Raises ServerShuttingDown while closing, ServerBusy when the queue is full.
+        """
+        if self.closing:
+            raise ServerShuttingDown("the server is shutting down; the call did not run")
+        if self.max_call_seconds is not None:
+            cap = call.received + self.max_call_seconds
+            call.deadline = cap if call.deadline is None else min(call.deadline, cap)
+        if self.idle:
+            slot = self.idle.pop()
+            self.running[slot] = call
+            call.slot = slot
+            self.unanswered += 1
+            return slot
+        size = len(call.frame)
+        if len(self.queue) >= self.max_pending:
+            raise ServerBusy(f"all {self.workers} handlers are busy and {len(self.queue)} calls are waiting")
+        if self.queue and self.queue_bytes + size > self.max_queue_bytes:
+            raise ServerBusy(
+                f"all {self.workers} handlers are busy and the calls waiting hold {self.queue_bytes} bytes "
+                f"(max_queue_bytes is {self.max_queue_bytes})"
+            )
+        self.queue.append(call)
+        self.queue_bytes += size
+        self._count(call, 1)
+        self.unanswered += 1
+        return None
+
+    def over_share(self, connection: Any) -> bool:
+        """Whether ``connection`` holds its full share of the queue (in calls or in bytes)."""
+        held = self.queued_by.get(connection)
+        return held is not None and (held[0] >= self.share_calls or held[1] >= self.share_bytes)
+
+    def settle(self, call: Call) -> bool:
+        """Mark ``call`` answered; True only the first time, when the caller must send its answer."""
+        if call.answered:
+            return False
+        call.answered = True
+        self.unanswered -= 1
+        return True
+
+    # -- handlers -----------------------------------------------------------------------
+
+    def release(self, slot: int, now: float) -> tuple[Call | None, list[Call]]:
+        """The handler in ``slot`` is free: the call to send it next (or None: it is idle now),
+        and the queued calls found past their deadline (settled; the caller answers them)."""
+        self.running[slot] = None
+        expired: list[Call] = []
+        if slot in self.retiring:
+            return None, expired
+        while self.queue:
+            call = self._pop()
+            if call.answered:
+                continue  # its connection went away
+            if call.deadline is not None and now >= call.deadline:
+                self.settle(call)
+                expired.append(call)
+                continue
+            self.running[slot] = call
+            call.slot = slot
+            return call, expired
+        if slot not in self.idle:
+            self.idle.append(slot)
+        return None, expired
+
+    def lost(self, slot: int) -> Call | None:
+        """The handler in ``slot`` is gone: its call, if that still needs an answer (settled)."""
+        call, self.running[slot] = self.running[slot], None
+        if slot in self.idle:
+            self.idle.remove(slot)
+        if call is not None and self.settle(call):
+            return call
+        return None
+
+    def retire(self, slot: int) -> bool:
+        """Give ``slot`` no more calls (a reload replaces its handler); True if it is idle now."""
+        self.retiring.add(slot)
+        if slot in self.idle:
+            self.idle.remove(slot)
+            return True
+        return False
+
+    def reopen(self, slot: int) -> None:
+        """A new handler took ``slot``'s place: it may take calls again (call :meth:`release` next)."""
+        self.retiring.discard(slot)
+
+    # -- time and endings ---------------------------------------------------------------
+
+    def expire(self, now: float) -> tuple[list[Call], list[Call]]:
+        """Calls past their deadline, settled: (running ones, whose handlers must be stopped; queued ones)."""
+        running = [
+            call
+            for call in self.running
+            if call is not None and call.deadline is not None and now >= call.deadline and self.settle(call)
+        ]
+        queued: list[Call] = []
+        if any(call.deadline is not None and now >= call.deadline for call in self.queue):
+            waiting: deque[Call] = deque()
+            for call in self.queue:
+                if call.deadline is not None and now >= call.deadline and not call.answered:
+                    self.settle(call)
+                    queued.append(call)
+                else:
+                    waiting.append(call)
+            self._replace_queue(waiting)
+        return running, queued
+
+    def forget(self, connection: Any) -> int:
+        """Drop the queued calls of a connection that ended (nobody is left to answer); how many."""
+        if not any(call.connection is connection for call in self.queue):
+            return 0
+        waiting: deque[Call] = deque()
+        dropped = 0
+        for call in self.queue:
+            if call.connection is connection:
+                dropped += self.settle(call)
+            else:
+                waiting.append(call)
+        self._replace_queue(waiting)
+        return dropped
+
+    def close(self) -> list[Call]:
+        """Take no more calls; the queued ones, settled, for the caller to fail."""
+        self.closing = True
+        queued = [call for call in self.queue if self.settle(call)]
+        self._replace_queue(deque())
+        return queued
+
+    def busy(self) -> int:
+        """Handlers running a call."""
+        return sum(call is not None for call in self.running)
+
+    def _pop(self) -> Call:
+        call = self.queue.popleft()
+        self.queue_bytes -= len(call.frame)
+        self._count(call, -1)
+        return call
+
+    def _count(self, call: Call, sign: int) -> None:
+        if call.connection is None:
+            return
+        held = self.queued_by.setdefault(call.connection, [0, 0])
+        held[0] += sign
+        held[1] += sign * len(call.frame)
+        if not held[0]:
+            del self.queued_by[call.connection]
+
+    def _replace_queue(self, waiting: deque[Call]) -> None:
+        self.queue = waiting
+        self.queue_bytes = sum(len(call.frame) for call in waiting)
+        self.queued_by = {}
+        for call in waiting:
+            self._count(call, 1)

@@ -1,0 +1,751 @@
+"""The router: one event loop that moves every frame between clients and handlers.
+
+One thread of the supervisor process runs it; nothing on a call's path takes a
+lock or crosses a thread. For each client connection it runs the authkey
+handshake (a state machine under a timer), reads frames, checks each request's
+envelope (kind, id, method, deadline) without decoding its arguments, and hands
+the frame untouched to an idle handler's pipe, or queues it (:mod:`rpc.calls`).
+A handler's reply goes back to the connection its call came from.
+
+Backpressure comes from the transports: a connection whose unsent replies pass
+``max_outbox_bytes`` is not read until they drain, and a reply for it waits,
+with its handler, until then (so the bytes a slow reader holds stay bounded); a
+client that takes nothing for ``send_timeout`` seconds is dropped. Deadlines,
+idle timeouts and handshake deadlines are loop timers. Handler processes are the
+arbiter's (:mod:`rpc.arbiter`); the router only reads and writes their pipes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import time
+from typing import Any
+
+from . import protocol
+from .arbiter import Arbiter, ArbiterSettings, Handler
+from .calls import Call, CallTable
+from .config import ServerConfig
+from .errors import (
+    AuthenticationError,
+    CallTimeout,
+    MessageTooLarge,
+    ProtocolError,
+    RPCError,
+    ServerBusy,
+    ServerShuttingDown,
+    WorkerCrashed,
+)
+from .framing import FrameDecoder, frame_header
+from .handler import HandlerSettings
+from .handshake import MAX_HANDSHAKE_FRAME, ServerHandshake
+from .logs import Logger, Throttle
+from .transport import format_address
+
+__all__ = ["Router"]
+
+HOUSEKEEPING_INTERVAL = 0.05  # seconds: the resolution of call deadlines
+_HELLO_LIMIT = 65536
+_LINGER_SECONDS = 1.0  # how long a connection closed after an error still drains its input
+_LARGE = 1 << 16  # frames this big are written without joining header and payload
+_ACCEPT_BATCH = 64  # connections accepted per wakeup, so a burst cannot starve calls in flight
+_ACCEPT_BACKOFF = 0.05  # seconds, doubled up to _ACCEPT_BACKOFF_MAX while descriptors or memory run out
+_ACCEPT_BACKOFF_MAX = 2.0
+_SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+# Where a client connection is.
+_HANDSHAKE, _HELLO, _SERVING, _CLOSING = range(4)
+
+
+def _framed(payload: bytes) -> bytes:
+    return frame_header(len(payload)) + payload
+
+
+class Router:
+    """The loop's side of a server: connections, handler pipes, the call table, timers."""
+
+    def __init__(self, config: ServerConfig, handler_settings: HandlerSettings, hello: bytes, log: Logger) -> None:
+        self.config = config
+        self.log = log
+        self.hello = _framed(hello)
+        self.table = CallTable(config.workers, config.max_pending, config.max_queue_bytes, config.max_call_seconds)
+        self.arbiter = Arbiter(
+            ArbiterSettings(config.workers, config.start_method, config.startup_timeout),
+            handler_settings,
+            log,
+            self._attach,
+            self._retire,
+            self.handler_gone,
+        )
+        self.pipes: list[HandlerPipe | None] = [None] * config.workers
+        self.connections: set[ClientConnection] = set()
+        self.notification_dropped = Throttle("notification_dropped")
+        self.closing = False
+        self._hurry = asyncio.Event()
+        self._settled = asyncio.Event()  # set whenever no call is left unanswered
+        self._listening: socket.socket | None = None
+        self._accepting = False
+        self._accept_backoff = _ACCEPT_BACKOFF
+        self._housekeeping: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, listening: socket.socket) -> None:
+        """Start the handlers, then accept clients on ``listening``."""
+        self.loop = loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_error)
+        await self.arbiter.start()
+        self._listening = listening
+        loop.add_reader(listening.fileno(), self._accept)
+        self._housekeeping = loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeep)
+
+    async def close(self, grace: float) -> int:
+        """Stop accepting, fail queued calls, let running ones finish within ``grace`` s, stop handlers.
+
+        Returns how many calls were still unanswered when the grace period ended.
+        """
+        self.closing = True
+        self._stop_accepting()
+        for call in self.table.close():
+            self._answer(call, protocol.error_frame(call.id, ServerShuttingDown("the server is shutting down; the call did not run")), None, "shutting_down")
+        try:
+            deadline = time.monotonic() + grace
+            while self.table.unanswered and not self._hurry.is_set() and (remaining := deadline - time.monotonic()) > 0:
+                self._settled.clear()
+                waits = [asyncio.ensure_future(self._settled.wait()), asyncio.ensure_future(self._hurry.wait())]
+                _, pending = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in pending:
+                    waiting.cancel()
+        finally:
+            unfinished = self.table.unanswered
+            for connection in list(self.connections):
+                connection.drop("the server is shutting down", level="info")
+            await self.arbiter.stop(0 if self._hurry.is_set() else 2.0)
+            if self._housekeeping is not None:
+                self._housekeeping.cancel()
+            self.notification_dropped.flush()
+        return unfinished
+
+    def hurry(self) -> None:
+        """A second request to stop: cut the grace period short."""
+        self._hurry.set()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        message = context.get("message", "")
+        if isinstance(exc, OSError) and "accept" in message:
+            self.log.error("accept_failed", error=exc.strerror or str(exc))
+        else:
+            self.log.error("router_error", error=message, exception=repr(exc) if exc is not None else None)
+
+    # -- handlers -----------------------------------------------------------------------
+
+    async def _attach(self, handler: Handler) -> None:
+        """Serve a new handler's pipe until it closes, then account for its call."""
+        assert self.loop is not None
+        closed: asyncio.Future[None] = self.loop.create_future()
+        transport, pipe = await self.loop.create_unix_connection(
+            lambda: HandlerPipe(self, handler, closed), sock=handler.pipe
+        )
+        self.pipes[handler.slot] = pipe
+        handler.end_input = pipe.end_input
+        self.table.reopen(handler.slot)
+        self._release(handler.slot)
+        try:
+            await closed
+        finally:
+            self.pipes[handler.slot] = None
+
+    def _retire(self, slot: int) -> None:
+        """A reload replaces the slot's handler: it takes no more calls and exits once idle."""
+        if self.table.retire(slot):
+            pipe = self.pipes[slot]
+            if pipe is not None:
+                pipe.end_input()
+
+    def handler_gone(self, handler: Handler, reason: str) -> None:
+        """A handler's process was collected: fail the call it held, if any."""
+        call = self.table.lost(handler.slot)
+        if call is None:
+            return
+        if handler.kill_reason is not None and call.deadline is not None and time.monotonic() >= call.deadline:
+            error: RPCError = _timeout(call)
+            outcome = "timeout"
+        else:
+            error = WorkerCrashed(f"the handler process (pid {handler.pid}) died during this call: {reason}")
+            outcome = "crashed"
+        self._answer(call, protocol.error_frame(call.id, error), handler.pid, outcome)
+
+    def handler_replied(self, handler: Handler, reply: bytes) -> None:
+        slot = handler.slot
+        call = self.table.running[slot]
+        if call is None or handler.kill_reason is not None or not self.table.settle(call):
+            return  # a late result of a call already answered (CallTimeout): its handler is being stopped
+        self._note_settled()
+        connection = call.connection
+        if connection is not None and connection.must_park():
+            connection.parked.append((slot, call, reply))  # sent, and the handler freed, once it drains
+            return
+        self._deliver(call, reply, handler.pid)
+        self._release(slot)
+
+    def _deliver(self, call: Call, reply: bytes, pid: int | None) -> None:
+        if call.connection is not None:
+            call.connection.send(reply)
+        if self.config.access_log:
+            self._log_call(call, pid, "error" if protocol.response_is_error(reply) else "ok")
+
+    def _release(self, slot: int) -> None:
+        """The slot's handler is free: give it its next call, or let it exit if it is retiring."""
+        call, expired = self.table.release(slot, time.monotonic())
+        pipe = self.pipes[slot]
+        if call is not None and pipe is not None:
+            pipe.send(call.frame)
+            self._left_queue(call)
+        elif slot in self.table.retiring and pipe is not None:
+            pipe.end_input()
+        for late in expired:
+            self._answer(late, protocol.error_frame(late.id, _expired(late)), None, "timeout")
+            self._left_queue(late)
+
+    def _left_queue(self, call: Call) -> None:
+        """A call left the queue: its connection may be read again if it was held at its share."""
+        connection = call.connection
+        if connection is not None and connection.held and not self.table.over_share(connection):
+            connection.unhold()
+
+    # -- calls --------------------------------------------------------------------------
+
+    def submit(self, call: Call) -> None:
+        """Run or queue ``call``; ServerBusy or ServerShuttingDown if it cannot be taken."""
+        slot = self.table.admit(call)
+        if slot is not None:
+            pipe = self.pipes[slot]
+            if pipe is not None:
+                pipe.send(call.frame)
+            # (no pipe: the handler is gone and its slot is being refilled; the call fails as crashed)
+
+    def _answer(self, call: Call, frame: bytes, pid: int | None, outcome: str) -> None:
+        """Send the answer of a call already settled in the table (an error the router made)."""
+        self._note_settled()
+        if call.connection is not None:
+            call.connection.send(frame)
+        if self.config.access_log:
+            self._log_call(call, pid, outcome)
+
+    def _note_settled(self) -> None:
+        if not self.table.unanswered:
+            self._settled.set()
+
+    def _log_call(self, call: Call, pid: int | None, outcome: str) -> None:
+        self.log.info(
+            "call",
+            method=call.method,
+            id=call.id,
+            peer=call.connection.peer if call.connection is not None else None,
+            pid=pid,
+            ms=round((time.monotonic() - call.received) * 1000, 3),
+            outcome=outcome,
+        )
+
+    def _housekeep(self) -> None:
+        assert self.loop is not None
+        try:
+            running, queued = self.table.expire(time.monotonic())
+            for call in running:
+                assert call.slot is not None
+                handler = self.arbiter.handlers[call.slot]
+                self._answer(call, protocol.error_frame(call.id, _timeout(call)), handler.pid if handler else None, "timeout")
+                self.arbiter.kill(call.slot, f"call {call.method!r} passed its deadline")
+            for call in queued:
+                self._answer(call, protocol.error_frame(call.id, _expired(call)), None, "timeout")
+                self._left_queue(call)
+        except Exception:  # deadlines must keep being enforced whatever went wrong once
+            self.log.exception("housekeeping_failed")
+        self._housekeeping = self.loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeep)
+
+    def forget(self, connection: ClientConnection) -> None:
+        """A connection ended: drop its queued calls and free the handlers its replies held."""
+        self.table.forget(connection)
+        self._note_settled()
+        parked, connection.parked = connection.parked, []
+        for slot, _call, _reply in parked:
+            self._release(slot)
+
+    def unpark(self, connection: ClientConnection) -> None:
+        """A connection drained: send the replies that waited for it, and free their handlers."""
+        while connection.parked and not connection.over_hard_cap():
+            slot, call, reply = connection.parked.pop(0)
+            handler = self.arbiter.handlers[slot]
+            self._deliver(call, reply, handler.pid if handler else None)
+            self._release(slot)
+
+    # -- accepting ----------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        """The listening socket is readable: accept what is waiting (up to a batch)."""
+        listening, loop = self._listening, self.loop
+        assert listening is not None and loop is not None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _peer = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno in _SHORTAGES:
+                    # Out of descriptors or memory: back off rather than spin, then retry.
+                    retry_in = self._accept_backoff
+                    self.log.error("accept_failed", error=os.strerror(exc.errno or 0), retry_in=retry_in)
+                    loop.remove_reader(listening.fileno())
+                    loop.call_later(retry_in, self._resume_accepting)
+                    self._accept_backoff = min(retry_in * 2, _ACCEPT_BACKOFF_MAX)
+                    return
+                self.log.warning("accept_failed", error=str(exc))
+                continue
+            self._accept_backoff = _ACCEPT_BACKOFF
+            loop.create_task(self._adopt(sock))
+
+    def _resume_accepting(self) -> None:
+        if not self.closing and self._listening is not None and self.loop is not None:
+            self.loop.add_reader(self._listening.fileno(), self._accept)
+
+    def _stop_accepting(self) -> None:
+        if self._listening is not None and self.loop is not None:
+            self.loop.remove_reader(self._listening.fileno())
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        assert self.loop is not None
+        try:
+            await self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock)
+        except OSError as exc:
+            sock.close()
+            self.log.warning("accept_failed", error=str(exc))
+
+
+class HandlerPipe(asyncio.Protocol):
+    """The supervisor's end of one handler's pipe: requests go in, replies come out."""
+
+    def __init__(self, router: Router, handler: Handler, closed: asyncio.Future[None]) -> None:
+        self.router = router
+        self.handler = handler
+        self.closed = closed
+        # Handlers keep results within max_message_bytes; the margin covers the envelope.
+        self.decoder = FrameDecoder(router.config.max_message_bytes + protocol.ENVELOPE_MARGIN)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, frame: bytes) -> None:
+        assert self.transport is not None
+        if len(frame) < _LARGE:
+            self.transport.write(_framed(frame))
+        else:
+            self.transport.writelines((frame_header(len(frame)), frame))
+
+    def end_input(self) -> None:
+        """EOF to the handler: it exits once its current call is done."""
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.write_eof()
+            except (OSError, RuntimeError):
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        decoder, router = self.decoder, self.router
+        reply = decoder.feed(data)
+        if reply is not None:
+            router.handler_replied(self.handler, reply)
+            return
+        try:
+            while (reply := decoder.next()) is not None:
+                router.handler_replied(self.handler, reply)
+        except (ProtocolError, MessageTooLarge) as exc:
+            router.log.error("handler_reply_malformed", slot=self.handler.slot, error=str(exc))
+            router.arbiter.kill(self.handler.slot, f"it sent a malformed reply: {exc}")
+
+    def eof_received(self) -> bool:
+        return False  # the handler exited: close our end too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # An idle handler that died takes no call while the arbiter collects it.
+        if self.handler.slot in self.router.table.idle:
+            self.router.table.idle.remove(self.handler.slot)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client: the handshake, then its requests in and its answers out."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        config = router.config
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.log = router.log
+        self.state = _HANDSHAKE
+        self.handshake = ServerHandshake(config.authkey) if config.authkey is not None else None
+        self.decoder = FrameDecoder(MAX_HANDSHAKE_FRAME if self.handshake is not None else _HELLO_LIMIT)
+        self.closed = False
+        self.admitted = False  # authenticated, and its hello taken
+        self.sending = False  # replies were still going out when it ended
+        self.write_blocked = False  # unsent replies are over max_outbox_bytes
+        self.held = False  # its calls fill its share of the queue: read no more for now
+        self.parked: list[tuple[int, Call, bytes]] = []  # replies waiting for it to drain, with their slots
+        self.last_active = time.monotonic()
+        self.end_reason: tuple[str, str] | None = None  # why the server ended it, and the log level
+        self._end_fields: dict[str, Any] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._send_watch: asyncio.TimerHandle | None = None
+        self._written = 0  # bytes handed to the transport, to tell progress from a growing backlog
+        self._sent_at_watch = 0
+
+    # -- asyncio callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        router = self.router
+        peer = transport.get_extra_info("peername")
+        self.peer = format_address(peer[:2]) if isinstance(peer, tuple) else "unix"
+        self.log = router.log.bind(peer=self.peer)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:
+                pass
+        self.transport.set_write_buffer_limits(high=router.config.max_outbox_bytes)
+        router.connections.add(self)
+        assert router.loop is not None
+        self._timer = router.loop.call_later(router.config.handshake_timeout, self._handshake_timed_out)
+        if self.handshake is not None:
+            for frame in self.handshake.start():
+                self._write(frame)
+        else:
+            self._begin_hello()
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == _CLOSING:
+            return  # after an error: discard what the client still sends
+        try:
+            self._received(data)
+        except Exception as exc:  # a bug; the connection still ends with its reason logged
+            self.log.exception("client_dropped", reason=f"internal error: {type(exc).__name__}: {exc}")
+            self.end_reason = ("internal error", "logged")
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        decoder = self.decoder
+        frame = decoder.feed(data) if data else None
+        if frame is not None and self.state == _SERVING:
+            self._request(frame)  # the usual case: one whole request
+            return
+        try:
+            while frame is not None or (frame := decoder.next()) is not None:
+                if self.state == _SERVING:
+                    self._request(frame)
+                elif self.state == _HANDSHAKE:
+                    self._handshake_step(frame)
+                elif self.state == _HELLO:
+                    self._hello(frame)
+                if self.state == _CLOSING or self.closed or self.held:
+                    return  # (held: the frames stay buffered until its calls leave the queue)
+                frame = None
+        except MessageTooLarge as exc:
+            self._too_large(exc)
+        except ProtocolError as exc:
+            self._fail(None, exc, exc.message)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.sending = bool(self.write_blocked or self.parked or (self.transport and self.transport.get_write_buffer_size()))
+        self._cancel_timers()
+        router = self.router
+        router.connections.discard(self)
+        router.forget(self)
+        if not self.admitted:
+            if self.end_reason is None:
+                # A peer that closes without a word (a port probe) went away: info.
+                self.log.info("client_rejected", reason="closed during handshake" if exc is None else str(exc))
+            else:
+                reason, level = self.end_reason
+                getattr(self.log, level)("client_rejected", reason=reason)
+        elif self.end_reason is not None:
+            reason, level = self.end_reason
+            if level != "logged":
+                getattr(self.log, level)("client_dropped", reason=reason, **self._end_fields)
+        elif isinstance(exc, OSError) and self.sending:
+            # A closed or reset peer went away (after its own CallTimeout, say): no fault, so info.
+            self.log.info("client_dropped", reason=f"sending a reply failed: {exc.strerror or exc}")
+        else:
+            self.log.debug("client_disconnected", **({"reason": str(exc)} if exc else {}))
+
+    def must_park(self) -> bool:
+        """Whether a reply for it must wait in its handler: its unsent replies are over twice
+        max_outbox_bytes (past once, its requests are no longer read)."""
+        return not self.closed and (bool(self.parked) or self.over_hard_cap())
+
+    def over_hard_cap(self) -> bool:
+        if not self.write_blocked or self.transport is None:
+            return False
+        return self.transport.get_write_buffer_size() >= 2 * self.router.config.max_outbox_bytes
+
+    def hold(self) -> None:
+        """Read no more requests until some of its queued calls leave the queue."""
+        self.held = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def unhold(self) -> None:
+        self.held = False
+        if self.closed or self.transport is None:
+            return
+        if not self.write_blocked:
+            self.transport.resume_reading()
+        assert self.router.loop is not None
+        self.router.loop.call_soon(self._take_buffered)
+
+    def _take_buffered(self) -> None:
+        """Serve the requests read while it was held."""
+        if not self.closed and not self.held and self.state == _SERVING and self.decoder.buffered:
+            self.data_received(b"")
+
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        if self.transport is not None and self.state == _SERVING:
+            self.transport.pause_reading()  # stop taking requests from a client that does not read
+        self._watch_sending()
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        if self.transport is not None and self.state == _SERVING and not self.closed and not self.held:
+            self.transport.resume_reading()
+            self.router.loop.call_soon(self._take_buffered)  # type: ignore[union-attr]
+        self.router.unpark(self)
+
+    # -- the handshake ------------------------------------------------------------------
+
+    def _handshake_step(self, frame: bytes) -> None:
+        assert self.handshake is not None
+        try:
+            replies = self.handshake.receive(frame)
+        except AuthenticationError as exc:
+            if self.handshake.farewell is not None:
+                self._write(self.handshake.farewell)
+            self._end(str(exc), "warning", linger=True)
+            return
+        for reply in replies:
+            self._write(reply)
+        if self.handshake.done:
+            self._begin_hello()
+
+    def _begin_hello(self) -> None:
+        self.state = _HELLO
+        self.decoder.max_bytes = _HELLO_LIMIT
+        self._write_framed(self.router.hello)
+
+    def _hello(self, frame: bytes) -> None:
+        try:
+            hello = protocol.decode_hello(frame)
+        except ProtocolError as exc:
+            self._end(exc.message, "warning", linger=True)
+            return
+        if hello.version != protocol.PROTOCOL_VERSION:
+            error = ProtocolError(
+                f"protocol version {hello.version} is not supported; this server speaks {protocol.PROTOCOL_VERSION}"
+            )
+            self.send(protocol.error_frame(None, error))
+            self._end(error.message, "warning", linger=True)
+            return
+        self._cancel_timers()
+        self.state = _SERVING
+        self.admitted = True
+        self.decoder.max_bytes = self.router.config.max_message_bytes
+        self.log.debug("client_connected")
+        if self.router.config.idle_timeout:
+            self._arm_idle(self.router.config.idle_timeout)
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        if self.state in (_HANDSHAKE, _HELLO) and not self.closed:
+            self._end("handshake timed out", "warning")
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _request(self, frame: bytes) -> None:
+        router = self.router
+        try:
+            envelope = protocol.parse_envelope(frame)
+        except ProtocolError as exc:
+            if exc.request_id is None:
+                self._fail(None, exc, exc.message)
+            else:
+                self.send(protocol.error_frame(exc.request_id, exc))
+            return
+        kind = envelope.kind
+        if kind == protocol.REQUEST:
+            if envelope.method == protocol.PING:
+                self.send(protocol.encode_response(envelope.id, "pong"))
+                return
+            now = time.monotonic()
+            deadline = None if envelope.timeout is None else now + envelope.timeout
+            call = Call(self, envelope.id, envelope.method, frame, deadline, now)
+            try:
+                router.submit(call)
+            except (ServerBusy, ServerShuttingDown) as exc:
+                self.send(protocol.error_frame(envelope.id, exc))
+                return
+            if call.slot is None and router.table.over_share(self):
+                self.hold()
+        elif kind == protocol.NOTIFICATION:
+            try:
+                router.submit(Call(None, None, envelope.method, frame, None, time.monotonic()))
+            except (ServerBusy, ServerShuttingDown):
+                router.notification_dropped(self.log, method=envelope.method, reason="server busy")
+        # Cancel is reserved in this protocol version, and a second hello means nothing.
+
+    def _too_large(self, exc: MessageTooLarge) -> None:
+        limit = self.decoder.max_bytes
+        if self.state != _SERVING:
+            self._end(f"a handshake message of {getattr(exc, 'size', '?')} bytes (at most {limit})", "warning", linger=True)
+            return
+        error = MessageTooLarge(f"message exceeds the server's limit of {limit} bytes")
+        self.send(protocol.error_frame(None, error))
+        self._end("message too large", "warning", linger=True, limit=limit)
+
+    def _fail(self, request_id: int | None, error: RPCError, reason: str) -> None:
+        """A frame that cannot be answered by id: say why, then close."""
+        self.send(protocol.error_frame(request_id, error))
+        self._end(reason, "warning", linger=True)
+
+    # -- sending ------------------------------------------------------------------------
+
+    def send(self, payload: bytes) -> None:
+        """Send one message to the client (nothing, once the connection is closed)."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return
+        if len(payload) < _LARGE:
+            self.transport.write(_framed(payload))
+        else:
+            self.transport.writelines((frame_header(len(payload)), payload))
+        self._written += len(payload)
+        if self._send_watch is None and self.transport.get_write_buffer_size():
+            self._watch_sending()
+
+    def _write(self, payload: bytes) -> None:
+        self.send(payload)
+
+    def _write_framed(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _watch_sending(self) -> None:
+        """Drop the client if its unsent replies make no progress for ``send_timeout`` s."""
+        send_timeout = self.router.config.send_timeout
+        if self._send_watch is not None or not send_timeout or self.router.loop is None or self.transport is None:
+            return
+        self._sent_at_watch = self._written - self.transport.get_write_buffer_size()
+        self._send_watch = self.router.loop.call_later(send_timeout, self._check_sending)
+
+    def _check_sending(self) -> None:
+        self._send_watch = None
+        if self.closed or self.transport is None:
+            return
+        unsent = self.transport.get_write_buffer_size()
+        if not unsent:
+            return
+        if self._written - unsent <= self._sent_at_watch:
+            self.drop("it stopped reading its replies (a send made no progress within send_timeout)")
+            return
+        self._watch_sending()
+
+    # -- idle and ending ----------------------------------------------------------------
+
+    def _arm_idle(self, delay: float) -> None:
+        assert self.router.loop is not None
+        self._timer = self.router.loop.call_later(delay, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        idle_timeout = self.router.config.idle_timeout
+        assert idle_timeout
+        busy = self.parked or any(c is not None and c.connection is self for c in self.router.table.running) or any(
+            c.connection is self for c in self.router.table.queue
+        )
+        unsent = self.transport is not None and self.transport.get_write_buffer_size()
+        quiet = time.monotonic() - self.last_active
+        if busy or unsent:
+            self.last_active = time.monotonic()
+            self._arm_idle(idle_timeout)
+        elif quiet >= idle_timeout:
+            self.drop(f"idle for longer than idle_timeout ({idle_timeout:g} s)", level="info")
+        else:
+            self._arm_idle(idle_timeout - quiet)
+
+    def drop(self, reason: str, level: str = "warning") -> None:
+        """End the connection from the server's side, logging ``reason`` at ``level``."""
+        self._end(reason, level)
+
+    def _end(self, reason: str, level: str, linger: bool = False, **fields: Any) -> None:
+        if self.closed:
+            return
+        if self.end_reason is None:
+            self.end_reason = (reason, level)
+            self._end_fields = fields
+        if linger:
+            self._linger()
+        elif self.transport is not None:
+            self.transport.abort() if self.write_blocked else self.transport.close()
+
+    def _linger(self) -> None:
+        """Finish sending, then discard what the peer still sends for a while, then close.
+
+        Closing with unread input makes the kernel reset the connection, which can
+        destroy the error reply before the peer reads it.
+        """
+        self.state = _CLOSING
+        transport = self.transport
+        if transport is None or self.router.loop is None:
+            return
+        self._cancel_timers()
+        if transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                pass
+        transport.resume_reading()
+        self._timer = self.router.loop.call_later(_LINGER_SECONDS, transport.close)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._timer, self._send_watch):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._send_watch = None
+
+
+def _timeout(call: Call) -> CallTimeout:
+    return CallTimeout(f"call {call.method!r} passed its deadline of {_allowed(call)} s")
+
+
+def _expired(call: Call) -> CallTimeout:
+    return CallTimeout(
+        f"call {call.method!r} passed its deadline of {_allowed(call)} s while waiting for a handler; it did not run"
+    )
+
+
+def _allowed(call: Call) -> str:
+    """The seconds the call was given: its timeout, or max_call_seconds if that is shorter."""
+    return f"{round((call.deadline or call.received) - call.received, 3):g}"
+
