@@ -86,7 +86,13 @@ def test_4_a_burst_of_500_connections_is_served_or_refused_none_hangs(server, ba
         t.join(60)
     assert not any(t.is_alive() for t in threads)
     assert len(outcomes) == 500
-    assert outcomes.count(2) >= 450, [o for o in outcomes if o != 2][:5]
+    # The router finishes 500 handshakes within milliseconds, so the calls arrive nearly at
+    # once: each is served, or refused with ServerBusy once the 2 handlers and the queue of
+    # 64 are full, which is the contract (the thread-per-connection core served more only
+    # because its handshakes trickled in).
+    refused = [o for o in outcomes if isinstance(o, rpc.ServerBusy)]
+    assert outcomes.count(2) + len(refused) == 500, [o for o in outcomes if o != 2 and o not in refused][:5]
+    assert outcomes.count(2) >= 2 + 64
     still_serves(server)
     baseline.assert_restored(timeout=30)
 
