@@ -380,6 +380,8 @@ def client_handshake(
                 "to use the key file `rpc serve` made, or the server's key as bytes"
             )
         stream.replay(first)
+        # The type: ignores below: typeshed asks for a Connection, but the challenge
+        # functions only call recv_bytes and send_bytes, which _HandshakeStream has.
         try:
             answer_challenge(stream, authkey)  # type: ignore[arg-type]
         except multiprocessing.AuthenticationError:
