@@ -53,14 +53,14 @@ __all__ = ["Client", "connect"]
 _DEFAULT: Any = object()
 
 
-def _check_timeout(value: Any, name: str = "timeout") -> float | None:
+def _check_timeout(value: object, name: str = "timeout") -> float | None:
     """A timeout is None or a number of seconds > 0 and at most a year; anything else is refused.
 
     (Beyond a year, deadlines overflow what poll() and the socket timeouts accept.)
     """
     if value is None:
         return None
-    if type(value) not in (int, float):
+    if type(value) is not int and type(value) is not float:  # not bool, nor other subclasses
         raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
     if not 0 < value <= MAX_SECONDS:  # also refuses NaN and infinity
         raise ValueError(f"{name} must be a number of seconds > 0 and at most {MAX_SECONDS} (a year), or None, not {value!r}")

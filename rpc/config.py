@@ -296,8 +296,8 @@ class Settings:
         try:
             return ServerConfig(address=self.address(), authkey=authkey, **options)
         except ConfigError as exc:
-            key = getattr(exc, "key", None)
-            if key in self.sources:
+            key = getattr(exc, "key", None)  # set by _invalid
+            if isinstance(key, str) and key in self.sources:
                 raise self._error(key, exc.message) from None
             raise
 

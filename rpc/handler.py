@@ -168,7 +168,7 @@ def execute_request(
     if note_method is not None:
         note_method(request.method)
     if function is None:
-        error = MethodNotFound(_not_found(registry, request.method))
+        error: RPCError = MethodNotFound(_not_found(registry, request.method))
         return protocol.encode_error(request.id, _error_info(error.code, error, False))
     try:
         result = function(*request.args, **request.kwargs)

@@ -28,6 +28,7 @@ from collections import deque
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 __all__ = [
     "LOG_FORMATS",
@@ -297,13 +298,13 @@ def _sink_of(log: Logger) -> _SafeWriteLogger:
     return sink
 
 
-def _add_pid(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_pid(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
     """Every line says which process it is about: the emitting one unless it names another."""
     event.setdefault("pid", os.getpid())
     return event
 
 
-def _cut_long_texts(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _cut_long_texts(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
     """Every text field (the event name too) within MAX_FIELD_CHARS, so no line is huge."""
     for key, value in event.items():
         if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:

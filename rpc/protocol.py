@@ -153,6 +153,7 @@ __all__ = [
     "MAX_METHOD_BYTES",
     "MAX_META_BYTES",
     "MAX_ERROR_TEXT_BYTES",
+    "ProtocolError",  # what every decoder here raises, re-exported from rpc.errors
 ]
 
 REQUEST = 0
@@ -200,7 +201,8 @@ _user_decoders: dict[int, Callable[[bytes], Any]] = {}
 
 
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True, datetime=False)
+    packed: bytes = msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True, datetime=False)
+    return packed
 
 
 def _unpack(data: bytes | memoryview) -> Any:
@@ -261,6 +263,13 @@ def _big_int_bytes(n: int) -> bytes:
     return n.to_bytes(n.bit_length() // 8 + 1, "big", signed=True)
 
 
+# Bases whose subclasses travel as the base: plain msgpack types, then extension types.
+_PLAIN_BASES: tuple[type[Any], ...] = (float, str, bytes, dict, list)
+_EXT_BASES: tuple[type, ...] = (
+    tuple, frozenset, set, _dt.datetime, _dt.date, _dt.timedelta, _dt.time, Decimal, uuid.UUID,
+)
+
+
 def _default(obj: Any) -> Any:
     found = _ext_encoders.get(type(obj))
     if found is not None:
@@ -274,12 +283,12 @@ def _default(obj: Any) -> Any:
         return bool(obj)
     if isinstance(obj, int):
         return int(obj)
-    for base in (float, str, bytes, dict, list):
+    for base in _PLAIN_BASES:
         if isinstance(obj, base):
             return base(obj)
-    for base in (tuple, frozenset, set, _dt.datetime, _dt.date, _dt.timedelta, _dt.time, Decimal, uuid.UUID):
-        if isinstance(obj, base):
-            code, encode = _ext_encoders[base]
+    for ext_base in _EXT_BASES:
+        if isinstance(obj, ext_base):
+            code, encode = _ext_encoders[ext_base]
             return msgpack.ExtType(code, encode(obj))
     raise TypeError(
         f"cannot encode a value of type {type(obj).__module__}.{type(obj).__qualname__} "
@@ -303,7 +312,7 @@ def _items(obj: Any) -> bytes:
     return _pack_nested(list(obj))
 
 
-def _iso(obj: Any) -> bytes:
+def _iso(obj: _dt.date | _dt.time) -> bytes:
     return obj.isoformat().encode()
 
 
@@ -721,7 +730,7 @@ def decode_request(frame: bytes) -> Request:
 
 def _decode_request(frame: bytes) -> Request:
     message = decode_value(frame)
-    _expect(type(message) is list and message, "not a message array")
+    _expect(type(message) is list and len(message) > 0, "not a message array")
     kind = message[0]
     _expect(type(kind) is int, "kind must be an int")  # before comparing: Decimal('sNaN') == 0 raises
     if kind == REQUEST:

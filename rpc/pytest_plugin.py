@@ -21,17 +21,19 @@ handlers) are added to its report.
 
 from __future__ import annotations
 
-import multiprocessing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    from pluggy import Result
+
     from .client import Client
     from .testing import TestServer
 
 _servers_key = pytest.StashKey[dict[int, tuple["TestServer", int]]]()
+_log_reported_key = pytest.StashKey[bool]()  # the item's report already has the servers' log
 _open_servers: list[TestServer] = []  # every server a fixture started and has not stopped
 _current_item: list[pytest.Item] = []
 _used_forkserver = False
@@ -147,12 +149,14 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
-    if not report.failed or getattr(item, "_rpc_log_reported", False):
+    if not report.failed or item.stash.get(_log_reported_key, False):
         return
-    item._rpc_log_reported = True  # type: ignore[attr-defined]
+    item.stash[_log_reported_key] = True
     for server, offset in item.stash.get(_servers_key, {}).values():
         text = server.log_text(offset).strip()
         if text:
@@ -163,7 +167,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """Stop the forkserver the fixtures used, so no process outlives the run."""
     if not _used_forkserver:
         return
-    forkserver = getattr(multiprocessing.forkserver, "_forkserver", None)
+    from multiprocessing import forkserver as forkserver_module  # imported by now: a server used it
+
+    forkserver = getattr(forkserver_module, "_forkserver", None)
     stop = getattr(forkserver, "_stop", None)
     if stop is not None:
         stop()

@@ -17,7 +17,7 @@ import stat
 import struct
 import time
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from .errors import (
     AuthenticationError,
@@ -29,6 +29,9 @@ from .errors import (
     StartupError,
 )
 from .framing import FrameReader, SendTimeout, send_frame
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
 __all__ = [
     "Address",
@@ -50,7 +53,7 @@ WELCOME = b"#WELCOME#"
 FAILURE = b"#FAILURE#"
 
 
-def is_unix(address: Address) -> bool:
+def is_unix(address: Address) -> TypeIs[str]:
     return isinstance(address, (str, os.PathLike))
 
 
@@ -183,12 +186,12 @@ class ListeningSocket:
         sock = socket.socket(_family(address), socket.SOCK_STREAM)
         try:
             if is_unix(address):
-                _remove_stale_socket(address)  # type: ignore[arg-type]
+                _remove_stale_socket(address)
                 sock.bind(address)
-                self._unix_path = address  # type: ignore[assignment]
-                self._unix_inode = os.stat(address).st_ino  # type: ignore[arg-type]
+                self._unix_path = address
+                self._unix_inode = os.stat(address).st_ino
                 if unix_mode is not None:
-                    os.chmod(address, unix_mode)  # type: ignore[arg-type]
+                    os.chmod(address, unix_mode)
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(address)
@@ -382,6 +385,8 @@ def client_handshake(
                 "to use the key file `rpc serve` made, or the server's key as bytes"
             )
         stream.replay(first)
+        # The type: ignores below: typeshed asks for a Connection, but the challenge
+        # functions only call recv_bytes and send_bytes, which _HandshakeStream has.
         try:
             answer_challenge(stream, authkey)  # type: ignore[arg-type]
         except multiprocessing.AuthenticationError:
