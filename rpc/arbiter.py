@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Any
 
 from . import handler, protocol
@@ -91,7 +92,12 @@ class Arbiter:
         self._attach = attach
         self._retire = retire  # the router stops giving the slot calls and lets its handler exit
         self._lost = lost  # the router fails the call a collected handler held
-        self._context = multiprocessing.get_context(settings.start_method)
+        # Handlers never fork the supervisor, which runs threads (config refuses "fork").
+        self._context: SpawnContext | ForkServerContext
+        if settings.start_method == "forkserver":
+            self._context = multiprocessing.get_context("forkserver")
+        else:
+            self._context = multiprocessing.get_context("spawn")
         self._threads = ThreadPoolExecutor(max_workers=min(settings.workers + 2, 32), thread_name_prefix="rpc-arbiter")
         self.handlers: list[Handler | None] = [None] * settings.workers
         self._tasks: list[asyncio.Task[None]] = []

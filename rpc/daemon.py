@@ -11,6 +11,7 @@ lines that cannot be written are dropped and counted by :mod:`rpc.logs`).
 from __future__ import annotations
 
 import queue
+import resource
 import signal
 import threading
 from typing import Any
@@ -21,6 +22,23 @@ from .server import Server
 __all__ = ["serve"]
 
 _POLL_SECONDS = 0.2
+
+
+# Raised no further than this, where the hard limit is unlimited.
+_MAX_OPEN_FILES = 1 << 20
+
+
+def _raise_open_files_limit(log: Logger) -> None:
+    """Each connection holds a descriptor: raise the soft limit to the hard one, and say so."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, _MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("open_files_limit", limit=soft, error=str(exc), note="each connection needs one")
+            return
+        log.info("open_files_limit_raised", previous=soft, limit=target)
 
 
 def serve(server: Server, log: Logger) -> int:
@@ -37,6 +55,7 @@ def serve(server: Server, log: Logger) -> int:
     # Python ignores SIGPIPE, but whatever embeds or launches rpc may have restored it.
     previous[signal.SIGPIPE] = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
+        _raise_open_files_limit(log)
         server.start()
         closer: threading.Thread | None = None
         reloader: threading.Thread | None = None

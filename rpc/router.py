@@ -22,7 +22,7 @@ import errno
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 from . import protocol
 from .arbiter import Arbiter, ArbiterSettings, Handler
@@ -337,7 +337,7 @@ class HandlerPipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
 
     def send(self, frame: bytes) -> None:
         assert self.transport is not None
@@ -407,7 +407,8 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio callbacks --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.transport = transport
         router = self.router
         peer = transport.get_extra_info("peername")
         self.peer = format_address(peer[:2]) if isinstance(peer, tuple) else "unix"
@@ -419,7 +420,7 @@ class ClientConnection(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError:
                 pass
-        self.transport.set_write_buffer_limits(high=router.config.max_outbox_bytes)
+        transport.set_write_buffer_limits(high=router.config.max_outbox_bytes)
         router.connections.add(self)
         assert router.loop is not None
         self._timer = router.loop.call_later(router.config.handshake_timeout, self._handshake_timed_out)

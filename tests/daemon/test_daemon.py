@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -654,3 +657,26 @@ def test_a_file_path_as_registry_suggests_the_module(daemon):
     result = daemon.rpc("serve", "myapp/api.py")
     assert result.returncode == 2
     assert "did you mean 'myapp.api:registry'?" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_serve_raises_its_open_files_limit_and_says_so(daemon):
+    """Each connection holds a descriptor: the daemon lifts its soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit on open files here is {hard}: nothing to raise")
+    expected = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    log = open(daemon.log_path, "w")
+    daemon.process = subprocess.Popen(
+        [sys.executable, "-m", "rpc", "serve"], cwd=daemon.cwd, env=daemon.env, stdout=log, stderr=log, preexec_fn=low_limit
+    )
+    log.close()
+    assert wait_for(lambda: "listening" in daemon.log(), timeout=60), daemon.log()
+    [raised] = [json.loads(line) for line in daemon.log().splitlines() if "open_files_limit_raised" in line]
+    assert (raised["previous"], raised["limit"]) == (256, expected)
+    limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    assert any(line.startswith("Max open files") and str(expected) in line for line in limits.splitlines()), limits
+    assert daemon.rpc("ping").returncode == 0
