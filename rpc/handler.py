@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from . import protocol
+from .framing import FrameReader
 from .handler_output import OutputRouter
 from .logs import Logger, make_logger, open_log_file, report_dropped, resolve_format
 from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, SerializationError
@@ -81,12 +82,15 @@ def run(conn: Connection, settings: HandlerSettings) -> None:
     note_method = output.note_method if output is not None else None
     conn.send_bytes(protocol.encode_hello({"pid": os.getpid()}))
     log.debug("handler_ready", registry=settings.registry, methods=len(registry))
+    # Frames come from the server, which already held them to max_message_bytes. A
+    # buffered reader takes each in one read (recv_bytes reads the header, then the rest).
+    frames = FrameReader(conn.fileno(), settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
     try:
         while True:
             try:
-                # Frames come from the server, which already held them to max_message_bytes.
-                frame = conn.recv_bytes(settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
-            except (EOFError, OSError):
+                frame = frames.read(None)
+                assert frame is not None  # no deadline: it waits for a frame
+            except (EOFError, OSError, RPCError):
                 return  # the supervisor closed the pipe: stop
             reply = execute(registry, frame, settings, note_method)
             if output is not None:
