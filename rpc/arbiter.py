@@ -32,6 +32,7 @@ from .logs import Logger
 __all__ = ["ArbiterSettings", "Handler", "Arbiter"]
 
 _HELLO_LIMIT = 1 << 20  # a handler's hello, or its report of why the registry failed to import
+_PIPE_BUFFER = 4 << 20  # bytes the kernel may hold each way on a handler's pipe (capped by net.core.*mem_max)
 _KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL for a handler being stopped
 
 
@@ -159,6 +160,10 @@ class Arbiter:
     def _start(self, slot: int, log: bool = True) -> Handler | str:
         """Start a handler and wait for its hello (on a pool thread); the handler, or why it failed."""
         parent, child = socket.socketpair()
+        for end in (parent, child):
+            # Room for a large request or reply in one write, rather than many wake-ups per frame.
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _PIPE_BUFFER)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _PIPE_BUFFER)
         child_conn = Connection(child.detach())
         process = self._context.Process(
             target=handler.run,

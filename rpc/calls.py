@@ -18,6 +18,7 @@ from collections import deque
 from typing import Any
 
 from .errors import ServerBusy, ServerShuttingDown
+from .framing import Frame
 
 __all__ = ["Call", "CallTable"]
 
@@ -28,7 +29,7 @@ class Call:
     __slots__ = ("connection", "id", "method", "frame", "deadline", "received", "answered", "slot")
 
     def __init__(
-        self, connection: Any, id: int | None, method: str, frame: bytes, deadline: float | None, received: float
+        self, connection: Any, id: int | None, method: str, frame: Frame, deadline: float | None, received: float
     ) -> None:
         self.connection = connection  # where the answer goes; None for a notification
         self.id = id

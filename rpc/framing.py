@@ -20,11 +20,11 @@ import select
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, Union
 
 from .errors import MessageTooLarge, ProtocolError
 
-__all__ = ["FrameDecoder", "FrameReader", "SendTimeout", "frame_header", "send_frame"]
+__all__ = ["DIRECT_BYTES", "Frame", "FrameDecoder", "FrameReader", "SendTimeout", "frame_header", "send_frame"]
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
@@ -32,42 +32,85 @@ _CHUNK = 1 << 16  # bytes asked of the socket per read when no frame is pending
 _MAX_CHUNK = 1 << 20  # at most this much per read, however large the frame
 
 
-class FrameDecoder:
-    """Frames out of a byte stream, with no I/O: :meth:`feed` bytes, take frames with :meth:`next`.
+# A frame at least this big is received straight into a buffer of its own size, so its
+# bytes are copied once (by the kernel), not gathered chunk by chunk.
+DIRECT_BYTES = 1 << 16
+_SCRATCH_BYTES = 1 << 16  # what one read may bring while no large frame is pending
 
-    The one place that reads frame headers. Frames are taken one at a time, so a
-    caller may change ``max_bytes`` between them (a handshake message is held to
-    fewer bytes than a request). A header announcing more than ``max_bytes``
-    raises :class:`MessageTooLarge` before anything is buffered for it (its
+Frame = Union[bytes, bytearray]
+
+
+class FrameDecoder:
+    """Frames out of a byte stream, with no I/O of its own.
+
+    Bytes come in either by :meth:`feed`, or (for ``asyncio.BufferedProtocol``) by
+    :meth:`get_buffer` then :meth:`buffer_updated`; whole frames come out of
+    :meth:`next`, one at a time, so a caller may change ``max_bytes`` between
+    them (a handshake message is held to fewer bytes than a request). A frame of
+    :data:`DIRECT_BYTES` or more is received into a buffer of its own and
+    returned as that ``bytearray``; smaller ones as ``bytes``.
+
+    The one place that reads frame headers. A header announcing more than
+    ``max_bytes`` raises :class:`MessageTooLarge` before anything is buffered for it (its
     ``size`` attribute says how many bytes it announced); a negative length
     raises :class:`ProtocolError`. After either, the stream cannot be resynchronised.
     """
 
-    __slots__ = ("max_bytes", "_buffer", "_need")
+    __slots__ = ("max_bytes", "_buffer", "_need", "_scratch", "_large", "_filled", "_ready")
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._buffer = bytearray()
         self._need = 0  # the first frame's full length (header included), once known
+        self._scratch: memoryview | None = None  # reused for every read of small frames
+        self._large: memoryview | None = None  # a large frame being received in place
+        self._filled = 0  # bytes of it received
+        self._ready: bytearray | None = None  # a large frame received whole, before anything buffered
 
     @property
     def buffered(self) -> int:
-        """Bytes fed and not yet taken as frames."""
-        return len(self._buffer)
+        """Bytes received and not yet taken as frames."""
+        ready = len(self._ready) if self._ready is not None else 0
+        return len(self._buffer) + ready + (self._filled if self._large is not None else 0)
 
-    def feed(self, data: bytes) -> bytes | None:
+    def feed(self, data: bytes) -> Frame | None:
         """Add ``data``. If it is exactly one frame and nothing else is buffered (the usual
         case), that frame is returned at once, uncopied into the buffer; then :meth:`next`
         has nothing more. Otherwise None: take the frames with :meth:`next`."""
-        if not self._buffer and len(data) >= 4:
+        if self._large is not None:
+            data = data[self._fill(data) :]
+            if not data:
+                return None
+        if not self._buffer and self._ready is None and len(data) >= 4:
             size = _SHORT.unpack_from(data)[0]
             if 0 <= size <= self.max_bytes and len(data) == 4 + size:
                 return data[4:]
         self._buffer += data
         return None
 
-    def next(self) -> bytes | None:
-        """Remove and return the first whole frame buffered, or None if there is none yet."""
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes read from the socket should go."""
+        if self._large is not None:
+            return self._large[self._filled :]
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_SCRATCH_BYTES))
+        return self._scratch
+
+    def buffer_updated(self, count: int) -> Frame | None:
+        """``count`` bytes were read into the last :meth:`get_buffer`; returns as :meth:`feed` does."""
+        if self._large is not None:
+            self._filled += count
+            if self._filled == len(self._large):
+                self._finish_large()
+            return None
+        assert self._scratch is not None
+        return self.feed(bytes(self._scratch[:count]))
+
+    def next(self) -> Frame | None:
+        """Remove and return the first whole frame received, or None if there is none yet."""
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            return ready
         buffer = self._buffer
         have = len(buffer)
         if have < 4 or have < self._need:
@@ -85,13 +128,38 @@ class FrameDecoder:
             raise too_large(size, self.max_bytes)
         end = start + size
         if have < end:
-            self._need = end
+            if size >= DIRECT_BYTES:
+                # Receive the rest straight into the frame's own buffer.
+                self._large = memoryview(bytearray(size))
+                self._filled = have - start
+                self._large[: self._filled] = buffer[start:]
+                del buffer[:]
+                self._need = 0
+            else:
+                self._need = end
             return None
         with memoryview(buffer) as view:
             frame = bytes(view[start:end])
         del buffer[:end]
         self._need = 0
         return frame
+
+    def _fill(self, data: bytes) -> int:
+        """Copy what ``data`` holds of the large frame under way into it; how many bytes that took."""
+        assert self._large is not None
+        count = min(len(data), len(self._large) - self._filled)
+        self._large[self._filled : self._filled + count] = data[:count]
+        self._filled += count
+        if self._filled == len(self._large):
+            self._finish_large()
+        return count
+
+    def _finish_large(self) -> None:
+        assert self._large is not None
+        frame = self._large.obj
+        assert isinstance(frame, bytearray)
+        self._large.release()
+        self._large, self._filled, self._ready = None, 0, frame
 
 
 def too_large(size: int, limit: int) -> MessageTooLarge:

@@ -544,7 +544,7 @@ def encode_hello(info: dict[str, Any]) -> bytes:
 _NIL = 0xC0
 
 
-def response_is_error(frame: bytes) -> bool:
+def response_is_error(frame: bytes | bytearray) -> bool:
     """Whether an encoded response carries an error, read without decoding it.
 
     The error field follows the id; its first byte is nil (0xc0) on success.
@@ -586,7 +586,7 @@ def _ignore_ext(code: int, data: bytes) -> None:
     return None
 
 
-def parse_envelope(frame: bytes) -> Envelope:
+def parse_envelope(frame: bytes | bytearray) -> Envelope:
     """Read kind, id, method and timeout of a client frame, not decoding the arguments.
 
     Raises :class:`ProtocolError`; its ``request_id`` attribute is the id when the
@@ -644,7 +644,7 @@ def _check_method(method: object) -> None:
         raise ProtocolError(f"malformed message: a method name is at most {MAX_METHOD_BYTES} bytes")
 
 
-def _read_large(frame: bytes) -> list[Any]:
+def _read_large(frame: bytes | bytearray) -> list[Any]:
     """The envelope of a frame over _SMALL_FRAME bytes, each field's type checked before it is read.
 
     Only a request or a notification may be that large; their arguments are
@@ -696,7 +696,7 @@ def _read_large(frame: bytes) -> list[Any]:
     return [kind, request_id, method, None, None, meta]
 
 
-def _readable_id(frame: bytes) -> int | None:
+def _readable_id(frame: bytes | bytearray) -> int | None:
     """The id of a request whose later fields are broken, if its first fields are sound.
 
     Read by hand from the first bytes: nothing of a broken frame is decoded.

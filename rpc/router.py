@@ -38,7 +38,7 @@ from .errors import (
     ServerShuttingDown,
     WorkerCrashed,
 )
-from .framing import FrameDecoder, frame_header
+from .framing import Frame, FrameDecoder, frame_header
 from .handler import HandlerSettings
 from .handshake import MAX_HANDSHAKE_FRAME, ServerHandshake
 from .logs import Logger, Throttle
@@ -59,7 +59,7 @@ _SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _HANDSHAKE, _HELLO, _SERVING, _CLOSING = range(4)
 
 
-def _framed(payload: bytes) -> bytes:
+def _framed(payload: Frame) -> bytes:
     return frame_header(len(payload)) + payload
 
 
@@ -179,7 +179,7 @@ class Router:
             outcome = "crashed"
         self._answer(call, protocol.error_frame(call.id, error), handler.pid, outcome)
 
-    def handler_replied(self, handler: Handler, reply: bytes) -> None:
+    def handler_replied(self, handler: Handler, reply: Frame) -> None:
         slot = handler.slot
         call = self.table.running[slot]
         if call is None or handler.kill_reason is not None or not self.table.settle(call):
@@ -192,7 +192,7 @@ class Router:
         self._deliver(call, reply, handler.pid)
         self._release(slot)
 
-    def _deliver(self, call: Call, reply: bytes, pid: int | None) -> None:
+    def _deliver(self, call: Call, reply: Frame, pid: int | None) -> None:
         if call.connection is not None:
             call.connection.send(reply)
         if self.config.access_log:
@@ -325,7 +325,7 @@ class Router:
             self.log.warning("accept_failed", error=str(exc))
 
 
-class HandlerPipe(asyncio.Protocol):
+class HandlerPipe(asyncio.BufferedProtocol):
     """The supervisor's end of one handler's pipe: requests go in, replies come out."""
 
     def __init__(self, router: Router, handler: Handler, closed: asyncio.Future[None]) -> None:
@@ -339,7 +339,7 @@ class HandlerPipe(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: Frame) -> None:
         assert self.transport is not None
         if len(frame) < _LARGE:
             self.transport.write(_framed(frame))
@@ -354,9 +354,12 @@ class HandlerPipe(asyncio.Protocol):
             except (OSError, RuntimeError):
                 pass
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         decoder, router = self.decoder, self.router
-        reply = decoder.feed(data)
+        reply = decoder.buffer_updated(nbytes)
         if reply is not None:
             router.handler_replied(self.handler, reply)
             return
@@ -378,7 +381,7 @@ class HandlerPipe(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(asyncio.BufferedProtocol):
     """One client: the handshake, then its requests in and its answers out."""
 
     def __init__(self, router: Router) -> None:
@@ -395,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
         self.sending = False  # replies were still going out when it ended
         self.write_blocked = False  # unsent replies are over max_outbox_bytes
         self.held = False  # its calls fill its share of the queue: read no more for now
-        self.parked: list[tuple[int, Call, bytes]] = []  # replies waiting for it to drain, with their slots
+        self.parked: list[tuple[int, Call, Frame]] = []  # replies waiting for it to drain, with their slots
         self.last_active = time.monotonic()
         self.end_reason: tuple[str, str] | None = None  # why the server ended it, and the log level
         self._end_fields: dict[str, Any] = {}
@@ -430,21 +433,27 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._begin_hello()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.state == _CLOSING:
             return  # after an error: discard what the client still sends
+        self._guarded(self.decoder.buffer_updated(nbytes))
+
+    def _guarded(self, frame: Frame | None) -> None:
         try:
-            self._received(data)
+            self._received(frame)
         except Exception as exc:  # a bug; the connection still ends with its reason logged
             self.log.exception("client_dropped", reason=f"internal error: {type(exc).__name__}: {exc}")
             self.end_reason = ("internal error", "logged")
             if self.transport is not None:
                 self.transport.abort()
 
-    def _received(self, data: bytes) -> None:
+    def _received(self, frame: Frame | None) -> None:
+        """Serve ``frame`` (the one whole frame a read brought) or every whole frame buffered."""
         self.last_active = time.monotonic()
         decoder = self.decoder
-        frame = decoder.feed(data) if data else None
         if frame is not None and self.state == _SERVING:
             self._request(frame)  # the usual case: one whole request
             return
@@ -519,7 +528,7 @@ class ClientConnection(asyncio.Protocol):
     def _take_buffered(self) -> None:
         """Serve the requests read while it was held."""
         if not self.closed and not self.held and self.state == _SERVING and self.decoder.buffered:
-            self.data_received(b"")
+            self._guarded(None)
 
     def pause_writing(self) -> None:
         self.write_blocked = True
@@ -536,10 +545,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- the handshake ------------------------------------------------------------------
 
-    def _handshake_step(self, frame: bytes) -> None:
+    def _handshake_step(self, frame: Frame) -> None:
         assert self.handshake is not None
         try:
-            replies = self.handshake.receive(frame)
+            replies = self.handshake.receive(bytes(frame))
         except AuthenticationError as exc:
             if self.handshake.farewell is not None:
                 self._write(self.handshake.farewell)
@@ -555,9 +564,9 @@ class ClientConnection(asyncio.Protocol):
         self.decoder.max_bytes = _HELLO_LIMIT
         self._write_framed(self.router.hello)
 
-    def _hello(self, frame: bytes) -> None:
+    def _hello(self, frame: Frame) -> None:
         try:
-            hello = protocol.decode_hello(frame)
+            hello = protocol.decode_hello(bytes(frame))
         except ProtocolError as exc:
             self._end(exc.message, "warning", linger=True)
             return
@@ -583,7 +592,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- requests -----------------------------------------------------------------------
 
-    def _request(self, frame: bytes) -> None:
+    def _request(self, frame: Frame) -> None:
         router = self.router
         try:
             envelope = protocol.parse_envelope(frame)
@@ -631,7 +640,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- sending ------------------------------------------------------------------------
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: Frame) -> None:
         """Send one message to the client (nothing, once the connection is closed)."""
         if self.closed or self.transport is None or self.transport.is_closing():
             return
