@@ -28,7 +28,7 @@ def long(payload: bytes) -> bytes:
 
 
 def drain(decoder: FrameDecoder) -> list[bytes]:
-    frames = []
+    frames: list[bytes] = []
     for _ in range(10_000):  # bounded: a decoder bug must not hang the suite
         frame = decoder.next()
         if frame is None:
@@ -40,7 +40,7 @@ def drain(decoder: FrameDecoder) -> list[bytes]:
 def decode(stream: bytes, max_bytes: int = 1 << 20, *, chunks: Iterator[bytes] | None = None) -> list[bytes]:
     """Every frame of ``stream`` fed in ``chunks`` (default: all at once), fast path included."""
     decoder = FrameDecoder(max_bytes)
-    frames = []
+    frames: list[bytes] = []
     for chunk in chunks if chunks is not None else iter([stream]):
         whole = decoder.feed(chunk)
         if whole is not None:

@@ -53,14 +53,11 @@ class Wire:
 
     def read(self) -> bytes:
         for _ in range(10_000):  # bounded; each recv is bounded by the socket timeout
-            if self.pending:
-                frame = self.pending.pop(0)
+            # A frame the fast path returned comes first: it only does so with nothing buffered.
+            frame = self.pending.pop(0) if self.pending else self.decoder.next()
+            if frame is not None:
                 self.received.append(frame)
                 return frame
-            frame = self.decoder.next()
-            if frame is not None:
-                self.pending.append(frame)
-                continue
             data = self.sock.recv(4096)
             if not data:
                 raise EOFError("the client closed the connection")
