@@ -117,6 +117,9 @@ class CallTable:
     def release(self, slot: int, now: float) -> tuple[Call | None, list[Call]]:
         """The handler in ``slot`` is free: the call to send it next (or None: it is idle now),
         and the queued calls found past their deadline (settled; the caller answers them)."""
+        running = self.running[slot]
+        if running is not None and not running.answered:
+            return None, []  # a stale release: the slot's handler still owes this call its answer
         self.running[slot] = None
         expired: list[Call] = []
         if slot in self.retiring:

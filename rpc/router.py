@@ -187,7 +187,7 @@ class Router:
         self._note_settled()
         connection = call.connection
         if connection is not None and connection.must_park():
-            connection.parked.append((slot, call, reply))  # sent, and the handler freed, once it drains
+            connection.parked.append((handler, call, reply))  # sent, and the handler freed, once it drains
             return
         self._deliver(call, reply, handler.pid)
         self._release(slot)
@@ -272,16 +272,21 @@ class Router:
         self.table.forget(connection)
         self._note_settled()
         parked, connection.parked = connection.parked, []
-        for slot, _call, _reply in parked:
-            self._release(slot)
+        for handler, _call, _reply in parked:
+            self._release_parked(handler)
 
     def unpark(self, connection: ClientConnection) -> None:
         """A connection drained: send the replies that waited for it, and free their handlers."""
         while connection.parked and not connection.over_hard_cap():
-            slot, call, reply = connection.parked.pop(0)
-            handler = self.arbiter.handlers[slot]
-            self._deliver(call, reply, handler.pid if handler else None)
-            self._release(slot)
+            handler, call, reply = connection.parked.pop(0)
+            self._deliver(call, reply, handler.pid)
+            self._release_parked(handler)
+
+    def _release_parked(self, handler: Handler) -> None:
+        """Free the handler that held a parked reply, unless it has died and been replaced since:
+        its slot then belongs to a new handler, which may be running another call."""
+        if self.arbiter.handlers[handler.slot] is handler and self.pipes[handler.slot] is not None:
+            self._release(handler.slot)
 
     # -- accepting ----------------------------------------------------------------------
 
@@ -398,7 +403,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.sending = False  # replies were still going out when it ended
         self.write_blocked = False  # unsent replies are over max_outbox_bytes
         self.held = False  # its calls fill its share of the queue: read no more for now
-        self.parked: list[tuple[int, Call, Frame]] = []  # replies waiting for it to drain, with their slots
+        self.parked: list[tuple[Handler, Call, Frame]] = []  # replies waiting for it to drain, with their slots
         self.last_active = time.monotonic()
         self.end_reason: tuple[str, str] | None = None  # why the server ended it, and the log level
         self._end_fields: dict[str, Any] = {}

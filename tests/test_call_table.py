@@ -353,16 +353,6 @@ def test_lost_leaves_the_queue_to_the_new_handler() -> None:
     check(t, [running, waiting])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "release() of a slot whose running call is still owed an answer drops that call. The router "
-        "does this: a reply parked for a slow reader keeps (slot, call, reply); if the handler dies "
-        "meanwhile and its replacement takes another client's call, unpark()/forget() later release "
-        "the slot anyway, so that call is never answered and the next call sent to the 'idle' slot "
-        "gets its result (a reply delivered to the wrong client)"
-    ),
-)
 def test_a_stale_release_never_drops_a_call_owed_an_answer() -> None:
     t = table(workers=1)
     start(t)
