@@ -2,8 +2,11 @@
 
 Any number of threads may share a client. Each call registers its request id,
 sends its frame, and waits; whichever waiting thread finds the socket free reads
-replies and hands each to the call with its id, so a single-threaded caller pays
-no thread hop and concurrent callers are pipelined on one connection. After a
+replies and hands each to the call with its id, so concurrent callers are
+pipelined on one connection. The common case, one call at a time, is the fast
+path: a call that finds nothing else in flight takes the reading role as it
+registers, sends its request in one write, and reads its own reply: a lock round
+to start and one to finish, no condition, no other thread. After a
 transport error every call in flight fails with :class:`ConnectionClosed` and the
 connection is dropped, so a stale reply can never answer a later call.
 
@@ -51,6 +54,7 @@ from .registry import MethodInfo
 __all__ = ["Client", "connect"]
 
 _DEFAULT: Any = object()
+_MAX_ATTRIBUTES = 256  # remote methods looked up by attribute are kept on the client up to this many attributes
 
 
 def _check_timeout(value: object, name: str = "timeout") -> float | None:
@@ -64,7 +68,8 @@ def _check_timeout(value: object, name: str = "timeout") -> float | None:
         raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
     if not 0 < value <= MAX_SECONDS:  # also refuses NaN and infinity
         raise ValueError(f"{name} must be a number of seconds > 0 and at most {MAX_SECONDS} (a year), or None, not {value!r}")
-    return value
+    seconds: float = value  # an int stays an int
+    return seconds
 
 
 def _check_authkey(authkey: Any) -> bytes | None:
@@ -82,7 +87,7 @@ def _check_authkey(authkey: Any) -> bytes | None:
 class _Pending:
     """A call waiting for its response; ``future`` is set for calls made with ``submit``."""
 
-    __slots__ = ("id", "done", "result", "error", "future", "name", "timeout")
+    __slots__ = ("id", "done", "result", "error", "future", "name", "timeout", "reads_own")
 
     def __init__(self, id: int, future: Future[Any] | None, name: str, timeout: float | None) -> None:
         self.id = id
@@ -92,6 +97,7 @@ class _Pending:
         self.future = future
         self.name = name
         self.timeout = timeout
+        self.reads_own = False  # whether its own thread reads the replies until it is answered
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -122,7 +128,8 @@ class _Method:
         return _Method(self._client, f"{self._name}.{name}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._client._call(self._name, args, kwargs, self._client._timeout)
+        client = self._client
+        return client._call(self._name, args, kwargs, client._timeout)
 
     def __repr__(self) -> str:
         return f"<remote method {self._name!r}>"
@@ -211,7 +218,12 @@ class Client:
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _Method(self, name)
+        method = _Method(self, name)
+        if len(self.__dict__) < _MAX_ATTRIBUTES:
+            # Kept, so the next lookup finds it at once, without the failed lookup (and the
+            # AttributeError raised inside it) that precedes every call of __getattr__.
+            self.__dict__[name] = method
+        return method
 
     def call(self, name: str, /, *args: Any, timeout: float | None = _DEFAULT, **kwargs: Any) -> Any:
         """Call ``name`` with ``args`` and ``kwargs``; ``timeout`` overrides the client's default."""
@@ -296,7 +308,17 @@ class Client:
 
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._wait(self._start(name, args, kwargs, timeout, deadline, None), deadline)
+        pending = self._start(name, args, kwargs, timeout, deadline, None)
+        try:
+            if pending.reads_own:
+                return self._read_own(pending, deadline)
+            return self._wait(pending, deadline)
+        except BaseException:
+            if not pending.done:
+                # Interrupted (KeyboardInterrupt, say): forget the call, so its answer is dropped
+                # and later calls, finding nothing in flight, take the fast path again.
+                self._forget(pending)
+            raise
 
     def _start(
         self,
@@ -307,7 +329,12 @@ class Client:
         deadline: float | None,
         future: Future[Any] | None,
     ) -> _Pending:
-        """Register a call under a fresh id and send its request by ``deadline``."""
+        """Register a call under a fresh id and send its request by ``deadline``.
+
+        A call made with ``call`` that finds no other call in flight and no thread
+        reading replies takes the reading role at once (``reads_own``), in the same
+        lock round. Only then: a thread blocked sending must not keep others' replies unread.
+        """
         if type(name) is not str:
             raise TypeError(f"method name must be a string, not {type(name).__name__}")
         request_id = next(self._ids)
@@ -317,6 +344,8 @@ class Client:
         with self._lock:
             if self._failure is not None:
                 raise self._failure
+            if future is None and not self._pending and not self._reading:
+                pending.reads_own = self._reading = True
             # Registered before sending, so the reply cannot arrive before it is expected.
             self._pending[request_id] = pending
             if future is not None:
@@ -330,7 +359,13 @@ class Client:
                             end.setblocking(False)
                     self._reader_thread = threading.Thread(target=self._read_for_futures, name="rpc-client-reader", daemon=True)
                     self._reader_thread.start()
-        self._send(frame, deadline, pending)
+        try:
+            self._send(frame, deadline, pending)
+        except BaseException:
+            self._forget(pending)  # not sent (whole): no answer will come
+            if pending.reads_own:
+                self._stop_reading()
+            raise
         return pending
 
     def _add_deadline(self, deadline: float, request_id: int) -> None:
@@ -369,7 +404,8 @@ class Client:
 
     def _send(self, frame: bytes, deadline: float | None = None, pending: _Pending | None = None) -> None:
         """Send one frame; a call's request must be out by its deadline, however the server reads."""
-        if not self._send_lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
+        lock = self._send_lock
+        if not lock.acquire(False) and not lock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
             assert pending is not None
             raise self._unsent(pending, 0)  # other calls' frames held the socket until the deadline
         try:
@@ -384,13 +420,17 @@ class Client:
             self._fail_all(error)
             raise error from None
         finally:
-            self._send_lock.release()
+            lock.release()
 
-    def _unsent(self, pending: _Pending, sent: int) -> CallTimeout:
-        """The error for a call whose request was not sent (whole) by its deadline."""
+    def _forget(self, pending: _Pending) -> None:
+        """Take a call off those in flight: an answer to it, if one comes, is ignored."""
         with self._lock:
             if self._pending.pop(pending.id, None) is not None and pending.future is not None:
                 self._futures -= 1
+
+    def _unsent(self, pending: _Pending, sent: int) -> CallTimeout:
+        """The error for a call whose request was not sent (whole) by its deadline."""
+        self._forget(pending)
         if sent:
             # Part of the request went out: the stream is mid-message and cannot carry another.
             self._fail_all(
@@ -465,45 +505,94 @@ class Client:
             finally:
                 self._stop_reading()
 
+    def _read_own(self, pending: _Pending, deadline: float | None) -> Any:
+        """The fast path: the only call in flight reads the replies itself until its own comes.
+
+        No condition to wait on, no other thread involved, and one lock round at the end
+        both takes the call off those in flight and gives up the reading role. A reply
+        to a call another thread made meanwhile is handed to it on the way.
+        """
+        reading = True
+        try:
+            while True:
+                response = self._next_response(deadline, None)
+                if response is None:
+                    break  # the deadline passed, or the connection failed
+                if response.id != pending.id:
+                    self._deliver(response)
+                    continue
+                with self._lock:
+                    mine = self._pending.pop(pending.id, None) is not None
+                    reading = False
+                    self._release_reading()
+                if not mine:
+                    break  # failed meanwhile (the client was closed): that is its outcome
+                if response.error is not None:
+                    raise _exception(response.error)
+                return response.result
+        finally:
+            if reading:
+                self._stop_reading()
+        if pending.done:  # (set once, after its outcome, so no lock is needed to read it)
+            return pending.outcome()
+        return self._wait(pending, deadline)  # the deadline passed: CallTimeout
+
     def _stop_reading(self) -> None:
         with self._lock:
-            self._reading = self._reader_polling = False
-            if self._failure is not None:
-                self._close_transport()
-            if self._waiters:
-                self._cond.notify_all()  # another waiting thread may take over reading
+            self._release_reading()
+
+    def _release_reading(self) -> None:
+        """Under the lock: give up the reading role, to a thread waiting for it if there is one."""
+        self._reading = self._reader_polling = False
+        if self._failure is not None:
+            self._close_transport()
+        if self._waiters:
+            self._cond.notify_all()  # another waiting thread may take over reading
 
     def _read_one(self, deadline: float | None, wake: socket.socket | None) -> bool:
         """Read one response and hand it to its call.
 
         False: the deadline passed, ``wake`` got a byte, or the connection failed.
         """
+        response = self._next_response(deadline, wake)
+        if response is None:
+            return False
+        self._deliver(response)
+        return True
+
+    def _next_response(self, deadline: float | None, wake: socket.socket | None) -> protocol.Response | None:
+        """The next response with an id, or None if the deadline passed, ``wake`` got a byte, or the connection failed."""
         try:
-            frame = self._frames.read(deadline, wake)
+            frame = self._frames.read_view(deadline, wake)  # valid until the next read: decoded at once
         except EOFError:
             self._fail_all(ConnectionClosed("the server closed the connection"))
-            return False
+            return None
         except ProtocolError as exc:  # an oversized or malformed length: the stream is lost
             self._fail_all(exc)
-            return False
+            return None
         except OSError as exc:
             self._fail_all(ConnectionClosed(f"connection lost: {exc}"))
-            return False
+            return None
         if frame is None:
-            return False
+            return None
         try:
             response = protocol.decode_response(frame)
         except ProtocolError as exc:
             self._fail_all(exc)
-            return False
+            return None
         if response.id is None:
             # A connection-level error from the server, which closes the connection.
             self._fail_all(_exception(response.error) if response.error else ConnectionClosed("bad response"))
-            return False
+            return None
+        return response
+
+    def _deliver(self, response: protocol.Response) -> None:
+        """Hand ``response`` to the call with its id, waiting in another thread or as a future."""
+        assert response.id is not None
         with self._lock:
             waiting = self._pending.pop(response.id, None)
             if waiting is None:
-                return True  # its caller timed out and left, or the server is confused
+                return  # its caller timed out and left, or the server is confused
             if response.error is not None:
                 waiting.error = _exception(response.error)
             else:
@@ -513,8 +602,8 @@ class Client:
                 self._futures -= 1
             elif self._waiters:
                 self._cond.notify_all()  # wake its waiting thread
-        waiting.settle_future()
-        return True
+        if waiting.future is not None:
+            waiting.settle_future()
 
     def _fail_all(self, error: RPCError) -> None:
         """Make the connection unusable and fail every call in flight with ``error``."""

@@ -28,8 +28,8 @@ __all__ = ["DIRECT_BYTES", "Frame", "FrameDecoder", "FrameReader", "SendTimeout"
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
-_CHUNK = 1 << 16  # bytes asked of the socket per read when no frame is pending
-_MAX_CHUNK = 1 << 20  # at most this much per read, however large the frame
+_BUFFER_BYTES = 1 << 16  # the reader's reused buffer; a larger frame gets one of its own size
+_JOIN_BYTES = 1 << 16  # a payload up to this size is sent joined to its header, as one buffer
 
 
 # A frame at least this big is received straight into a buffer of its own size, so its
@@ -171,23 +171,29 @@ def too_large(size: int, limit: int) -> MessageTooLarge:
 class FrameReader:
     """Frames from the socket ``fd``, each at most ``max_bytes`` long.
 
-    One thread at a time may call :meth:`read`; the caller keeps it that way.
-    ``max_bytes`` may be changed between reads (the handshake caps each message).
+    One thread at a time may read; the caller keeps it that way. ``max_bytes`` may
+    be changed between reads (the handshake caps each message). Bytes are read
+    with ``readv`` into one preallocated buffer, reused for every frame that fits
+    in it; a larger frame gets a buffer of exactly its size, so it comes off the
+    socket in as few reads as the kernel allows and is never copied on the way.
     """
 
     def __init__(self, fd: int, max_bytes: int) -> None:
         self._fd = fd
         self.max_bytes = max_bytes
-        self._buffer = bytearray()
-        self._need = 0  # the buffered frame's full length (header included), once known
+        self._standard = memoryview(bytearray(_BUFFER_BYTES))
+        self._buffer = self._standard  # the standard buffer, or a large frame's own
+        self._start = 0  # bytes read and not yet returned: _buffer[_start:_end]
+        self._end = 0
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self._wake: socket.socket | None = None
+        self._wake_fd = -1
 
     @property
     def buffered(self) -> int:
         """Bytes read from the socket and not yet returned (part of a frame, or whole ones)."""
-        return len(self._buffer)
+        return self._end - self._start
 
     def read(self, deadline: float | None, wake: socket.socket | None = None) -> bytes | None:
         """The next frame's payload, or None if ``deadline`` passed (or ``wake`` got a byte) first.
@@ -197,71 +203,92 @@ class FrameReader:
         Raises EOFError when the peer closed the connection, :class:`MessageTooLarge`
         or :class:`ProtocolError` for a length that cannot be accepted, OSError otherwise.
         """
+        view = self.read_view(deadline, wake)
+        return None if view is None else bytes(view)
+
+    def read_view(self, deadline: float | None, wake: socket.socket | None = None) -> memoryview | None:
+        """As :meth:`read`, but the payload is a view of the reader's buffer, valid until the next read."""
         if wake is not None and wake is not self._wake:
-            self._poller.register(wake.fileno(), select.POLLIN)
+            if self._wake is not None:
+                self._poller.unregister(self._wake_fd)
+            self._wake_fd = wake.fileno()
+            self._poller.register(self._wake_fd, select.POLLIN)
             self._wake = wake
+        remaining = 0.0
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+        if self._end:
+            frame = self._take()
+            if frame is not None:
+                return frame
+        bounded = deadline is not None or wake is not None
         while True:
+            if bounded:
+                # Wait for bytes; a plain blocking read (the cheapest path) when nothing bounds the wait.
+                ready = woken = False
+                for fd, _ in self._poller.poll(-1 if deadline is None else math.ceil(remaining * 1000)):
+                    if fd == self._fd:
+                        ready = True
+                    else:
+                        woken = True  # (the only other descriptor polled is the wake-up pair's)
+                if woken:
+                    self._drain_wake()
+                    if wake is not None:
+                        return None
+            if not bounded or ready:
+                count = os.readv(self._fd, [self._buffer[self._end :]])
+                if not count:
+                    raise EOFError("the peer closed the connection")
+                self._end += count
+                frame = self._take()
+                if frame is not None:
+                    return frame
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-            frame = self._take()
-            if frame is not None:
-                return frame
-            if deadline is not None or wake is not None:
-                # Wait for bytes; a plain blocking read (the cheapest path) when nothing bounds it.
-                events = self._poller.poll(-1 if deadline is None else math.ceil(remaining * 1000))
-                if self._wake is not None and any(fd == self._wake.fileno() for fd, _ in events):
-                    self._drain_wake()
-                    if wake is not None:
-                        return None
-                if not any(fd == self._fd for fd, _ in events):
-                    continue
-            chunk = os.read(self._fd, min(max(_CHUNK, self._need - len(self._buffer)), _MAX_CHUNK))
-            if not chunk:
-                raise EOFError("the peer closed the connection")
-            if not self._buffer:
-                whole = self._whole(chunk)
-                if whole is not None:
-                    return whole  # the usual case: one read brought exactly one frame
-            self._buffer += chunk
 
-    def _whole(self, chunk: bytes) -> bytes | None:
-        """The payload if ``chunk`` is exactly one short-header frame within the limit."""
-        if len(chunk) >= 4:
-            size = _SHORT.unpack_from(chunk)[0]
-            if 0 <= size <= self.max_bytes and len(chunk) == 4 + size:
-                return chunk[4:]
+    def _take(self) -> memoryview | None:
+        """Return the first whole frame in the buffer; if there is none, make room for the rest of it.
+
+        With nothing buffered, the standard buffer is in use from its start.
+        """
+        buffer, start = self._buffer, self._start
+        have = self._end - start
+        need = 12  # until the length is known, room for the longest header
+        if have >= 4:
+            size = _SHORT.unpack_from(buffer, start)[0]
+            header = 4
+            if size == -1 and have >= 12:
+                size = _LONG.unpack_from(buffer, start + 4)[0]
+                header = 12
+            elif size < -1:
+                raise ProtocolError(f"a frame announced a negative length ({size})")
+            if size >= 0:
+                if size > self.max_bytes:
+                    error = MessageTooLarge(
+                        f"a frame of {size} bytes exceeds this client's max_message_bytes ({self.max_bytes})"
+                    )
+                    error.size = size  # type: ignore[attr-defined]  # lets a caller word its own message
+                    raise error
+                need = header + size
+                if have >= need:
+                    if have == need:  # all taken: start over (the frame returned keeps its buffer alive)
+                        self._buffer, self._start, self._end = self._standard, 0, 0
+                    else:
+                        self._start = start + need
+                    return buffer[start + header : start + need]
+        if start + need > len(buffer):
+            self._move(need, have)
         return None
 
-    def _take(self) -> bytes | None:
-        """Remove and return the first whole frame in the buffer, if there is one."""
-        buffer = self._buffer
-        have = len(buffer)
-        if have < 4:
-            return None
-        size = _SHORT.unpack_from(buffer)[0]
-        start = 4
-        if size == -1:
-            if have < 12:
-                return None
-            size = _LONG.unpack_from(buffer, 4)[0]
-            start = 12
-        elif size < 0:
-            raise ProtocolError(f"a frame announced a negative length ({size})")
-        if size > self.max_bytes:
-            error = MessageTooLarge(f"a frame of {size} bytes exceeds this client's max_message_bytes ({self.max_bytes})")
-            error.size = size  # type: ignore[attr-defined]  # lets a caller word its own message
-            raise error
-        end = start + size
-        if have < end:
-            self._need = end
-            return None
-        with memoryview(buffer) as view:
-            frame = bytes(view[start:end])
-        del buffer[:end]
-        self._need = 0
-        return frame
+    def _move(self, need: int, have: int) -> None:
+        """Put the ``have`` buffered bytes of a frame of ``need`` bytes at the start of a buffer that holds it."""
+        target = self._standard if need <= len(self._standard) else memoryview(bytearray(need))
+        target[:have] = self._buffer[self._start : self._end]  # (memoryview copies overlapping bytes safely)
+        self._buffer, self._start, self._end = target, 0, have
 
     def _drain_wake(self) -> None:
         assert self._wake is not None
@@ -289,9 +316,20 @@ def send_frame(sock: socket.socket, payload: bytes, deadline: float | None) -> N
     With a ``deadline``, raises :class:`SendTimeout` if it passes before the
     frame is out (a peer that does not read); other failures raise OSError.
     """
-    parts = [memoryview(frame_header(len(payload))), memoryview(payload)]
     flags = 0 if deadline is None else socket.MSG_DONTWAIT
-    sent = 0
+    if len(payload) <= _JOIN_BYTES:
+        # A small frame goes out as one buffer in one send: the copy costs less than a gather.
+        data = _SHORT.pack(len(payload)) + payload
+        try:
+            sent = sock.send(data, flags)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        parts = [memoryview(data)[sent:]]
+    else:
+        parts = [memoryview(frame_header(len(payload))), memoryview(payload)]
+        sent = 0
     poller: Any = None  # made only if the socket's send buffer fills
     while True:
         try:

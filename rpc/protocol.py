@@ -752,7 +752,7 @@ def _decode_request(frame: bytes) -> Request:
     return Request(request_id, method, args, kwargs, None if timeout is None else float(timeout))
 
 
-def decode_response(frame: bytes) -> Response:
+def decode_response(frame: bytes | memoryview) -> Response:
     """Decode a response (the client's side)."""
     message = decode_value(frame)
     _expect(type(message) is list and len(message) == 4 and _is_kind(message[0], RESPONSE), "not a response")
