@@ -1,4 +1,4 @@
-"""The client against rpc's real server, with and without the lease of quiet connections.
+"""The client against rpc's real server, on each of the router's event loops.
 
 A call made while no other is in flight reads its own answer; these tests move one
 client between that and pipelining (futures, map, several threads) and back, with
@@ -17,9 +17,9 @@ HANG = 30.0  # seconds: a wait this long is a hang, not slowness
 BUFFER = 1 << 16  # the client's receive buffer, as rpc.framing sizes it
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["routed", "leased"])
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
 def server(request, rpc_server_module):
-    return rpc_server_module("services:registry", workers=2, lease=request.param)
+    return rpc_server_module("services:registry", workers=2, event_loop=request.param)
 
 
 def test_calls_alone_then_pipelined_then_alone_again(server):
