@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Any
 
-from . import handler, protocol
+from . import handler, lease, protocol
 from .errors import RPCError, StartupError
 from .framing import FrameReader
 from .logs import Logger
@@ -46,8 +46,9 @@ class ArbiterSettings:
 class Handler:
     """One handler process in a slot."""
 
-    def __init__(self, slot: int, process: Any, pipe: socket.socket) -> None:
+    def __init__(self, slot: int, process: Any, pipe: socket.socket, call_state: Any) -> None:
         self.slot = slot
+        self.call_state = call_state  # shared memory: a call it runs on a lent socket (rpc.lease)
         self.process = process
         self.pid: int = process.pid
         self.pipe = pipe  # the supervisor's end; the router reads and writes it
@@ -101,6 +102,8 @@ class Arbiter:
             self._context = multiprocessing.get_context("spawn")
         self._threads = ThreadPoolExecutor(max_workers=min(settings.workers + 2, 32), thread_name_prefix="rpc-arbiter")
         self.handlers: list[Handler | None] = [None] * settings.workers
+        # One per slot, kept across replacements: a dead handler's state is read after it is gone.
+        self._call_states = [self._context.RawArray("q", lease.CallState.SIZE) for _ in range(settings.workers)]
         self._tasks: list[asyncio.Task[None]] = []
         self._replaced: list[asyncio.Event] = []
         self._stopping = False
@@ -159,6 +162,7 @@ class Arbiter:
 
     def _start(self, slot: int, log: bool = True) -> Handler | str:
         """Start a handler and wait for its hello (on a pool thread); the handler, or why it failed."""
+        call_state = self._call_states[slot] if slot >= 0 else None
         parent, child = socket.socketpair()
         for end in (parent, child):
             # Room for a large request or reply in one write, rather than many wake-ups per frame.
@@ -167,7 +171,7 @@ class Arbiter:
         child_conn = Connection(child.detach())
         process = self._context.Process(
             target=handler.run,
-            args=(child_conn, self._handler_settings),
+            args=(child_conn, self._handler_settings, call_state),
             name=f"rpc-handler-{slot}",
             # Not daemonic, so exposed functions may start processes of their own. A
             # handler exits by itself when the supervisor dies (see rpc.handler).
@@ -205,7 +209,7 @@ class Arbiter:
             process.join()
             return error
         parent.setblocking(False)
-        return Handler(slot, process, parent)
+        return Handler(slot, process, parent, call_state)
 
     # -- stopping one -------------------------------------------------------------------
 

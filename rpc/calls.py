@@ -26,7 +26,7 @@ __all__ = ["Call", "CallTable"]
 class Call:
     """One request on its way through the server."""
 
-    __slots__ = ("connection", "id", "method", "frame", "deadline", "received", "answered", "slot")
+    __slots__ = ("connection", "id", "method", "frame", "deadline", "received", "answered", "slot", "lease")
 
     def __init__(
         self, connection: Any, id: int | None, method: str, frame: Frame, deadline: float | None, received: float
@@ -39,6 +39,7 @@ class Call:
         self.received = received
         self.answered = False
         self.slot: int | None = None  # the handler running it, once it runs
+        self.lease = False  # it lent its connection to the handler: settled when the socket is back
 
     def __repr__(self) -> str:
         return f"<Call {self.method!r} id={self.id} slot={self.slot} answered={self.answered}>"
@@ -66,6 +67,7 @@ class CallTable:
         self.share_calls = max(1, max_pending // 4)
         self.share_bytes = max(1, max_queue_bytes // 4)
         self.queued_by: dict[Any, list[int]] = {}  # connection -> [calls, bytes] in the queue
+        self.inflight_by: dict[Any, int] = {}  # connection -> its calls accepted and not settled
 
     # -- calls in -----------------------------------------------------------------------
 
@@ -83,7 +85,7 @@ class CallTable:
             slot = self.idle.pop()
             self.running[slot] = call
             call.slot = slot
-            self.unanswered += 1
+            self._accepted(call)
             return slot
         size = len(call.frame)
         if len(self.queue) >= self.max_pending:
@@ -96,8 +98,29 @@ class CallTable:
         self.queue.append(call)
         self.queue_bytes += size
         self._count(call, 1)
-        self.unanswered += 1
+        self._accepted(call)
         return None
+
+    def lend(self, call: Call) -> int | None:
+        """Take an idle slot for ``call`` and the lease of its connection, while one more stays
+        idle for others and nothing waits; the slot, or None (then :meth:`admit` it)."""
+        if self.closing or self.queue or len(self.idle) < 2:
+            return None
+        slot = self.idle.pop()
+        self.running[slot] = call
+        call.slot = slot
+        call.lease = True
+        self._accepted(call)
+        return slot
+
+    def inflight(self, connection: Any) -> int:
+        """Calls of ``connection`` accepted and not yet settled."""
+        return self.inflight_by.get(connection, 0)
+
+    def _accepted(self, call: Call) -> None:
+        self.unanswered += 1
+        if call.connection is not None:
+            self.inflight_by[call.connection] = self.inflight_by.get(call.connection, 0) + 1
 
     def over_share(self, connection: Any) -> bool:
         """Whether ``connection`` holds its full share of the queue (in calls or in bytes)."""
@@ -110,6 +133,13 @@ class CallTable:
             return False
         call.answered = True
         self.unanswered -= 1
+        connection = call.connection
+        if connection is not None:
+            left = self.inflight_by[connection] - 1
+            if left:
+                self.inflight_by[connection] = left
+            else:
+                del self.inflight_by[connection]
         return True
 
     # -- handlers -----------------------------------------------------------------------

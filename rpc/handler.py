@@ -8,23 +8,26 @@ data; only the process dying is left for the supervisor to notice.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import difflib
 import importlib
 import os
 import resource
 import signal
+import socket
 import threading
 import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing import parent_process
+from collections import deque
 from multiprocessing.connection import Connection, wait
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from . import protocol
-from .framing import FrameReader
+from . import lease, protocol
+from .framing import Frame, FrameDecoder
 from .handler_output import OutputRouter
 from .logs import Logger, make_logger, open_log_file, report_dropped, resolve_format
 from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, SerializationError
@@ -50,10 +53,14 @@ class HandlerSettings:
     memory_limit: int | None = None
     max_call_seconds: float | None = None
     access_log: bool = False
+    send_timeout: float | None = 30.0  # for replies it writes on a lent socket
 
 
-def run(conn: Connection, settings: HandlerSettings) -> None:
-    """Entry point of a handler process: serve the requests that come on ``conn``."""
+def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> None:
+    """Entry point of a handler process: serve the requests that come on ``conn``.
+
+    ``call_state`` is the shared array where it posts a call run on a lent socket (see rpc.lease).
+    """
     # Ctrl-C reaches the whole process group; the supervisor decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A log reader that went away must not kill the handler (failed log lines are dropped).
@@ -82,24 +89,82 @@ def run(conn: Connection, settings: HandlerSettings) -> None:
     note_method = output.note_method if output is not None else None
     conn.send_bytes(protocol.encode_hello({"pid": os.getpid()}))
     log.debug("handler_ready", registry=settings.registry, methods=len(registry))
-    # Frames come from the server, which already held them to max_message_bytes. A
-    # buffered reader takes each in one read (recv_bytes reads the header, then the rest).
-    frames = FrameReader(conn.fileno(), settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
+    pipe = PipeReader(conn.fileno(), settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
+    state = lease.CallState(call_state) if call_state is not None else None
+
+    def run_call(request: protocol.Request) -> bytes:
+        try:
+            return execute_request(registry, request, settings, note_method)
+        finally:
+            if output is not None:
+                output.end_call()
+
+    def log_call(request: protocol.Request, reply: bytes, started: float) -> None:
+        if settings.access_log:
+            outcome = "error" if protocol.response_is_error(reply) else "ok"
+            ms = round((time.monotonic() - started) * 1000, 3)
+            log.info("call", method=request.method, id=request.id, ms=ms, outcome=outcome, leased=True)
+
     try:
         while True:
             try:
-                frame = frames.read(None)
-                assert frame is not None  # no deadline: it waits for a frame
+                frame = pipe.read()
             except (EOFError, OSError, RPCError):
                 return  # the supervisor closed the pipe: stop
-            reply = execute(registry, frame, settings, note_method)
-            if output is not None:
-                output.end_call()
-            conn.send_bytes(reply)
+            kind = protocol.internal_kind(frame)
+            if kind is None:
+                reply = execute(registry, frame, settings, note_method)
+                if output is not None:
+                    output.end_call()
+                conn.send_bytes(reply)
+            elif kind == protocol.LEASE:
+                lent = lease.Lease.decode(frame)
+                if not pipe.descriptors or state is None:
+                    os._exit(1)  # no socket came with it: the router, seeing nothing started, runs the call
+                sock = socket.socket(fileno=pipe.descriptors.popleft())
+                end = lease.serve_lease(
+                    sock, conn.fileno(), lent.frame, run_call, state, settings.max_call_seconds, log_call,
+                    settings.send_timeout,
+                )
+                conn.send_bytes(end.encode())
+            # a RECALL that arrives after its lease ended needs nothing
     finally:
         if output is not None:
             output.close()
         report_dropped(log)
+
+
+class PipeReader:
+    """Frames from the supervisor's pipe, and the descriptors that come with them (a lent socket).
+
+    Frames come from the server, which already held them to max_message_bytes; each
+    is read into the decoder's buffer (a large one straight into its own).
+    """
+
+    def __init__(self, fd: int, max_bytes: int) -> None:
+        self._sock = socket.socket(fileno=os.dup(fd))
+        self._frames = FrameDecoder(max_bytes)
+        self._ancillary = socket.CMSG_SPACE(4 * _MAX_DESCRIPTORS)
+        self.descriptors: deque[int] = deque()
+
+    def read(self) -> Frame:
+        frames = self._frames
+        while (frame := frames.next()) is None:
+            count, ancillary, _flags, _ = self._sock.recvmsg_into([frames.get_buffer()], self._ancillary)
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                    self.descriptors.extend(fds)
+            if not count:
+                raise EOFError("the supervisor closed the pipe")
+            frame = frames.buffer_updated(count)
+            if frame is not None:
+                return frame
+        return frame
+
+
+_MAX_DESCRIPTORS = 4
 
 
 def _route_output(settings: HandlerSettings, stream: TextIO | None, log: Logger) -> OutputRouter | None:
@@ -144,7 +209,7 @@ def _exit_with_parent() -> None:
 
 
 def execute(
-    registry: Registry, frame: bytes, settings: HandlerSettings, note_method: Callable[[str], None] | None = None
+    registry: Registry, frame: bytes | bytearray, settings: HandlerSettings, note_method: Callable[[str], None] | None = None
 ) -> bytes:
     """Run the call in ``frame`` and return the encoded response, success or failure."""
     try:
@@ -201,7 +266,7 @@ def _not_found(registry: Registry, name: str) -> str:
     return f"no method named {protocol.quote(name)}{hint} (client.methods() or `rpc methods` lists them)"
 
 
-def _id_of(frame: bytes) -> int | None:
+def _id_of(frame: bytes | bytearray) -> int | None:
     try:
         return protocol.parse_envelope(frame).id
     except ProtocolError as exc:

@@ -205,7 +205,7 @@ def _pack(obj: Any) -> bytes:
     return packed
 
 
-def _unpack(data: bytes | memoryview) -> Any:
+def _unpack(data: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
 
 
@@ -374,7 +374,7 @@ def encode_value(value: Any, what: str = "value") -> bytes:
         raise SerializationError(f"cannot encode {what}: {brief(exc)}") from None
 
 
-def decode_value(data: bytes | memoryview) -> Any:
+def decode_value(data: bytes | bytearray | memoryview) -> Any:
     """Decode one value; :class:`ProtocolError` if the bytes are not a valid encoding."""
     try:
         return _unpack(data)
@@ -561,7 +561,7 @@ def encode_internal(*fields: Any) -> bytes:
     return _pack(list(fields))
 
 
-def internal_kind(frame: bytes) -> int | None:
+def internal_kind(frame: bytes | bytearray) -> int | None:
     """The kind of a server-handler message, or None for an ordinary request or response."""
     kind = frame[1] if len(frame) > 1 and 0x91 <= frame[0] <= 0x9F else None
     return kind if kind in (LEASE, LEASE_END, RECALL) else None
@@ -718,7 +718,7 @@ def _readable_id(frame: bytes | bytearray) -> int | None:
     return int.from_bytes(frame[position + 1 : position + 1 + width], "big")
 
 
-def decode_request(frame: bytes) -> Request:
+def decode_request(frame: bytes | bytearray) -> Request:
     """Decode a request or notification in full (the handler's side); only ever raises ProtocolError."""
     try:
         return _decode_request(frame)
@@ -728,7 +728,7 @@ def decode_request(frame: bytes) -> Request:
         raise ProtocolError(f"malformed message: {brief(exc)}") from None
 
 
-def _decode_request(frame: bytes) -> Request:
+def _decode_request(frame: bytes | bytearray) -> Request:
     message = decode_value(frame)
     _expect(type(message) is list and len(message) > 0, "not a message array")
     kind = message[0]

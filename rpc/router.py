@@ -24,7 +24,7 @@ import socket
 import time
 from typing import Any, cast
 
-from . import protocol
+from . import lease, protocol
 from .arbiter import Arbiter, ArbiterSettings, Handler
 from .calls import Call, CallTable
 from .config import ServerConfig
@@ -80,6 +80,8 @@ class Router:
             self.handler_gone,
         )
         self.pipes: list[HandlerPipe | None] = [None] * config.workers
+        self.lent: dict[int, ClientConnection] = {}  # slot -> the connection its handler serves
+        self.recalled: set[int] = set()  # lent slots asked to give their socket back
         self.connections: set[ClientConnection] = set()
         self.notification_dropped = Throttle("notification_dropped")
         self.closing = False
@@ -109,6 +111,10 @@ class Router:
         """
         self.closing = True
         self._stop_accepting()
+        for slot in list(self.lent):
+            if slot not in self.recalled and (pipe := self.pipes[slot]) is not None:
+                self.recalled.add(slot)
+                pipe.send(lease.RECALL)
         for call in self.table.close():
             self._answer(call, protocol.error_frame(call.id, ServerShuttingDown("the server is shutting down; the call did not run")), None, "shutting_down")
         try:
@@ -169,6 +175,11 @@ class Router:
     def handler_gone(self, handler: Handler, reason: str) -> None:
         """A handler's process was collected: fail the call it held, if any."""
         call = self.table.lost(handler.slot)
+        lent = self.lent.pop(handler.slot, None)
+        self.recalled.discard(handler.slot)
+        if lent is not None:
+            self._reap_lease(handler, lent, call, reason)
+            return
         if call is None:
             return
         if handler.kill_reason is not None and call.deadline is not None and time.monotonic() >= call.deadline:
@@ -181,6 +192,9 @@ class Router:
 
     def handler_replied(self, handler: Handler, reply: Frame) -> None:
         slot = handler.slot
+        if protocol.internal_kind(reply) == protocol.LEASE_END:
+            self._lease_ended(handler, lease.LeaseEnd.decode(reply))
+            return
         call = self.table.running[slot]
         if call is None or handler.kill_reason is not None or not self.table.settle(call):
             return  # a late result of a call already answered (CallTimeout): its handler is being stopped
@@ -227,6 +241,115 @@ class Router:
             if pipe is not None:
                 pipe.send(call.frame)
             # (no pipe: the handler is gone and its slot is being refilled; the call fails as crashed)
+        elif self.lent:
+            self._recall_one()  # a call waits: a lent handler is worth more serving it
+
+    # -- the lease (rpc.lease) -----------------------------------------------------------
+
+    def try_lease(self, connection: ClientConnection, call: Call) -> bool:
+        """Lend ``connection``'s socket, with ``call``, to a spare handler; False to route it as usual.
+
+        Only with nothing of this client in flight or unsent (so no reply can land in
+        the middle of another), no byte of it read ahead, one handler left idle for
+        others and no call waiting.
+        """
+        transport = connection.transport
+        if (
+            not self.config.lease
+            or self.closing
+            or transport is None
+            or connection.held
+            or connection.write_blocked
+            or connection.parked
+            or connection.decoder.buffered
+            or transport.get_write_buffer_size()
+            or len(call.frame) > lease.MAX_LENT_FRAME
+            or self.table.inflight(connection)
+            or len(self.table.idle) < 2
+        ):
+            return False
+        candidate = self.pipes[self.table.idle[-1]]
+        if candidate is None or candidate.transport is None or candidate.transport.get_write_buffer_size():
+            return False
+        slot = self.table.lend(call)
+        if slot is None:
+            return False
+        handler = self.arbiter.handlers[slot]
+        assert handler is not None
+        lease.CallState(handler.call_state).reset()  # the handler is idle: nobody writes it now
+        transport.pause_reading()
+        connection.lent = handler
+        self.lent[slot] = connection
+        try:
+            lease.send_lease(candidate.fd, bytes(call.frame), connection.fd)
+        except OSError as exc:
+            # The handler may have the message but not the socket: stop it. Seeing that it
+            # never started the call, the router then runs it (see _reap_lease).
+            self.log.warning("lease_failed", slot=slot, pid=handler.pid, error=str(exc))
+            self.arbiter.kill(slot, f"the lent socket could not be handed to it: {exc}")
+        return True
+
+    def _recall_one(self) -> None:
+        for slot in self.lent:
+            if slot not in self.recalled:
+                pipe = self.pipes[slot]
+                if pipe is not None:
+                    self.recalled.add(slot)
+                    pipe.send(lease.RECALL)
+                return
+
+    def _lease_ended(self, handler: Handler, end: lease.LeaseEnd) -> None:
+        """The handler gave the lent socket back: read it again, and free the handler."""
+        slot = handler.slot
+        connection = self.lent.pop(slot, None)
+        self.recalled.discard(slot)
+        call = self.table.running[slot]
+        if call is not None and call.lease and self.table.settle(call):
+            self._note_settled()
+        if connection is not None:
+            connection.lent = None
+            # What the handler left on the socket is the router's to read, and not to lend again.
+            connection.may_lend = end.reason not in (lease.EndReason.FRAME, lease.EndReason.PARTIAL, lease.EndReason.PIPELINED)
+            if end.reason is lease.EndReason.BROKEN:
+                connection.drop("it stopped reading its replies, or went away: a send on the lent socket failed")
+            else:
+                connection.resume_after_lease()
+        if handler.kill_reason is None:
+            self._release(slot)
+
+    def _reap_lease(self, handler: Handler, connection: ClientConnection, call: Call | None, reason: str) -> None:
+        """A handler died serving a lent socket: answer what its client is owed, and read it again.
+
+        The handler is dead, so the router may write to the socket without interleaving.
+        """
+        connection.lent = None
+        connection.may_lend = False
+        if connection.closed:
+            return
+        state = lease.CallState(handler.call_state)
+        owed, request_id = lease.what_is_owed(state, lambda: lease.waiting_request_id(connection.fd))
+        if owed is lease.Owed.CUT:
+            size, sent, _ = state.reply_progress()
+            connection.drop(
+                f"handler process (pid {handler.pid}) {reason} while writing a reply on the lent socket, "
+                f"{sent} of its {size} bytes known sent: the stream may be cut mid-frame"
+            )
+            return
+        if owed is lease.Owed.RUN_LENT and call is not None:
+            again = Call(connection, call.id, call.method, call.frame, call.deadline, call.received)
+            try:
+                self.submit(again)
+            except (ServerBusy, ServerShuttingDown) as exc:
+                connection.send(protocol.error_frame(call.id, exc))
+        elif owed is lease.Owed.CRASHED:
+            _, deadline, _, _ = state.read()
+            error: RPCError
+            if handler.kill_reason is not None and deadline is not None and time.monotonic() >= deadline:
+                error = CallTimeout("the call passed its deadline")
+            else:
+                error = WorkerCrashed(f"the handler process (pid {handler.pid}) died during this call: {reason}")
+            connection.send(protocol.error_frame(request_id, error))
+        connection.resume_after_lease()
 
     def _answer(self, call: Call, frame: bytes, pid: int | None, outcome: str) -> None:
         """Send the answer of a call already settled in the table (an error the router made)."""
@@ -263,9 +386,20 @@ class Router:
             for call in queued:
                 self._answer(call, protocol.error_frame(call.id, _expired(call)), None, "timeout")
                 self._left_queue(call)
+            self._check_lent_deadlines()
         except Exception:  # deadlines must keep being enforced whatever went wrong once
             self.log.exception("housekeeping_failed")
         self._housekeeping = self.loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeep)
+
+    def _check_lent_deadlines(self) -> None:
+        now = time.monotonic()
+        for slot in list(self.lent):
+            handler = self.arbiter.handlers[slot]
+            if handler is None or handler.kill_reason is not None:
+                continue
+            what, deadline, _, _ = lease.CallState(handler.call_state).read()
+            if what == lease.CallState.RUNNING and deadline is not None and now >= deadline:
+                self.arbiter.kill(slot, "a call on a lent socket passed its deadline")
 
     def forget(self, connection: ClientConnection) -> None:
         """A connection ended: drop its queued calls and free the handlers its replies held."""
@@ -340,9 +474,11 @@ class HandlerPipe(asyncio.BufferedProtocol):
         # Handlers keep results within max_message_bytes; the margin covers the envelope.
         self.decoder = FrameDecoder(router.config.max_message_bytes + protocol.ENVELOPE_MARGIN)
         self.transport: asyncio.Transport | None = None
+        self.fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.fd = transport.get_extra_info("socket").fileno()
 
     def send(self, frame: Frame) -> None:
         assert self.transport is not None
@@ -403,6 +539,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.sending = False  # replies were still going out when it ended
         self.write_blocked = False  # unsent replies are over max_outbox_bytes
         self.held = False  # its calls fill its share of the queue: read no more for now
+        self.lent: Handler | None = None  # the handler serving its socket directly (rpc.lease)
+        self.may_lend = False  # not its first request: lending pays over repeated calls
+        self.fd = -1
         self.parked: list[tuple[Handler, Call, Frame]] = []  # replies waiting for it to drain, with their slots
         self.last_active = time.monotonic()
         self.end_reason: tuple[str, str] | None = None  # why the server ended it, and the log level
@@ -417,6 +556,7 @@ class ClientConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self.transport = transport
+        self.fd = transport.get_extra_info("socket").fileno()
         router = self.router
         peer = transport.get_extra_info("peername")
         self.peer = format_address(peer[:2]) if isinstance(peer, tuple) else "unix"
@@ -470,7 +610,7 @@ class ClientConnection(asyncio.BufferedProtocol):
                     self._handshake_step(frame)
                 elif self.state == _HELLO:
                     self._hello(frame)
-                if self.state == _CLOSING or self.closed or self.held:
+                if self.state == _CLOSING or self.closed or self.held or self.lent:
                     return  # (held: the frames stay buffered until its calls leave the queue)
                 frame = None
         except MessageTooLarge as exc:
@@ -515,6 +655,11 @@ class ClientConnection(asyncio.BufferedProtocol):
             return False
         return self.transport.get_write_buffer_size() >= 2 * self.router.config.max_outbox_bytes
 
+    def resume_after_lease(self) -> None:
+        """The socket is the router's again: read what the client sent meanwhile."""
+        if not self.closed and self.transport is not None and not self.held and not self.write_blocked:
+            self.transport.resume_reading()
+
     def hold(self) -> None:
         """Read no more requests until some of its queued calls leave the queue."""
         self.held = True
@@ -525,7 +670,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.held = False
         if self.closed or self.transport is None:
             return
-        if not self.write_blocked:
+        if not self.write_blocked and not self.lent:
             self.transport.resume_reading()
         assert self.router.loop is not None
         self.router.loop.call_soon(self._take_buffered)
@@ -543,7 +688,7 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_blocked = False
-        if self.transport is not None and self.state == _SERVING and not self.closed and not self.held:
+        if self.transport is not None and self.state == _SERVING and not self.closed and not self.held and not self.lent:
             self.transport.resume_reading()
             self.router.loop.call_soon(self._take_buffered)  # type: ignore[union-attr]
         self.router.unpark(self)
@@ -615,6 +760,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             now = time.monotonic()
             deadline = None if envelope.timeout is None else now + envelope.timeout
             call = Call(self, envelope.id, envelope.method, frame, deadline, now)
+            lend, self.may_lend = self.may_lend, True
+            if lend and router.try_lease(self, call):
+                return
             try:
                 router.submit(call)
             except (ServerBusy, ServerShuttingDown) as exc:
@@ -696,7 +844,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         idle_timeout = self.router.config.idle_timeout
         assert idle_timeout
-        busy = self.parked or any(c is not None and c.connection is self for c in self.router.table.running) or any(
+        busy = self.lent or self.parked or any(c is not None and c.connection is self for c in self.router.table.running) or any(
             c.connection is self for c in self.router.table.queue
         )
         unsent = self.transport is not None and self.transport.get_write_buffer_size()

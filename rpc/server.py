@@ -94,6 +94,7 @@ class Server:
             config.handler_memory_limit,
             config.max_call_seconds,
             config.access_log,
+            config.send_timeout or None,
         )
         hello = protocol.encode_hello(
             {"server": "rpc", "version": __version__, "max_message_bytes": config.max_message_bytes}

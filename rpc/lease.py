@@ -1,0 +1,366 @@
+"""The latency fast path: a spare handler serves a quiet client's socket directly for a while.
+
+Per-call dispatch costs a hop through the router for every call. When a client
+calls one at a time and handlers are to spare, the router lends the client's
+socket to an idle handler with the request that just arrived: one message on the
+handler's pipe carries both (the descriptor as SCM_RIGHTS). The handler runs that
+call, then reads further requests from the socket and writes their replies
+itself, until the client is quiet for :data:`IDLE_SECONDS`, the router recalls
+it, or something arrives that only the router handles; then it reports the
+lease over (:class:`LeaseEnd`, with a :class:`EndReason`) and the router reads
+the socket again. Everything the handler does not serve stays unread on the
+socket, so the router resumes at a frame boundary with nothing to hand back.
+
+The router lends only with nothing of this client in flight and its send buffer
+empty, so a handler's reply can never land in the middle of another; the
+handler checks every frame's envelope as the router does.
+
+A handler may be killed at any moment, so the state of the call it runs on a lent
+socket is posted in memory it shares with the router (:class:`CallState`, 64-bit
+integers, so any request id fits exactly), in an order that tells the router
+what the client has and has not received (see :func:`what_is_owed`): a request
+is posted as running before it is taken off the socket, and each send's progress
+is posted after it.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import protocol
+from .errors import ProtocolError
+from .framing import Frame, frame_header
+
+__all__ = ["IDLE_SECONDS", "CallState", "EndReason", "LeaseEnd", "Owed", "serve_lease", "what_is_owed"]
+
+# A lent socket goes back after this long without a request.
+IDLE_SECONDS = 0.005
+# A client that pipelines calls this long gets them spread over all handlers instead.
+PARALLEL_WORTHY_SECONDS = 0.001
+# The largest request lent with its socket (it travels in the lending message).
+MAX_LENT_FRAME = 32 * 1024
+PEEK_BYTES = 65536
+# A send on a Unix stream socket of at most this many bytes goes out in one kernel
+# buffer: all of it or none, even if the sender is killed during the call.
+_WHOLE_SEND_BYTES = 32 * 1024
+
+
+class EndReason(enum.Enum):
+    """Why a handler gave a lent socket back."""
+
+    IDLE = "idle"  # no request for IDLE_SECONDS
+    RECALLED = "recalled"  # the router needs the handler for a waiting call
+    FRAME = "frame"  # a frame the router handles (ping, notification, malformed, large) waits on the socket
+    PARTIAL = "partial"  # part of a frame is there: the router reads the rest
+    PIPELINED = "pipelined"  # the client sends calls before reading answers: spread them over handlers
+    CLOSED = "closed"  # the client closed the connection
+    BROKEN = "broken"  # a reply could not be sent: the client stopped reading or went away
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Router to handler: serve this request, then the socket that comes with this message."""
+
+    frame: bytes
+
+    def encode(self) -> bytes:
+        return protocol.encode_internal(protocol.LEASE, self.frame)
+
+    @classmethod
+    def decode(cls, message: Frame) -> Lease:
+        _, frame = protocol.decode_value(message)
+        return cls(bytes(frame))
+
+
+@dataclass(frozen=True)
+class LeaseEnd:
+    """Handler to router: the lent socket is the router's again."""
+
+    reason: EndReason
+    served: int
+
+    def encode(self) -> bytes:
+        return protocol.encode_internal(protocol.LEASE_END, self.reason.value, self.served)
+
+    @classmethod
+    def decode(cls, message: Frame) -> LeaseEnd:
+        _, reason, served = protocol.decode_value(message)
+        return cls(EndReason(reason), int(served))
+
+
+RECALL = protocol.encode_internal(protocol.RECALL)
+
+
+class CallState:
+    """The call a handler runs on a lent socket, in memory shared with the router.
+
+    Slots (64-bit integers): 0 what (IDLE, RUNNING, WRITING), 1 deadline
+    (time.monotonic_ns(), 0 for none), 2 request id (as a signed 64-bit value),
+    3 calls done in this lease, 4 bytes of the reply frame, 5 bytes of it sent so
+    far, 6 whether the kernel sends that frame all or nothing (1) or may send part (0).
+    """
+
+    SIZE = 7
+    IDLE, RUNNING, WRITING = 0, 1, 2
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    def running(self, request_id: int, deadline: float | None) -> None:
+        self.array[2] = request_id - (1 << 64) if request_id >= 1 << 63 else request_id
+        self.array[1] = int(deadline * 1e9) if deadline is not None else 0
+        self.array[0] = self.RUNNING
+
+    def writing(self, size: int = 0, whole: bool = False) -> None:
+        self.array[4] = size
+        self.array[5] = 0
+        self.array[6] = 1 if whole else 0
+        self.array[0] = self.WRITING
+
+    def sent(self, count: int) -> None:
+        self.array[5] = count
+
+    def idle(self) -> None:
+        self.array[0] = self.IDLE
+
+    def answered(self) -> None:
+        self.array[3] += 1
+
+    def reset(self) -> None:
+        for i in range(self.SIZE):
+            self.array[i] = 0
+
+    def read(self) -> tuple[int, float | None, int, int]:
+        what, deadline, request_id, answered = self.array[0], self.array[1], self.array[2], self.array[3]
+        return what, (deadline / 1e9 if deadline else None), request_id % (1 << 64), answered
+
+    def reply_progress(self) -> tuple[int, int, bool]:
+        """Of the reply being written: its size, the bytes known sent, and whether it goes all or nothing."""
+        return self.array[4], self.array[5], self.array[6] == 1
+
+
+# -- the router's side ---------------------------------------------------------------------
+
+
+class Owed(enum.Enum):
+    """What the client of a handler that died on a lent socket is owed."""
+
+    NOTHING = "nothing"  # every call it took was answered in full
+    RUN_LENT = "run_lent"  # it died before starting the request it was lent with: the router runs it
+    CRASHED = "crashed"  # a call was taken and not answered: it fails (WorkerCrashed or CallTimeout)
+    CUT = "cut"  # a reply was cut partway: the stream is mid-frame, so the connection must go
+
+
+def what_is_owed(state: CallState, waiting_id: Callable[[], int | None]) -> tuple[Owed, int]:
+    """After a lent handler died: what its client is owed, and the request id concerned.
+
+    ``waiting_id`` peeks at the socket: the id of a whole request waiting unread at
+    its head (a request posted as running but not yet taken is still there, and
+    the router simply reads it).
+    """
+    what, _deadline, request_id, answered = state.read()
+    if what == CallState.IDLE:
+        return (Owed.RUN_LENT if not answered else Owed.NOTHING), request_id
+    if what == CallState.WRITING:
+        size, sent, whole = state.reply_progress()
+        if sent == 0 and whole:
+            # Sent whole or not at all: if it did go out, the client drops this second answer.
+            return Owed.CRASHED, request_id
+        if sent < size:
+            return Owed.CUT, request_id
+        return Owed.NOTHING, request_id
+    if answered == 0 or waiting_id() != request_id:
+        return Owed.CRASHED, request_id  # taken off the socket (or the lent request itself): it ran
+    return Owed.NOTHING, request_id  # still on the socket: the router reads and runs it
+
+
+def waiting_request_id(fd: int) -> int | None:
+    """The id of a request waiting whole and unread at the head of socket ``fd``, if there is one."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        peeked = sock.recv(PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    frame = _whole_frame(peeked, PEEK_BYTES)
+    if frame is None:
+        return None
+    try:
+        return protocol.parse_envelope(frame[4:]).id
+    except ProtocolError:
+        return None
+
+
+def send_lease(pipe_fd: int, frame: bytes, client_fd: int) -> None:
+    """Send the lending message and the client's descriptor in one message; OSError if it did not go whole."""
+    message = frame_header(len(payload := Lease(frame).encode())) + payload
+    with socket.socket(fileno=os.dup(pipe_fd)) as pipe:
+        sent = socket.send_fds(pipe, [message], [client_fd])
+    if sent != len(message):
+        raise OSError(f"only {sent} of the lease's {len(message)} bytes went out")
+
+
+# -- the handler's side --------------------------------------------------------------------
+
+
+def _whole_frame(peeked: bytes, max_message_bytes: int) -> bytes | None:
+    """The first frame of ``peeked``, header included, if all of it is there and within the limit."""
+    if len(peeked) < 4:
+        return None
+    size = int.from_bytes(peeked[:4], "big", signed=True)
+    if size < 0 or size > max_message_bytes or len(peeked) < 4 + size:
+        return None
+    return peeked[: 4 + size]
+
+
+def serve_lease(
+    sock: socket.socket,
+    pipe_fd: int,
+    first: bytes,
+    execute: Callable[[protocol.Request], bytes],
+    state: CallState,
+    max_call_seconds: float | None,
+    on_call: Callable[[protocol.Request, bytes, float], None],
+    send_timeout: float | None = None,
+) -> LeaseEnd:
+    """Run ``first``, then serve the lent ``sock`` until it should go back; closes ``sock``."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(pipe_fd, select.POLLIN)
+    idle_ms = int(IDLE_SECONDS * 1000)
+    whole_bytes = _whole_send_bytes(sock)
+    served, reason = 0, EndReason.IDLE
+    frame: bytes | None = first  # the lent request: not on the socket
+    waiting: bytes | None = None  # a whole frame still on the socket: taken once it is posted as running
+    try:
+        while True:
+            if frame is not None or waiting is not None:
+                body = frame if frame is not None else waiting[4:]  # type: ignore[index]
+                request = _servable(body)
+                if request is None:
+                    reason = EndReason.FRAME  # left on the socket, for the router
+                    break
+                assert request.id is not None
+                started = time.monotonic()
+                limits = [t for t in (request.timeout, max_call_seconds) if t is not None]
+                state.running(request.id, started + min(limits) if limits else None)
+                if waiting is not None:
+                    # Taken only now, in one call: killed before this, the router finds it unread.
+                    try:
+                        sock.recv(len(waiting))
+                    except OSError:
+                        state.idle()
+                        reason = EndReason.CLOSED
+                        break
+                frame = waiting = None
+                reply = execute(request)
+                if not _send_reply(sock, state, reply, whole_bytes, send_timeout):
+                    reason = EndReason.BROKEN
+                    break
+                served += 1
+                on_call(request, reply, started)
+                if time.monotonic() - started >= PARALLEL_WORTHY_SECONDS and _readable(sock):
+                    # The client sends its next call before reading this answer: it pipelines
+                    # calls that take a while, which other handlers could run meanwhile.
+                    reason = EndReason.PIPELINED
+                    break
+            ready = poller.poll(idle_ms)
+            if any(fd == pipe_fd for fd, _ in ready):
+                reason = EndReason.RECALLED
+                break
+            if not ready:
+                break
+            try:
+                peeked = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
+            except OSError:
+                reason = EndReason.CLOSED
+                break
+            if not peeked:
+                reason = EndReason.CLOSED
+                break
+            waiting = _whole_frame(peeked, MAX_LENT_FRAME)
+            if waiting is None:
+                reason = EndReason.PARTIAL  # not whole yet, or large: the router reads it
+                break
+    finally:
+        state.idle()
+        sock.close()  # our copy of the descriptor; the router keeps its own
+    return LeaseEnd(reason, served)
+
+
+def _servable(body: bytes) -> protocol.Request | None:
+    """The request in ``body`` if the handler serves it on the lent socket: checked as the
+    router checks every frame; pings, notifications and anything malformed are the router's."""
+    try:
+        envelope = protocol.parse_envelope(body)
+    except ProtocolError:
+        return None
+    if envelope.kind != protocol.REQUEST or envelope.method == protocol.PING:
+        return None
+    try:
+        request = protocol.decode_request(body)
+    except ProtocolError:
+        return None
+    return request if request.id is not None else None
+
+
+def _send_reply(sock: socket.socket, state: CallState, reply: bytes, whole_bytes: int, send_timeout: float | None) -> bool:
+    """Write one reply frame, posting its progress after each send; False if the socket failed
+    or took nothing for ``send_timeout`` seconds (the client stopped reading)."""
+    header = frame_header(len(reply))
+    size = len(header) + len(reply)
+    parts = [header + reply] if len(reply) < PEEK_BYTES else [header, reply]
+    state.writing(size, size <= whole_bytes)
+    sent = 0
+    # The socket is non-blocking (its flags are the router's too): wait for room with poll.
+    room = select.poll()
+    room.register(sock.fileno(), select.POLLOUT)
+    wait_ms = -1 if not send_timeout else int(send_timeout * 1000)
+    try:
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                try:
+                    count = os.write(sock.fileno(), view)  # a raw write of frame bytes
+                except BlockingIOError:
+                    if not room.poll(wait_ms):
+                        return False
+                    continue
+                sent += count
+                state.sent(sent)
+                view = view[count:]
+    except OSError:
+        return False
+    finally:
+        # The call is done, whatever became of its reply: counted before going idle, so a
+        # handler killed in between is never taken for one that had not started its call.
+        state.answered()
+        state.idle()
+    return True
+
+
+def _whole_send_bytes(sock: socket.socket) -> int:
+    """The largest reply this socket sends all or nothing (0 if it may always send part of one).
+
+    Linux queues what one send() puts on a Unix stream socket in buffers of at
+    most half the send buffer (and about 36 KiB); each goes whole or not at all.
+    """
+    if sock.family != socket.AF_UNIX:
+        return 0
+    try:
+        half = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 - 64
+    except OSError:
+        return 0
+    return max(min(_WHOLE_SEND_BYTES, half), 0)
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])

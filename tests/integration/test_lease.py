@@ -1,0 +1,107 @@
+"""The latency fast path: a spare handler serves a one-call-at-a-time client's socket directly."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import rpc
+from helpers import Gate, log_has, wait_for
+
+
+def test_sequential_calls_are_served_on_a_lent_socket(rpc_server):
+    server = rpc_server("services:registry", workers=2, access_log=True)
+    with server.client() as client:
+        assert [client.add(i, 1) for i in range(50)] == [i + 1 for i in range(50)]
+    assert "leased=True" in server.log_text()
+
+
+def test_no_lending_when_turned_off(rpc_server):
+    server = rpc_server("services:registry", workers=2, access_log=True, lease=False)
+    with server.client() as client:
+        assert [client.add(i, 1) for i in range(20)] == [i + 1 for i in range(20)]
+    assert "leased=True" not in server.log_text()
+
+
+def test_a_waiting_call_gets_the_lent_handler_back(rpc_server, tmp_path):
+    """Client A holds a lent handler; B keeps the other busy; C must not wait on A's lease."""
+    server = rpc_server("services:registry", workers=2, access_log=True)
+    a, b, c = (server.client(timeout=30) for _ in range(3))
+    stop = threading.Event()
+    a_results = []
+
+    def steady() -> None:
+        for _ in range(1_000_000):  # bounded; stopped long before
+            if stop.is_set():
+                return
+            a_results.append(a.add(1, 1))
+
+    steady_caller = threading.Thread(target=steady)
+    steady_caller.start()
+    assert log_has(server, "leased=True")  # A's socket is lent
+    gate = Gate(tmp_path)
+    busy = threading.Thread(target=b.hold, args=gate.args())
+    busy.start()
+    gate.wait_started()
+    # Both handlers are taken (A's lease, B's call) and B's call is not let go:
+    # C is served only if the server recalls A's lease.
+    assert c.add(2, 2) == 4
+    assert busy.is_alive()
+    gate.open()
+    stop.set()
+    steady_caller.join(30)
+    busy.join(30)
+    assert a_results and set(a_results) == {2}
+
+
+def test_pipelined_slow_calls_still_spread_over_handlers(rpc_server, tmp_path):
+    server = rpc_server("services:registry", workers=2)
+    with server.client(timeout=30) as client:
+        pids = list(client.map("record", [str(tmp_path)] * 6, [0.1] * 6))
+    assert len(set(pids)) == 2  # both handlers ran some of them
+
+
+def test_a_crash_on_a_lent_socket_fails_that_call_and_the_socket_is_reused(rpc_server):
+    server = rpc_server("services:registry", workers=2)
+    with server.client(timeout=30) as client:
+        assert client.add(1, 1) == 2  # the socket is lent now
+        with pytest.raises(rpc.WorkerCrashed):
+            client.crash("kill")
+        assert [client.add(i, i) for i in range(10)] == [2 * i for i in range(10)]
+    assert wait_for(lambda: len(server.handler_pids()) == 2)
+
+
+def test_a_timeout_on_a_lent_socket_answers_at_the_deadline(rpc_server):
+    server = rpc_server("services:registry", workers=2)
+    with server.client() as client:
+        assert client.add(1, 1) == 2
+        started = time.monotonic()
+        with pytest.raises(rpc.CallTimeout):
+            client.call("sleep", 10, timeout=0.3)
+        assert time.monotonic() - started < 10  # a hang check: the deadline is 0.3 s
+        assert client.add(2, 2) == 4
+
+
+def test_a_socket_that_cannot_be_handed_over_ends_the_lease_and_the_call_is_answered(rpc_server, monkeypatch):
+    """The lending message failed: the handler is stopped, and the router runs the call itself."""
+    from rpc import lease
+
+    server = rpc_server("services:registry", workers=2)
+    failures = []
+    send_lease = lease.send_lease
+
+    def send_lease_failing_once(pipe_fd, frame, client_fd):
+        if not failures:
+            failures.append(frame)
+            raise OSError("injected: the descriptor could not be sent")
+        return send_lease(pipe_fd, frame, client_fd)
+
+    monkeypatch.setattr(lease, "send_lease", send_lease_failing_once)
+    with server.client(timeout=30) as client:
+        assert [client.add(i, 1) for i in range(5)] == [1, 2, 3, 4, 5]  # the second call is lent
+        assert wait_for(lambda: "handler_replaced" in server.log_text() and len(server.handler_pids()) == 2)
+        assert [client.add(i, 1) for i in range(5)] == [1, 2, 3, 4, 5]  # and lent again, for real
+    assert failures, "no socket was lent"
+    assert "lease_failed" in server.log_text() and "Traceback" not in server.log_text()
