@@ -40,6 +40,11 @@ _SCRATCH_BYTES = 1 << 16  # what one read may bring while no large frame is pend
 Frame = Union[bytes, bytearray]
 
 
+def scratch_buffer() -> memoryview:
+    """A buffer for the small reads of :class:`FrameDecoder`; share one per thread."""
+    return memoryview(bytearray(_SCRATCH_BYTES))
+
+
 class FrameDecoder:
     """Frames out of a byte stream, with no I/O of its own.
 
@@ -58,11 +63,13 @@ class FrameDecoder:
 
     __slots__ = ("max_bytes", "_buffer", "_need", "_scratch", "_large", "_filled", "_ready")
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, scratch: memoryview | None = None) -> None:
         self.max_bytes = max_bytes
         self._buffer = bytearray()
         self._need = 0  # the first frame's full length (header included), once known
-        self._scratch: memoryview | None = None  # reused for every read of small frames
+        # Where small reads land; shared by every decoder of one thread (a router's thousands
+        # of connections need one), since buffer_updated copies it out before the next read.
+        self._scratch = scratch
         self._large: memoryview | None = None  # a large frame being received in place
         self._filled = 0  # bytes of it received
         self._ready: bytearray | None = None  # a large frame received whole, before anything buffered
@@ -93,7 +100,7 @@ class FrameDecoder:
         if self._large is not None:
             return self._large[self._filled :]
         if self._scratch is None:
-            self._scratch = memoryview(bytearray(_SCRATCH_BYTES))
+            self._scratch = scratch_buffer()
         return self._scratch
 
     def buffer_updated(self, count: int) -> Frame | None:

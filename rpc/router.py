@@ -38,7 +38,7 @@ from .errors import (
     ServerShuttingDown,
     WorkerCrashed,
 )
-from .framing import Frame, FrameDecoder, frame_header
+from .framing import Frame, FrameDecoder, frame_header, scratch_buffer
 from .handler import HandlerSettings
 from .handshake import MAX_HANDSHAKE_FRAME, ServerHandshake
 from .logs import Logger, Throttle
@@ -81,6 +81,7 @@ class Router:
         )
         self.pipes: list[HandlerPipe | None] = [None] * config.workers
         self.lent: dict[int, ClientConnection] = {}  # slot -> the connection its handler serves
+        self.scratch = scratch_buffer()  # where every small read lands (the loop reads one socket at a time)
         self.recalled: set[int] = set()  # lent slots asked to give their socket back
         self.connections: set[ClientConnection] = set()
         self.notification_dropped = Throttle("notification_dropped")
@@ -472,7 +473,7 @@ class HandlerPipe(asyncio.BufferedProtocol):
         self.handler = handler
         self.closed = closed
         # Handlers keep results within max_message_bytes; the margin covers the envelope.
-        self.decoder = FrameDecoder(router.config.max_message_bytes + protocol.ENVELOPE_MARGIN)
+        self.decoder = FrameDecoder(router.config.max_message_bytes + protocol.ENVELOPE_MARGIN, router.scratch)
         self.transport: asyncio.Transport | None = None
         self.fd = -1
 
@@ -533,7 +534,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.log = router.log
         self.state = _HANDSHAKE
         self.handshake = ServerHandshake(config.authkey) if config.authkey is not None else None
-        self.decoder = FrameDecoder(MAX_HANDSHAKE_FRAME if self.handshake is not None else _HELLO_LIMIT)
+        self.decoder = FrameDecoder(
+            MAX_HANDSHAKE_FRAME if self.handshake is not None else _HELLO_LIMIT, router.scratch
+        )
         self.closed = False
         self.admitted = False  # authenticated, and its hello taken
         self.sending = False  # replies were still going out when it ended
