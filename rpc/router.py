@@ -164,7 +164,8 @@ class Router:
         try:
             await closed
         finally:
-            self.pipes[handler.slot] = None
+            if self.pipes[handler.slot] is pipe:
+                self.pipes[handler.slot] = None
 
     def _retire(self, slot: int) -> None:
         """A reload replaces the slot's handler: it takes no more calls and exits once idle."""
@@ -270,7 +271,12 @@ class Router:
         ):
             return False
         candidate = self.pipes[self.table.idle[-1]]
-        if candidate is None or candidate.transport is None or candidate.transport.get_write_buffer_size():
+        if (
+            candidate is None
+            or candidate.transport is None
+            or candidate.transport.is_closing()
+            or candidate.transport.get_write_buffer_size()
+        ):
             return False
         slot = self.table.lend(call)
         if slot is None:
@@ -482,7 +488,8 @@ class HandlerPipe(asyncio.BufferedProtocol):
         self.fd = transport.get_extra_info("socket").fileno()
 
     def send(self, frame: Frame) -> None:
-        assert self.transport is not None
+        if self.transport is None or self.transport.is_closing():
+            return  # the handler is gone: its call fails when the arbiter has collected it
         if len(frame) < _LARGE:
             self.transport.write(_framed(frame))
         else:
@@ -517,8 +524,11 @@ class HandlerPipe(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # An idle handler that died takes no call while the arbiter collects it.
-        if self.handler.slot in self.router.table.idle:
-            self.router.table.idle.remove(self.handler.slot)
+        slot = self.handler.slot
+        if slot in self.router.table.idle:
+            self.router.table.idle.remove(slot)
+        if self.router.pipes[slot] is self:
+            self.router.pipes[slot] = None
         if not self.closed.done():
             self.closed.set_result(None)
 
