@@ -26,12 +26,20 @@ __all__ = ["Call", "CallTable"]
 class Call:
     """One request on its way through the server."""
 
-    __slots__ = ("connection", "id", "method", "frame", "deadline", "received", "answered", "slot", "lease")
+    __slots__ = ("connection", "origin", "id", "method", "frame", "deadline", "received", "answered", "slot", "lease")
 
     def __init__(
-        self, connection: Any, id: int | None, method: str, frame: Frame, deadline: float | None, received: float
+        self,
+        connection: Any,
+        id: int | None,
+        method: str,
+        frame: Frame,
+        deadline: float | None,
+        received: float,
+        origin: Any = None,
     ) -> None:
         self.connection = connection  # where the answer goes; None for a notification
+        self.origin = connection if origin is None else origin  # whose share of the queue it takes
         self.id = id
         self.method = method
         self.frame = frame
@@ -243,13 +251,13 @@ class CallTable:
         return call
 
     def _count(self, call: Call, sign: int) -> None:
-        if call.connection is None:
+        if call.origin is None:
             return
-        held = self.queued_by.setdefault(call.connection, [0, 0])
+        held = self.queued_by.setdefault(call.origin, [0, 0])
         held[0] += sign
         held[1] += sign * len(call.frame)
         if not held[0]:
-            del self.queued_by[call.connection]
+            del self.queued_by[call.origin]
 
     def _replace_queue(self, waiting: deque[Call]) -> None:
         self.queue = waiting

@@ -120,21 +120,32 @@ class Router:
             self._answer(call, protocol.error_frame(call.id, ServerShuttingDown("the server is shutting down; the call did not run")), None, "shutting_down")
         try:
             deadline = time.monotonic() + grace
-            while self.table.unanswered and not self._hurry.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            # Calls running, and replies of calls that ran but wait for a slow reader, may finish.
+            while self._unfinished() and not self._hurry.is_set() and (remaining := deadline - time.monotonic()) > 0:
                 self._settled.clear()
                 waits = [asyncio.ensure_future(self._settled.wait()), asyncio.ensure_future(self._hurry.wait())]
-                _, pending = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                _, pending = await asyncio.wait(
+                    waits, timeout=min(remaining, HOUSEKEEPING_INTERVAL), return_when=asyncio.FIRST_COMPLETED
+                )
                 for waiting in pending:
                     waiting.cancel()
         finally:
-            unfinished = self.table.unanswered
+            unfinished = self._unfinished()
             for connection in list(self.connections):
                 connection.drop("the server is shutting down", level="info")
             await self.arbiter.stop(0 if self._hurry.is_set() else 2.0)
+            for connection in list(self.connections):  # any adopted meanwhile
+                connection.drop("the server is shutting down", level="info")
+            for _ in range(3):
+                await asyncio.sleep(0)  # let the transports report themselves closed
             if self._housekeeping is not None:
                 self._housekeeping.cancel()
             self.notification_dropped.flush()
         return unfinished
+
+    def _unfinished(self) -> int:
+        """Calls accepted and not answered, counting replies still parked for a slow reader."""
+        return self.table.unanswered + sum(len(c.parked) for c in self.connections)
 
     def hurry(self) -> None:
         """A second request to stop: cut the grace period short."""
@@ -203,7 +214,7 @@ class Router:
         self._note_settled()
         connection = call.connection
         if connection is not None and connection.must_park():
-            connection.parked.append((handler, call, reply))  # sent, and the handler freed, once it drains
+            connection.park(handler, call, reply)  # sent, and the handler freed, once it drains
             return
         self._deliver(call, reply, handler.pid)
         self._release(slot)
@@ -229,7 +240,7 @@ class Router:
 
     def _left_queue(self, call: Call) -> None:
         """A call left the queue: its connection may be read again if it was held at its share."""
-        connection = call.connection
+        connection = call.origin
         if connection is not None and connection.held and not self.table.over_share(connection):
             connection.unhold()
 
@@ -422,6 +433,9 @@ class Router:
             handler, call, reply = connection.parked.pop(0)
             self._deliver(call, reply, handler.pid)
             self._release_parked(handler)
+        if not connection.parked:
+            connection.parked_since = None
+            self._settled.set()  # a close() under way may be waiting for these replies
 
     def _release_parked(self, handler: Handler) -> None:
         """Free the handler that held a parked reply, unless it has died and been replaced since:
@@ -553,6 +567,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.write_blocked = False  # unsent replies are over max_outbox_bytes
         self.held = False  # its calls fill its share of the queue: read no more for now
         self.lent: Handler | None = None  # the handler serving its socket directly (rpc.lease)
+        self.input_ended = False  # EOF sent after an error: nothing more may be written
+        self.parked_since: float | None = None
         self.may_lend = False  # not its first request: lending pays over repeated calls
         self.fd = -1
         self.parked: list[tuple[Handler, Call, Frame]] = []  # replies waiting for it to drain, with their slots
@@ -583,6 +599,10 @@ class ClientConnection(asyncio.BufferedProtocol):
                 pass
         transport.set_write_buffer_limits(high=router.config.max_outbox_bytes)
         router.connections.add(self)
+        if router.closing:  # accepted just before close() stopped accepting
+            self.end_reason = ("the server is shutting down", "info")
+            transport.abort()
+            return
         assert router.loop is not None
         self._timer = router.loop.call_later(router.config.handshake_timeout, self._handshake_timed_out)
         if self.handshake is not None:
@@ -657,6 +677,22 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.log.info("client_dropped", reason=f"sending a reply failed: {exc.strerror or exc}")
         else:
             self.log.debug("client_disconnected", **({"reason": str(exc)} if exc else {}))
+
+    def park(self, handler: Handler, call: Call, reply: Frame) -> None:
+        """Hold ``reply`` (and its handler) until the client has read enough of what is unsent.
+
+        A handler waits so at most ``send_timeout`` seconds: a client that reads a trickle
+        must not keep it from everyone else for longer.
+        """
+        self.parked.append((handler, call, reply))
+        send_timeout = self.router.config.send_timeout
+        if self.parked_since is None and send_timeout and self.router.loop is not None:
+            self.parked_since = time.monotonic()
+            self.router.loop.call_later(send_timeout, self._check_parked, self.parked_since)
+
+    def _check_parked(self, since: float) -> None:
+        if self.parked and self.parked_since == since and not self.closed:
+            self.drop("it reads its replies too slowly: a handler waited send_timeout for it to take one")
 
     def must_park(self) -> bool:
         """Whether a reply for it must wait in its handler: its unsent replies are over twice
@@ -784,10 +820,14 @@ class ClientConnection(asyncio.BufferedProtocol):
             if call.slot is None and router.table.over_share(self):
                 self.hold()
         elif kind == protocol.NOTIFICATION:
+            notification = Call(None, None, envelope.method, frame, None, time.monotonic(), origin=self)
             try:
-                router.submit(Call(None, None, envelope.method, frame, None, time.monotonic()))
+                router.submit(notification)
             except (ServerBusy, ServerShuttingDown):
                 router.notification_dropped(self.log, method=envelope.method, reason="server busy")
+                return
+            if notification.slot is None and router.table.over_share(self):
+                self.hold()
         # Cancel is reserved in this protocol version, and a second hello means nothing.
 
     def _too_large(self, exc: MessageTooLarge) -> None:
@@ -807,8 +847,8 @@ class ClientConnection(asyncio.BufferedProtocol):
     # -- sending ------------------------------------------------------------------------
 
     def send(self, payload: Frame) -> None:
-        """Send one message to the client (nothing, once the connection is closed)."""
-        if self.closed or self.transport is None or self.transport.is_closing():
+        """Send one message to the client (nothing, once the connection is closed or closing)."""
+        if self.closed or self.input_ended or self.transport is None or self.transport.is_closing():
             return
         if len(payload) < _LARGE:
             self.transport.write(_framed(payload))
@@ -883,7 +923,21 @@ class ClientConnection(asyncio.BufferedProtocol):
         if linger:
             self._linger()
         elif self.transport is not None:
-            self.transport.abort() if self.write_blocked else self.transport.close()
+            self._close_soon(self.transport)
+
+    def _close_soon(self, transport: asyncio.Transport) -> None:
+        """Close now if nothing is unsent; close() waits for the peer to read what is, so abort
+        if it has not within a moment (a client that stopped reading would hold it open)."""
+        if transport.get_write_buffer_size() or self.write_blocked:
+            transport.abort()
+            return
+        transport.close()
+        if self.router.loop is not None:
+            self.router.loop.call_later(_LINGER_SECONDS, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
 
     def _linger(self) -> None:
         """Finish sending, then discard what the peer still sends for a while, then close.
@@ -896,13 +950,14 @@ class ClientConnection(asyncio.BufferedProtocol):
         if transport is None or self.router.loop is None:
             return
         self._cancel_timers()
+        self.input_ended = True
         if transport.can_write_eof():
             try:
                 transport.write_eof()
             except (OSError, RuntimeError):
                 pass
         transport.resume_reading()
-        self._timer = self.router.loop.call_later(_LINGER_SECONDS, transport.close)
+        self._timer = self.router.loop.call_later(_LINGER_SECONDS, self._abort_if_open)
 
     def _cancel_timers(self) -> None:
         for timer in (self._timer, self._send_watch):

@@ -48,8 +48,8 @@ def check(t: CallTable, admitted: Iterable[Call]) -> None:
     assert t.queue_bytes == sum(len(c.frame) for c in t.queue)
     expected: dict[object, list[int]] = {}
     for c in t.queue:
-        if c.connection is not None:
-            held = expected.setdefault(c.connection, [0, 0])
+        if c.origin is not None:
+            held = expected.setdefault(c.origin, [0, 0])
             held[0] += 1
             held[1] += len(c.frame)
     assert t.queued_by == expected
