@@ -692,7 +692,7 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def _check_parked(self, since: float) -> None:
         if self.parked and self.parked_since == since and not self.closed:
-            self.drop("it reads its replies too slowly: a handler waited send_timeout for it to take one")
+            self.drop("it stopped reading its replies (a handler waited send_timeout for it to take one)")
 
     def must_park(self) -> bool:
         """Whether a reply for it must wait in its handler: its unsent replies are over twice

@@ -80,12 +80,6 @@ def drain(conn, count: int) -> list[int | None]:
     return [protocol.decode_response(conn.recv_bytes()).id for _ in range(count)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a parked reply keeps its slot number, not its handler: after that handler dies and the slot is "
-    "refilled, Router.unpark (and Router.forget) call _release(slot) on the new handler's running call, "
-    "so the next call sent there gets another call's reply",
-)
 def test_a_handler_killed_while_its_reply_is_parked_leaves_every_later_reply_with_its_own_caller(
     rpc_server, loop_name, tmp_path
 ):
@@ -113,12 +107,6 @@ def test_a_handler_killed_while_its_reply_is_parked_leaves_every_later_reply_wit
         server.server.close(grace=1.0)  # (a call left unanswered would hold close() for its whole grace)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the send_timeout watch counts any byte taken as progress, and a parked reply holds its handler "
-    "until the outbox drains below its low-water mark: a client reading a trickle holds it for as long as "
-    "it likes (the README promises others wait at most send_timeout)",
-)
 def test_a_client_trickling_its_reads_holds_the_only_handler_no_longer_than_send_timeout(rpc_server, loop_name):
     server = rpc_server("services:registry", workers=1, event_loop=loop_name, max_outbox_bytes=65536, send_timeout=1.0)
     slow = raw_connection(server)
@@ -226,11 +214,6 @@ def _alive(conn) -> bool:
     return True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Router.close waits only for calls the table counts unanswered; a parked reply is settled, so "
-    "close drops (aborts) the connection at once and the reply of a call that ran is lost within the grace period",
-)
 def test_close_delivers_the_parked_replies_of_a_client_reading_within_the_grace_period(rpc_server, loop_name):
     server = rpc_server(
         "services:registry", workers=1, event_loop=loop_name, max_outbox_bytes=65536, send_timeout=60.0, shutdown_grace=30.0
