@@ -105,3 +105,40 @@ def test_a_socket_that_cannot_be_handed_over_ends_the_lease_and_the_call_is_answ
         assert [client.add(i, 1) for i in range(5)] == [1, 2, 3, 4, 5]  # and lent again, for real
     assert failures, "no socket was lent"
     assert "lease_failed" in server.log_text() and "Traceback" not in server.log_text()
+
+
+def test_a_socket_with_part_of_a_reply_unsent_is_not_lent(rpc_server):
+    """A reply still being written when the next request comes: lending the socket then would
+    let the handler's reply land inside it (a pipelining client on a slow link read garbage)."""
+    from rpc import protocol
+    from helpers import raw_connection
+
+    server = rpc_server("services:registry", workers=2, access_log=True)
+    conn = raw_connection(server)
+    try:
+        conn.send_bytes(protocol.encode_request(2, "big", (8 << 20,), {}, None))  # a first call: never lent
+        assert conn.poll(30)  # the 8 MiB reply is on its way, most of it unsent
+        for request_id in range(3, 8):  # one at a time, as a lent socket's client would
+            conn.send_bytes(protocol.encode_request(request_id, "add", (request_id, 1), {}, None))
+            assert wait_for(lambda: f"id={request_id} " in server.log_text(), timeout=30)  # answered
+        replies = [protocol.decode_response(conn.recv_bytes(16 << 20)) for _ in range(6)]
+    finally:
+        conn.close()
+    by_id = {r.id: r.result for r in replies}  # whole frames, each with its own answer, in any order
+    assert sorted(by_id) == [2, 3, 4, 5, 6, 7]
+    assert by_id[2] == b"x" * (8 << 20)
+    assert [by_id[i] for i in range(3, 8)] == [4, 5, 6, 7, 8]
+
+
+def test_call_state_keeps_every_request_id_exactly():
+    """Ids travel through the shared call state as 64-bit integers: 2**60 + 1 stays itself."""
+    import multiprocessing
+
+    from rpc import lease
+
+    state = lease.CallState(multiprocessing.get_context("spawn").RawArray("q", lease.CallState.SIZE))
+    for request_id in (0, 1, 2**53 + 1, 2**60 + 1, 2**63 - 1, 2**63, 2**64 - 1):
+        state.running(request_id, 12345.678)
+        what, deadline, got, _ = state.read()
+        assert (what, got) == (lease.CallState.RUNNING, request_id)
+        assert deadline is not None and abs(deadline - 12345.678) < 1e-6
