@@ -162,6 +162,12 @@ class Arbiter:
 
     def _start(self, slot: int, log: bool = True) -> Handler | str:
         """Start a handler and wait for its hello (on a pool thread); the handler, or why it failed."""
+        try:
+            return self._start_process(slot)
+        except Exception as exc:  # out of descriptors or memory for its pipe, say: retried with a backoff
+            return f"cannot start a handler process: {exc}"
+
+    def _start_process(self, slot: int) -> Handler | str:
         call_state = self._call_states[slot] if slot >= 0 else None
         parent, child = socket.socketpair()
         for end in (parent, child):
@@ -253,6 +259,8 @@ class Arbiter:
             except asyncio.TimeoutError:
                 self._log.error("reload_failed", error=f"handler {slot} was not replaced in time")
                 return False
+            if self._stopping:
+                return False
         self._log.info("reload_finished", workers=self._settings.workers)
         return True
 
@@ -271,6 +279,8 @@ class Arbiter:
     async def stop(self, grace: float) -> None:
         """Stop every handler: end its pipe (it exits after its call), then SIGTERM, then SIGKILL."""
         self._stopping = True
+        for replaced in self._replaced:
+            replaced.set()  # a reload waiting for a replacement gives up
         for target in self.handlers:
             if target is not None:
                 target.end_input()

@@ -116,6 +116,9 @@ class Router:
             if slot not in self.recalled and (pipe := self.pipes[slot]) is not None:
                 self.recalled.add(slot)
                 pipe.send(lease.RECALL)
+        for connection in list(self.connections):
+            if connection.held:
+                connection.unhold()  # what it sent beyond its share is answered: ServerShuttingDown
         for call in self.table.close():
             self._answer(call, protocol.error_frame(call.id, ServerShuttingDown("the server is shutting down; the call did not run")), None, "shutting_down")
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import os
 import threading
 import weakref
@@ -213,7 +214,15 @@ class Server:
         self._log.info("reload_begun")
         if self._loop is None or self._closing.is_set():
             return False
-        return asyncio.run_coroutine_threadsafe(self._router.arbiter.reload(), self._loop).result()
+        done = asyncio.run_coroutine_threadsafe(self._router.arbiter.reload(), self._loop)
+        while True:  # in steps: a close() meanwhile stops the loop, and the reload with it
+            try:
+                return done.result(timeout=_SIGNAL_CHECK_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if self._closed.is_set():
+                    return False
+            except concurrent.futures.CancelledError:
+                return False
 
     def __enter__(self) -> Server:
         return self.start()

@@ -52,12 +52,6 @@ def router_state(test_server, read):
     raise AssertionError("the router's state kept changing")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Router.close fails the queued calls but never unholds a held connection, so the requests it "
-    "read and buffered behind its share get no answer at all (ConnectionClosed: may have run), where "
-    "every other connection's get ServerShuttingDown (did not run) during the grace period",
-)
 def test_close_answers_every_request_a_held_connection_sent(rpc_server, loop_name, tmp_path):
     server = rpc_server("services:registry", workers=1, event_loop=loop_name, max_pending=4)  # share: one call
     gate = Gate(tmp_path)
@@ -86,11 +80,6 @@ def test_close_answers_every_request_a_held_connection_sent(rpc_server, loop_nam
     assert answers == {i: ["server_shutting_down"] for i in range(10)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Server.reload waits on run_coroutine_threadsafe(...).result() with no timeout; close() stops the "
-    "loop while Arbiter.reload awaits a slot that arbiter.stop() will never refill, so reload() never returns",
-)
 def test_reload_returns_when_the_server_closes_meanwhile(rpc_server, loop_name, tmp_path):
     server = rpc_server("services:registry", workers=1, event_loop=loop_name)
     gate = Gate(tmp_path)
@@ -165,11 +154,6 @@ server.close()
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Arbiter._start does not catch the OSError of socket.socketpair() (EMFILE): it escapes "
-    "_run_slot, whose task ends, so the slot is never refilled and nothing is logged",
-)
 def test_a_handler_that_cannot_be_replaced_for_want_of_descriptors_is_retried(tmp_path, loop_name):
     address, log = str(tmp_path / "rpc.sock"), tmp_path / "server.log"
     process = subprocess.Popen(
@@ -230,11 +214,6 @@ os._exit(0)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Arbiter.start gathers each slot's `ready` future, which _run_slot never sets when _start raises "
-    "(socketpair's EMFILE): Server.start() hangs for ever instead of raising StartupError",
-)
 def test_start_fails_clearly_when_a_handler_cannot_get_descriptors(tmp_path, loop_name):
     result = subprocess.run(
         [sys.executable, "-c", FAILING_START, str(tmp_path / "rpc.sock"), TESTS, str(tmp_path / "log"), loop_name],

@@ -112,12 +112,6 @@ def test_a_request_flood_is_held_at_its_share_and_others_are_served(rpc_server, 
     still_serves(server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="notifications enter the queue as Call(None, ...): CallTable._count skips them, so they count "
-    "against no connection's share and the router never holds their sender; one client fills the whole "
-    "queue and everyone else gets ServerBusy",
-)
 def test_a_notification_flood_is_held_at_its_share_and_others_are_served(rpc_server, loop_name, tmp_path):
     server = rpc_server("services:registry", workers=1, event_loop=loop_name, max_pending=8)  # share: 2 calls
     gate = Gate(tmp_path)
