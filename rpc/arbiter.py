@@ -147,12 +147,19 @@ class Arbiter:
                 ready.set_result(None)
             self._log.info("handler_started", slot=slot, pid=started.pid)
             self._replaced[slot].set()
-            await self._attach(started)  # returns once its pipe has closed
+            try:
+                await self._attach(started)  # returns once its pipe has closed
+            except Exception:  # the handler is still collected and replaced
+                self._log.exception("handler_attach_failed", slot=slot, pid=started.pid)
+                started.signal(signal.SIGKILL)
             started.reaping = True
             code = await loop.run_in_executor(self._threads, _collect, started.process)
             self.handlers[slot] = None
             reason = started.kill_reason or ("reload" if started.retired else _exit_reason(code))
-            self._lost(started, reason)
+            try:
+                self._lost(started, reason)
+            except Exception:  # the slot must be refilled whatever answering its call raised
+                self._log.exception("handler_lost_failed", slot=slot, pid=started.pid)
             if self._stopping:
                 return
             if reason == "reload":

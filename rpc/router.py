@@ -399,16 +399,27 @@ class Router:
         assert self.loop is not None
         try:
             running, queued = self.table.expire(time.monotonic())
-            for call in running:
+        except Exception:  # deadlines must keep being enforced whatever went wrong once
+            self.log.exception("housekeeping_failed")
+            running, queued = [], []
+        for call in running:
+            try:
                 assert call.slot is not None
                 handler = self.arbiter.handlers[call.slot]
-                self._answer(call, protocol.error_frame(call.id, _timeout(call)), handler.pid if handler else None, "timeout")
+                # Stopped first: whatever becomes of the answer, the slot is not lost.
                 self.arbiter.kill(call.slot, f"call {call.method!r} passed its deadline")
-            for call in queued:
+                self._answer(call, protocol.error_frame(call.id, _timeout(call)), handler.pid if handler else None, "timeout")
+            except Exception:
+                self.log.exception("housekeeping_failed")
+        for call in queued:
+            try:
                 self._answer(call, protocol.error_frame(call.id, _expired(call)), None, "timeout")
                 self._left_queue(call)
+            except Exception:
+                self.log.exception("housekeeping_failed")
+        try:
             self._check_lent_deadlines()
-        except Exception:  # deadlines must keep being enforced whatever went wrong once
+        except Exception:
             self.log.exception("housekeeping_failed")
         self._housekeeping = self.loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeep)
 

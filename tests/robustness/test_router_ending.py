@@ -96,6 +96,21 @@ def test_a_deadline_passing_while_the_connection_closes_after_an_error_still_sto
     still_serves(server)
 
 
+def test_a_handler_crashing_while_the_connection_closes_after_an_error_is_replaced(rpc_server, loop_name):
+    server = rpc_server("services:registry", workers=1, event_loop=loop_name)
+    before = server.handler_pids()
+    conn = raw_connection(server)
+    try:
+        # In one write: a call whose handler dies at once, then a frame the server cannot answer,
+        # so the crash is reported while the connection lingers (a second, against milliseconds).
+        write(conn, framed(protocol.encode_request(1, "crash", ("exit",), {}, None)) + GARBAGE)
+        assert nil_id_error(conn) == "protocol_error"
+        assert wait_for(lambda: server.handler_pids() not in ([], before), timeout=5), "no handler was started again"
+    finally:
+        conn.close()
+    still_serves(server)
+
+
 def test_a_reply_arriving_while_the_connection_closes_after_an_error_costs_no_handler(rpc_server, loop_name, tmp_path):
     server = rpc_server("services:registry", workers=1, event_loop=loop_name, access_log=True)
     gate = Gate(tmp_path)

@@ -133,22 +133,28 @@ def test_a_notification_flood_is_held_at_its_share_and_others_are_served(rpc_ser
 
 
 def test_the_queue_budget_in_bytes_refuses_with_server_busy_and_answers_every_call_once(rpc_server, loop_name, tmp_path):
-    # 1 MiB of queue, a quarter of it per connection; the count limit is out of the way.
-    server = rpc_server("services:registry", workers=1, event_loop=loop_name, max_pending=1000, max_queue_bytes=1 << 20)
+    # 512 KiB of queue, a quarter of it per connection; the count limit is out of the way.
+    server = rpc_server("services:registry", workers=1, event_loop=loop_name, max_pending=1000, max_queue_bytes=512 << 10)
     gate = Gate(tmp_path)
-    running = server.client(timeout=30).submit("hold", *gate.args())
+    holder = server.client(timeout=60)
+    running = holder.submit("hold", *gate.args())
     gate.wait_started()
-    payload = b"p" * 200_000
+    payload = b"p" * 100_000
     conns = [raw_connection(server) for _ in range(6)]
-    for conn in conns:
-        write(conn, b"".join(request(i, "echo", payload) for i in range(3)))
-    # At most five 200 kB calls fit; a connection is held after two, so at least three connections
+    # From threads: the last request of a held connection waits in the socket until the queue moves.
+    writers = [threading.Thread(target=write, args=(conn, b"".join(request(i, "echo", payload) for i in range(3)))) for conn in conns]
+    for writer in writers:
+        writer.start()
+    # At most five 100 kB calls fit; a connection is held after two, so at least three connections
     # are never held and have all their requests read: six refusals at least before anything runs.
     answers = [Answers(conn) for conn in conns]
-    assert wait_for(lambda: sum(a.read(1).total() if a.conn.poll(0) else a.total() for a in answers) >= 6, timeout=10)
+    assert wait_for(lambda: sum(a.read(1).total() if a.conn.poll(0) else a.total() for a in answers) >= 6, timeout=20)
     assert queued(server) <= 5
     gate.open()
     assert running.result(30) is None
+    holder.close()
+    for writer in writers:
+        writer.join(30)
     refused = 0
     for a in answers:
         a.read(3 - a.total())
