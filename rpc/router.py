@@ -588,7 +588,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.parked: list[tuple[Handler, Call, Frame]] = []  # replies waiting for it to drain, with their slots
         self.last_active = time.monotonic()
         self.end_reason: tuple[str, str] | None = None  # why the server ended it, and the log level
-        self._end_fields: dict[str, Any] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._send_watch: asyncio.TimerHandle | None = None
         self._written = 0  # bytes handed to the transport, to tell progress from a growing backlog
@@ -614,7 +613,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=router.config.max_outbox_bytes)
         router.connections.add(self)
         if router.closing:  # accepted just before close() stopped accepting
-            self.end_reason = ("the server is shutting down", "info")
+            self._end("the server is shutting down", "info")
             transport.abort()
             return
         assert router.loop is not None
@@ -675,17 +674,11 @@ class ClientConnection(asyncio.BufferedProtocol):
         router = self.router
         router.connections.discard(self)
         router.forget(self)
-        if not self.admitted:
-            if self.end_reason is None:
-                # A peer that closes without a word (a port probe) went away: info.
-                self.log.info("client_rejected", reason="closed during handshake" if exc is None else str(exc))
-            else:
-                reason, level = self.end_reason
-                getattr(self.log, level)("client_rejected", reason=reason)
-        elif self.end_reason is not None:
-            reason, level = self.end_reason
-            if level != "logged":
-                getattr(self.log, level)("client_dropped", reason=reason, **self._end_fields)
+        if self.end_reason is not None:
+            pass  # logged when the server ended it
+        elif not self.admitted:
+            # A peer that closes without a word (a port probe) went away: info.
+            self.log.info("client_rejected", reason="closed during handshake" if exc is None else str(exc))
         elif isinstance(exc, OSError) and self.sending:
             # A closed or reset peer went away (after its own CallTimeout, say): no fault, so info.
             self.log.info("client_dropped", reason=f"sending a reply failed: {exc.strerror or exc}")
@@ -932,8 +925,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.closed:
             return
         if self.end_reason is None:
+            # Logged now, as the server decides, not when the peer has finished closing.
             self.end_reason = (reason, level)
-            self._end_fields = fields
+            event = "client_dropped" if self.admitted else "client_rejected"
+            getattr(self.log, level)(event, reason=reason, **fields)
         if linger:
             self._linger()
         elif self.transport is not None:
