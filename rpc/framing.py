@@ -328,7 +328,7 @@ def send_frame(sock: socket.socket, payload: bytes, deadline: float | None) -> N
         # A small frame goes out as one buffer in one send: the copy costs less than a gather.
         data = _SHORT.pack(len(payload)) + payload
         try:
-            sent = sock.send(data, flags)
+            sent = sock.sendmsg([data], (), flags)
         except BlockingIOError:
             sent = 0
         if sent == len(data):

@@ -115,7 +115,7 @@ class Router:
         for slot in list(self.lent):
             if slot not in self.recalled and (pipe := self.pipes[slot]) is not None:
                 self.recalled.add(slot)
-                pipe.send(lease.RECALL)
+                pipe.write_frame(lease.RECALL)
         for connection in list(self.connections):
             if connection.held:
                 connection.unhold()  # what it sent beyond its share is answered: ServerShuttingDown
@@ -224,7 +224,7 @@ class Router:
 
     def _deliver(self, call: Call, reply: Frame, pid: int | None) -> None:
         if call.connection is not None:
-            call.connection.send(reply)
+            call.connection.write_frame(reply)
         if self.config.access_log:
             self._log_call(call, pid, "error" if protocol.response_is_error(reply) else "ok")
 
@@ -233,7 +233,7 @@ class Router:
         call, expired = self.table.release(slot, time.monotonic())
         pipe = self.pipes[slot]
         if call is not None and pipe is not None:
-            pipe.send(call.frame)
+            pipe.write_frame(call.frame)
             self._left_queue(call)
         elif slot in self.table.retiring and pipe is not None:
             pipe.end_input()
@@ -255,7 +255,7 @@ class Router:
         if slot is not None:
             pipe = self.pipes[slot]
             if pipe is not None:
-                pipe.send(call.frame)
+                pipe.write_frame(call.frame)
             # (no pipe: the handler is gone and its slot is being refilled; the call fails as crashed)
         elif self.lent:
             self._recall_one()  # a call waits: a lent handler is worth more serving it
@@ -316,7 +316,7 @@ class Router:
                 pipe = self.pipes[slot]
                 if pipe is not None:
                     self.recalled.add(slot)
-                    pipe.send(lease.RECALL)
+                    pipe.write_frame(lease.RECALL)
                 return
 
     def _lease_ended(self, handler: Handler, end: lease.LeaseEnd) -> None:
@@ -361,7 +361,7 @@ class Router:
             try:
                 self.submit(again)
             except (ServerBusy, ServerShuttingDown) as exc:
-                connection.send(protocol.error_frame(call.id, exc))
+                connection.write_frame(protocol.error_frame(call.id, exc))
         elif owed is lease.Owed.CRASHED:
             _, deadline, _, _ = state.read()
             error: RPCError
@@ -369,14 +369,14 @@ class Router:
                 error = CallTimeout("the call passed its deadline")
             else:
                 error = WorkerCrashed(f"the handler process (pid {handler.pid}) died during this call: {reason}")
-            connection.send(protocol.error_frame(request_id, error))
+            connection.write_frame(protocol.error_frame(request_id, error))
         connection.resume_after_lease()
 
     def _answer(self, call: Call, frame: bytes, pid: int | None, outcome: str) -> None:
         """Send the answer of a call already settled in the table (an error the router made)."""
         self._note_settled()
         if call.connection is not None:
-            call.connection.send(frame)
+            call.connection.write_frame(frame)
         if self.config.access_log:
             self._log_call(call, pid, outcome)
 
@@ -515,7 +515,7 @@ class HandlerPipe(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         self.fd = transport.get_extra_info("socket").fileno()
 
-    def send(self, frame: Frame) -> None:
+    def write_frame(self, frame: Frame) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # the handler is gone: its call fails when the arbiter has collected it
         if len(frame) < _LARGE:
@@ -620,7 +620,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._timer = router.loop.call_later(router.config.handshake_timeout, self._handshake_timed_out)
         if self.handshake is not None:
             for frame in self.handshake.start():
-                self._write(frame)
+                self.write_frame(frame)
         else:
             self._begin_hello()
 
@@ -757,11 +757,11 @@ class ClientConnection(asyncio.BufferedProtocol):
             replies = self.handshake.receive(bytes(frame))
         except AuthenticationError as exc:
             if self.handshake.farewell is not None:
-                self._write(self.handshake.farewell)
+                self.write_frame(self.handshake.farewell)
             self._end(str(exc), "warning", linger=True)
             return
         for reply in replies:
-            self._write(reply)
+            self.write_frame(reply)
         if self.handshake.done:
             self._begin_hello()
 
@@ -780,7 +780,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             error = ProtocolError(
                 f"protocol version {hello.version} is not supported; this server speaks {protocol.PROTOCOL_VERSION}"
             )
-            self.send(protocol.error_frame(None, error))
+            self.write_frame(protocol.error_frame(None, error))
             self._end(error.message, "warning", linger=True)
             return
         self._cancel_timers()
@@ -806,12 +806,12 @@ class ClientConnection(asyncio.BufferedProtocol):
             if exc.request_id is None:
                 self._fail(None, exc, exc.message)
             else:
-                self.send(protocol.error_frame(exc.request_id, exc))
+                self.write_frame(protocol.error_frame(exc.request_id, exc))
             return
         kind = envelope.kind
         if kind == protocol.REQUEST:
             if envelope.method == protocol.PING:
-                self.send(protocol.encode_response(envelope.id, "pong"))
+                self.write_frame(protocol.encode_response(envelope.id, "pong"))
                 return
             now = time.monotonic()
             deadline = None if envelope.timeout is None else now + envelope.timeout
@@ -822,7 +822,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             try:
                 router.submit(call)
             except (ServerBusy, ServerShuttingDown) as exc:
-                self.send(protocol.error_frame(envelope.id, exc))
+                self.write_frame(protocol.error_frame(envelope.id, exc))
                 return
             if call.slot is None and router.table.over_share(self):
                 self.hold()
@@ -843,17 +843,17 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._end(f"a handshake message of {getattr(exc, 'size', '?')} bytes (at most {limit})", "warning", linger=True)
             return
         error = MessageTooLarge(f"message exceeds the server's limit of {limit} bytes")
-        self.send(protocol.error_frame(None, error))
+        self.write_frame(protocol.error_frame(None, error))
         self._end("message too large", "warning", linger=True, limit=limit)
 
     def _fail(self, request_id: int | None, error: RPCError, reason: str) -> None:
         """A frame that cannot be answered by id: say why, then close."""
-        self.send(protocol.error_frame(request_id, error))
+        self.write_frame(protocol.error_frame(request_id, error))
         self._end(reason, "warning", linger=True)
 
     # -- sending ------------------------------------------------------------------------
 
-    def send(self, payload: Frame) -> None:
+    def write_frame(self, payload: Frame) -> None:
         """Send one message to the client (nothing, once the connection is closed or closing)."""
         if self.closed or self.input_ended or self.transport is None or self.transport.is_closing():
             return
@@ -864,9 +864,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._written += len(payload)
         if self._send_watch is None and self.transport.get_write_buffer_size():
             self._watch_sending()
-
-    def _write(self, payload: bytes) -> None:
-        self.send(payload)
 
     def _write_framed(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:

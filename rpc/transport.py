@@ -14,8 +14,6 @@ import multiprocessing
 import os
 import socket
 import stat
-import struct
-import time
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import TYPE_CHECKING, Union
 
@@ -41,7 +39,6 @@ __all__ = [
     "format_address",
     "parse_address",
     "shutdown",
-    "server_handshake",
     "client_handshake",
 ]
 
@@ -150,33 +147,6 @@ def shutdown(conn: Connection) -> None:
         pass  # already closed or never connected
 
 
-def close_after_error(conn: Connection, linger: float = 1.0) -> None:
-    """Finish sending, then discard what the peer still sends, for up to ``linger`` s.
-
-    Closing a socket with unread input makes the kernel reset the connection,
-    which can destroy the error reply before the peer reads it.
-    """
-    try:
-        _with_socket(conn, "shutdown", socket.SHUT_WR)
-        deadline = time.monotonic() + linger
-        while (remaining := deadline - time.monotonic()) > 0:
-            set_io_timeout(conn, remaining, write=False)
-            if not os.read(conn.fileno(), 65536):
-                break
-    except OSError:
-        pass
-
-
-def set_io_timeout(conn: Connection, seconds: float | None, *, read: bool = True, write: bool = True) -> None:
-    """Bound each blocking read and/or write on ``conn`` (None: no bound)."""
-    seconds = 0.0 if seconds is None else max(seconds, 0.001)
-    value = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
-    if read:
-        _with_socket(conn, "setsockopt", socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    if write:
-        _with_socket(conn, "setsockopt", socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-
-
 class ListeningSocket:
     """A bound, listening socket whose ``accept()`` never blocks and never authenticates."""
 
@@ -210,20 +180,6 @@ class ListeningSocket:
     def sock(self) -> socket.socket:
         """The listening socket itself, for an event loop to accept on."""
         return self._sock
-
-    def accept(self) -> tuple[Connection, str] | None:
-        """An accepted connection and its peer's name, or None if none is waiting.
-
-        Raises OSError for failures such as running out of file descriptors.
-        """
-        try:
-            sock, peer = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        sock.setblocking(True)
-        set_stream_options(sock)
-        name = format_address(peer[:2]) if isinstance(peer, tuple) else "unix"
-        return Connection(sock.detach()), name
 
     def close(self) -> None:
         self._sock.close()
@@ -288,17 +244,6 @@ def _connect_failure(address: Address, exc: OSError) -> str:
     else:
         return f"{where}: {exc.strerror or exc}"
     return f"nothing is listening at {where} ({reason}); is the server running? Start it with `rpc serve`"
-
-
-def server_handshake(conn: Connection, authkey: bytes | None) -> None:
-    """Authenticate a new client both ways (the caller bounds the time it may take)."""
-    if authkey is None:
-        return
-    try:
-        deliver_challenge(conn, authkey)
-        answer_challenge(conn, authkey)
-    except multiprocessing.AuthenticationError as exc:
-        raise AuthenticationError(str(exc)) from None
 
 
 # The handshake's messages are small: a challenge, a digest, a hello.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import time
 from multiprocessing.connection import Client as RawClient
 from pathlib import Path
@@ -118,3 +120,35 @@ def sigint_as_by_default() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# -- raw frames on a connection, for tests that write what no client would ------------------
+
+
+def framed(payload: bytes) -> bytes:
+    """``payload`` with the length header of ``multiprocessing.connection``."""
+    return struct.pack("!i", len(payload)) + payload
+
+
+def request(request_id: int, method: str, *args, timeout: float | None = None) -> bytes:
+    """A framed request, ready to be written raw."""
+    return framed(protocol.encode_request(request_id, method, args, {}, timeout))
+
+
+def write(conn, data: bytes) -> None:
+    """Write raw bytes on a multiprocessing connection (several frames in one write)."""
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        sock.sendall(data)
+    finally:
+        sock.detach()
+
+
+def router_state(test_server, read):
+    """``read(router)`` from the test's thread; retried if the loop changed a collection meanwhile."""
+    for _ in range(100):
+        try:
+            return read(test_server.server._router)
+        except RuntimeError:  # "changed size during iteration"
+            continue
+    raise AssertionError("the router's state kept changing")

@@ -67,3 +67,9 @@ def settled_baseline(server) -> Baseline:
         client.add(1, 2)
     wait_for(lambda: threading.active_count() == Baseline().threads, timeout=2)
     return Baseline()
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def loop_name(request) -> str:
+    """The router's event loop, for tests that run on each."""
+    return request.param

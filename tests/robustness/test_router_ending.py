@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from conftest import Baseline, settled_baseline, still_serves
-from helpers import Gate, log_has, raw_connection, wait_for
+from helpers import Gate, framed, log_has, raw_connection, wait_for, write
 from rpc import protocol
 
 GARBAGE = struct.pack("!i", 1) + b"\xc1"  # a frame whose id cannot be read: the connection is ended
@@ -32,24 +32,6 @@ CLOSE_WAITS_FOR_FLUSH = (
     "ClientConnection._end closes with transport.close(), which waits until the peer has read every "
     "unsent byte; no timer is left to abort it"
 )
-
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_name(request) -> str:
-    return request.param
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack("!i", len(payload)) + payload
-
-
-def write(conn, data: bytes) -> None:
-    """Write raw bytes on a multiprocessing connection (several frames in one write)."""
-    sock = socket.socket(fileno=conn.fileno())
-    try:
-        sock.sendall(data)
-    finally:
-        sock.detach()
 
 
 def read_until_eof(conn, timeout: float) -> bool:

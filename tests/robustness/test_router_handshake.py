@@ -17,19 +17,10 @@ import msgpack
 import pytest
 
 from conftest import Baseline, settled_baseline, still_serves
-from helpers import wait_for
+from helpers import framed, request, wait_for
 from rpc import protocol
 
 CHALLENGE, WELCOME, FAILURE = b"#CHALLENGE#", b"#WELCOME#", b"#FAILURE#"
-
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_name(request) -> str:
-    return request.param
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack("!i", len(payload)) + payload
 
 
 class Peer:
@@ -91,10 +82,6 @@ class Peer:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def request(request_id: int, method: str, *args) -> bytes:
-    return framed(protocol.encode_request(request_id, method, args, {}, None))
 
 
 def hello() -> bytes:

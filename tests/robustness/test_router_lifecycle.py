@@ -16,40 +16,10 @@ import pytest
 
 import rpc
 from conftest import Baseline, settled_baseline, still_serves
-from helpers import Gate, child_pids, log_has, raw_connection, wait_for
+from helpers import Gate, child_pids, framed, log_has, raw_connection, request, router_state, wait_for, write
 from rpc import protocol
 
 TESTS = str(Path(__file__).resolve().parents[1])
-
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_name(request) -> str:
-    return request.param
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack("!i", len(payload)) + payload
-
-
-def request(request_id: int, method: str, *args) -> bytes:
-    return framed(protocol.encode_request(request_id, method, args, {}, None))
-
-
-def write(conn, data: bytes) -> None:
-    sock = socket.socket(fileno=conn.fileno())
-    try:
-        sock.sendall(data)
-    finally:
-        sock.detach()
-
-
-def router_state(test_server, read):
-    for _ in range(100):
-        try:
-            return read(test_server.server._router)
-        except RuntimeError:  # "changed size during iteration"
-            continue
-    raise AssertionError("the router's state kept changing")
 
 
 def test_close_answers_every_request_a_held_connection_sent(rpc_server, loop_name, tmp_path):

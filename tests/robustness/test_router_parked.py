@@ -19,39 +19,8 @@ import time
 import pytest
 
 from conftest import settled_baseline, still_serves
-from helpers import Gate, log_has, raw_connection, wait_for
+from helpers import Gate, framed, log_has, raw_connection, request, router_state, wait_for, write
 from rpc import protocol
-
-
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_name(request) -> str:
-    return request.param
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack("!i", len(payload)) + payload
-
-
-def request(request_id: int, method: str, *args, timeout: float | None = None) -> bytes:
-    return framed(protocol.encode_request(request_id, method, args, {}, timeout))
-
-
-def write(conn, data: bytes) -> None:
-    sock = socket.socket(fileno=conn.fileno())
-    try:
-        sock.sendall(data)
-    finally:
-        sock.detach()
-
-
-def router_state(test_server, read):
-    """``read(router)`` from the test's thread; retried if the loop changed a collection meanwhile."""
-    for _ in range(100):
-        try:
-            return read(test_server.server._router)
-        except RuntimeError:  # "changed size during iteration"
-            continue
-    raise AssertionError("the router's state kept changing")
 
 
 def parked_replies(test_server) -> int:
