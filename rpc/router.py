@@ -187,6 +187,9 @@ class Router:
             pipe = self.pipes[slot]
             if pipe is not None:
                 pipe.end_input()
+        elif slot in self.lent:
+            # A client calling without pause would keep a lent socket forever: ask for it back.
+            self._recall(slot, "reload")
 
     def handler_gone(self, handler: Handler, reason: str) -> None:
         """A handler's process was collected: fail the call it held, if any."""
@@ -313,11 +316,16 @@ class Router:
     def _recall_one(self) -> None:
         for slot in self.lent:
             if slot not in self.recalled:
-                pipe = self.pipes[slot]
-                if pipe is not None:
-                    self.recalled.add(slot)
-                    pipe.write_frame(lease.RECALL)
+                self._recall(slot, "a call waits")
                 return
+
+    def _recall(self, slot: int, why: str) -> None:
+        """Ask the handler lent a socket to give it back after its current call."""
+        pipe = self.pipes[slot]
+        if pipe is not None and slot not in self.recalled:
+            self.recalled.add(slot)
+            pipe.write_frame(lease.RECALL)
+            self.log.debug("lease_recalled", slot=slot, why=why)
 
     def _lease_ended(self, handler: Handler, end: lease.LeaseEnd) -> None:
         """The handler gave the lent socket back: read it again, and free the handler."""

@@ -142,3 +142,26 @@ def test_call_state_keeps_every_request_id_exactly():
         what, deadline, got, _ = state.read()
         assert (what, got) == (lease.CallState.RUNNING, request_id)
         assert deadline is not None and abs(deadline - 12345.678) < 1e-6
+
+
+
+def test_a_reload_asks_a_lent_socket_back(rpc_server, tmp_path):
+    """A lease ends only when its client pauses: a client that never does would stall a reload."""
+    server = rpc_server("services:registry", workers=2, log_level="debug")
+    client = server.client(timeout=30)
+    assert client.add(1, 1) == 2  # a connection's first call is never lent; the next ones are
+    gate = Gate(tmp_path)
+    held = threading.Thread(target=client.hold, args=gate.args())
+    held.start()
+    gate.wait_started()  # running on the lent socket: both handlers were idle
+    reloaded = []
+    reloader = threading.Thread(target=lambda: reloaded.append(server.server.reload()))
+    reloader.start()
+    try:
+        assert log_has(server, "why=reload")  # asked back while its call runs, not waited out
+    finally:
+        gate.open()
+        held.join(30)
+        reloader.join(60)
+    assert reloaded == [True]
+    assert [client.add(i, 1) for i in range(10)] == [i + 1 for i in range(10)]
