@@ -111,7 +111,12 @@ class FrameDecoder:
                 self._finish_large()
             return None
         assert self._scratch is not None
-        return self.feed(bytes(self._scratch[:count]))
+        data = bytes(self._scratch[:count])
+        if not self._buffer and self._ready is None and count >= 4:  # feed's usual case, inlined
+            size = _SHORT.unpack_from(data)[0]
+            if 0 <= size <= self.max_bytes and count == 4 + size:
+                return data[4:]
+        return self.feed(data)
 
     def next(self) -> Frame | None:
         """Remove and return the first whole frame received, or None if there is none yet."""
@@ -315,6 +320,15 @@ class SendTimeout(TimeoutError):
 
 def frame_header(size: int) -> bytes:
     return _SHORT.pack(size) if size <= 0x7FFFFFFF else _SHORT.pack(-1) + _LONG.pack(size)
+
+
+_pack_short = _SHORT.pack
+
+
+def framed_small(payload: Frame) -> bytes:
+    """``payload`` after its header, in one bytes object: for payloads under 2 GiB (small ones,
+    where one write beats two)."""
+    return _pack_short(len(payload)) + payload
 
 
 def send_frame(sock: socket.socket, payload: bytes, deadline: float | None) -> None:

@@ -38,7 +38,7 @@ from .errors import (
     ServerShuttingDown,
     WorkerCrashed,
 )
-from .framing import Frame, FrameDecoder, frame_header, scratch_buffer
+from .framing import Frame, FrameDecoder, frame_header, framed_small, scratch_buffer
 from .handler import HandlerSettings
 from .handshake import MAX_HANDSHAKE_FRAME, ServerHandshake
 from .logs import Logger, Throttle
@@ -59,17 +59,13 @@ _SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _HANDSHAKE, _HELLO, _SERVING, _CLOSING = range(4)
 
 
-def _framed(payload: Frame) -> bytes:
-    return frame_header(len(payload)) + payload
-
-
 class Router:
     """The loop's side of a server: connections, handler pipes, the call table, timers."""
 
     def __init__(self, config: ServerConfig, handler_settings: HandlerSettings, hello: bytes, log: Logger) -> None:
         self.config = config
         self.log = log
-        self.hello = _framed(hello)
+        self.hello = framed_small(hello)
         self.table = CallTable(config.workers, config.max_pending, config.max_queue_bytes, config.max_call_seconds)
         self.arbiter = Arbiter(
             ArbiterSettings(config.workers, config.start_method, config.startup_timeout),
@@ -272,6 +268,8 @@ class Router:
         the middle of another), no byte of it read ahead, one handler left idle for
         others and no call waiting.
         """
+        if len(self.table.idle) < 2:
+            return False  # checked first: under load, the usual answer
         transport = connection.transport
         if (
             not self.config.lease
@@ -284,7 +282,6 @@ class Router:
             or transport.get_write_buffer_size()
             or len(call.frame) > lease.MAX_LENT_FRAME
             or self.table.inflight(connection)
-            or len(self.table.idle) < 2
         ):
             return False
         candidate = self.pipes[self.table.idle[-1]]
@@ -527,7 +524,7 @@ class HandlerPipe(asyncio.BufferedProtocol):
         if self.transport is None or self.transport.is_closing():
             return  # the handler is gone: its call fails when the arbiter has collected it
         if len(frame) < _LARGE:
-            self.transport.write(_framed(frame))
+            self.transport.write(framed_small(frame))
         else:
             self.transport.writelines((frame_header(len(frame)), frame))
 
@@ -636,26 +633,30 @@ class ClientConnection(asyncio.BufferedProtocol):
         return self.decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.state == _CLOSING:
+        state = self.state
+        if state == _CLOSING:
             return  # after an error: discard what the client still sends
-        self._guarded(self.decoder.buffer_updated(nbytes))
-
-    def _guarded(self, frame: Frame | None) -> None:
         try:
-            self._received(frame)
-        except Exception as exc:  # a bug; the connection still ends with its reason logged
-            self.log.exception("client_dropped", reason=f"internal error: {type(exc).__name__}: {exc}")
-            self.end_reason = ("internal error", "logged")
-            if self.transport is not None:
-                self.transport.abort()
+            frame = self.decoder.buffer_updated(nbytes)
+            if frame is not None and state == _SERVING:
+                self.last_active = time.monotonic()
+                self._request(frame)  # the usual case: one whole request
+            else:
+                self._received(frame)
+        except Exception as exc:
+            self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> None:
+        """A bug: the connection still ends, with its reason logged."""
+        self.log.exception("client_dropped", reason=f"internal error: {type(exc).__name__}: {exc}")
+        self.end_reason = ("internal error", "logged")
+        if self.transport is not None:
+            self.transport.abort()
 
     def _received(self, frame: Frame | None) -> None:
         """Serve ``frame`` (the one whole frame a read brought) or every whole frame buffered."""
         self.last_active = time.monotonic()
         decoder = self.decoder
-        if frame is not None and self.state == _SERVING:
-            self._request(frame)  # the usual case: one whole request
-            return
         try:
             while frame is not None or (frame := decoder.next()) is not None:
                 if self.state == _SERVING:
@@ -742,7 +743,10 @@ class ClientConnection(asyncio.BufferedProtocol):
     def _take_buffered(self) -> None:
         """Serve the requests read while it was held."""
         if not self.closed and not self.held and self.state == _SERVING and self.decoder.buffered:
-            self._guarded(None)
+            try:
+                self._received(None)
+            except Exception as exc:
+                self._internal_error(exc)
 
     def pause_writing(self) -> None:
         self.write_blocked = True
@@ -866,7 +870,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.closed or self.input_ended or self.transport is None or self.transport.is_closing():
             return
         if len(payload) < _LARGE:
-            self.transport.write(_framed(payload))
+            self.transport.write(framed_small(payload))
         else:
             self.transport.writelines((frame_header(len(payload)), payload))
         self._written += len(payload)
