@@ -155,7 +155,8 @@ class Arbiter:
             started.reaping = True
             code = await loop.run_in_executor(self._threads, _collect, started.process)
             self.handlers[slot] = None
-            reason = started.kill_reason or ("reload" if started.retired else _exit_reason(code))
+            # A retired handler that exits by itself was reloaded; one that crashed is reported as such.
+            reason = started.kill_reason or ("reload" if started.retired and code == 0 else _exit_reason(code))
             try:
                 self._lost(started, reason)
             except Exception:  # the slot must be refilled whatever answering its call raised

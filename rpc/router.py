@@ -169,8 +169,11 @@ class Router:
         )
         self.pipes[handler.slot] = pipe
         handler.end_input = pipe.end_input
-        self.table.reopen(handler.slot)
-        self._release(handler.slot)
+        if handler.retired:
+            pipe.end_input()  # a reload began while it started: it may run the old code
+        else:
+            self.table.reopen(handler.slot)
+            self._release(handler.slot)
         try:
             await closed
         finally:

@@ -69,6 +69,27 @@ def test_reload_returns_when_the_server_closes_meanwhile(rpc_server, loop_name, 
     assert outcome == [False]
 
 
+
+def test_a_handler_that_crashes_while_a_reload_waits_for_it_is_reported_as_crashed(rpc_server, loop_name, tmp_path):
+    server = rpc_server("services:registry", workers=1, event_loop=loop_name, lease=False)
+    gate = Gate(tmp_path)
+    holder = server.client(timeout=30)
+    running = holder.submit("hold", *gate.args())
+    gate.wait_started()
+    [pid] = server.handler_pids()
+    outcome: list[object] = []
+    reloader = threading.Thread(target=lambda: outcome.append(server.server.reload()), daemon=True)
+    reloader.start()
+    assert wait_for(lambda: router_state(server, lambda router: 0 in router.table.retiring), timeout=30)
+    os.kill(pid, signal.SIGKILL)  # dies during its last call before the reload replaces it
+    with pytest.raises(rpc.WorkerCrashed, match="SIGKILL"):
+        running.result(30)
+    reloader.join(60)
+    assert outcome == [True]
+    assert log_has(server, "handler_replaced")
+    assert "handler_reloading" not in server.log_text()
+    still_serves(server)
+
 def test_reload_under_load_fails_no_call_and_answers_each_once(rpc_server, loop_name):
     server = rpc_server("services:registry", workers=2, event_loop=loop_name)
     before = set(server.handler_pids())
