@@ -91,6 +91,9 @@ class ServerConfig:
     max_outbox_bytes: int = 16 * 1024 * 1024
     #: bytes of requests waiting for a free handler before new ones get ServerBusy
     max_queue_bytes: int = 256 * 1024 * 1024
+    #: bytes of large requests (64 KiB or more) being received at once, over all connections;
+    #: a connection starting one past that is not read until some have arrived whole
+    max_receive_bytes: int = 256 * 1024 * 1024
     #: close connections with no call in flight and no request for this long; None: never
     idle_timeout: float | None = None
     #: address-space limit of each handler process in bytes (RLIMIT_AS); None: none
@@ -123,6 +126,7 @@ class ServerConfig:
             _non_negative_number(self, name)
         _positive_int(self, "max_outbox_bytes")
         _positive_int(self, "max_queue_bytes")
+        _positive_int(self, "max_receive_bytes")
         if self.handler_memory_limit is not None:
             _positive_int(self, "handler_memory_limit", MAX_MEMORY_LIMIT)
         for name in ("max_call_seconds", "idle_timeout"):
@@ -196,6 +200,7 @@ FILE_KEYS: dict[str, type] = {
     "send_timeout": float,
     "max_outbox_bytes": int,
     "max_queue_bytes": int,
+    "max_receive_bytes": int,
     "idle_timeout": float,
     "handler_memory_limit": int,
     "lease": bool,

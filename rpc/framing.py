@@ -20,11 +20,20 @@ import select
 import socket
 import struct
 import time
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from .errors import MessageTooLarge, ProtocolError
 
-__all__ = ["DIRECT_BYTES", "Frame", "FrameDecoder", "FrameReader", "SendTimeout", "frame_header", "send_frame"]
+__all__ = [
+    "DIRECT_BYTES",
+    "Frame",
+    "FrameDecoder",
+    "FrameReader",
+    "ReceiveBudget",
+    "SendTimeout",
+    "frame_header",
+    "send_frame",
+]
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
@@ -45,6 +54,35 @@ def scratch_buffer() -> memoryview:
     return memoryview(bytearray(_SCRATCH_BYTES))
 
 
+class ReceiveBudget:
+    """Bytes of large frames being received at once by the decoders that share it.
+
+    A frame of :data:`DIRECT_BYTES` or more takes its size when its header arrives
+    and gives it back once it is whole. A decoder whose frame does not fit waits
+    (:attr:`FrameDecoder.waiting`): its reader must stop reading, and try again
+    after ``released`` is called. While nothing is taken, any one frame fits, so a
+    limit below the largest frame allowed slows large frames down, never stops them.
+    """
+
+    __slots__ = ("limit", "used", "released")
+
+    def __init__(self, limit: int, released: Callable[[], None] | None = None) -> None:
+        self.limit = limit
+        self.used = 0
+        self.released = released
+
+    def take(self, size: int) -> bool:
+        if self.used and self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        if self.released is not None:
+            self.released()
+
+
 class FrameDecoder:
     """Frames out of a byte stream, with no I/O of its own.
 
@@ -61,10 +99,12 @@ class FrameDecoder:
     raises :class:`ProtocolError`. After either, the stream cannot be resynchronised.
     """
 
-    __slots__ = ("max_bytes", "_buffer", "_need", "_scratch", "_large", "_filled", "_ready")
+    __slots__ = ("max_bytes", "waiting", "_buffer", "_need", "_scratch", "_large", "_filled", "_ready", "_budget")
 
-    def __init__(self, max_bytes: int, scratch: memoryview | None = None) -> None:
+    def __init__(self, max_bytes: int, scratch: memoryview | None = None, budget: ReceiveBudget | None = None) -> None:
         self.max_bytes = max_bytes
+        self._budget = budget
+        self.waiting = False  # a large frame's header is here, and the budget has no room for it yet
         self._buffer = bytearray()
         self._need = 0  # the first frame's full length (header included), once known
         # Where small reads land; shared by every decoder of one thread (a router's thousands
@@ -141,6 +181,10 @@ class FrameDecoder:
         end = start + size
         if have < end:
             if size >= DIRECT_BYTES:
+                if self._budget is not None and not self._budget.take(size):
+                    self.waiting = True  # asked again by the next call
+                    return None
+                self.waiting = False
                 # Receive the rest straight into the frame's own buffer.
                 self._large = memoryview(bytearray(size))
                 self._filled = have - start
@@ -172,6 +216,18 @@ class FrameDecoder:
         assert isinstance(frame, bytearray)
         self._large.release()
         self._large, self._filled, self._ready = None, 0, frame
+        if self._budget is not None:
+            self._budget.give(len(frame))
+
+    def abandon(self) -> None:
+        """The stream ended: give back what a large frame under way took from the budget."""
+        if self._large is not None:
+            size = len(self._large)
+            self._large.release()
+            self._large, self._filled = None, 0
+            if self._budget is not None:
+                self._budget.give(size)
+        self.waiting = False
 
 
 def too_large(size: int, limit: int) -> MessageTooLarge:

@@ -22,6 +22,7 @@ import errno
 import os
 import socket
 import time
+from collections import deque
 from typing import Any, cast
 
 from . import lease, protocol
@@ -38,7 +39,7 @@ from .errors import (
     ServerShuttingDown,
     WorkerCrashed,
 )
-from .framing import Frame, FrameDecoder, frame_header, framed_small, scratch_buffer
+from .framing import Frame, FrameDecoder, ReceiveBudget, frame_header, framed_small, scratch_buffer
 from .handler import HandlerSettings
 from .handshake import MAX_HANDSHAKE_FRAME, ServerHandshake
 from .logs import Logger, Throttle
@@ -80,6 +81,11 @@ class Router:
         self.scratch = scratch_buffer()  # where every small read lands (the loop reads one socket at a time)
         self.recalled: set[int] = set()  # lent slots asked to give their socket back
         self.connections: set[ClientConnection] = set()
+        # Large requests being received, over all connections, hold at most max_receive_bytes;
+        # connections starting one past that wait here, in order, until some arrive whole.
+        self.receive_budget = ReceiveBudget(config.max_receive_bytes, self._budget_released)
+        self.starved: deque[ClientConnection] = deque()
+        self._waking_starved = False
         self.notification_dropped = Throttle("notification_dropped")
         self.closing = False
         self._hurry = asyncio.Event()
@@ -449,6 +455,20 @@ class Router:
         for handler, _call, _reply in parked:
             self._release_parked(handler)
 
+    def _budget_released(self) -> None:
+        if self.starved and not self._waking_starved and self.loop is not None:
+            self._waking_starved = True
+            self.loop.call_soon(self._wake_starved)
+
+    def _wake_starved(self) -> None:
+        """Room in the receive budget: let the connections that waited for it go on, in order."""
+        self._waking_starved = False
+        while self.starved:
+            connection = self.starved[0]
+            if not connection.closed and not connection.fed_from_budget():
+                return  # still no room for its frame: it stays first in line
+            self.starved.popleft()
+
     def unpark(self, connection: ClientConnection) -> None:
         """A connection drained: send the replies that waited for it, and free their handlers."""
         while connection.parked and not connection.over_hard_cap():
@@ -581,13 +601,15 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.state = _HANDSHAKE
         self.handshake = ServerHandshake(config.authkey) if config.authkey is not None else None
         self.decoder = FrameDecoder(
-            MAX_HANDSHAKE_FRAME if self.handshake is not None else _HELLO_LIMIT, router.scratch
+            MAX_HANDSHAKE_FRAME if self.handshake is not None else _HELLO_LIMIT, router.scratch, router.receive_budget
         )
         self.closed = False
         self.admitted = False  # authenticated, and its hello taken
         self.sending = False  # replies were still going out when it ended
         self.write_blocked = False  # unsent replies are over max_outbox_bytes
         self.held = False  # its calls fill its share of the queue: read no more for now
+        self.starved = False  # its next request is large and the receive budget is full: read no more for now
+        self.in_line = False  # in the router's line for the receive budget
         self.lent: Handler | None = None  # the handler serving its socket directly (rpc.lease)
         self.input_ended = False  # EOF sent after an error: nothing more may be written
         self.parked_since: float | None = None
@@ -671,6 +693,8 @@ class ClientConnection(asyncio.BufferedProtocol):
                 if self.state == _CLOSING or self.closed or self.held or self.lent:
                     return  # (held: the frames stay buffered until its calls leave the queue)
                 frame = None
+            if decoder.waiting:
+                self._starve()
         except MessageTooLarge as exc:
             self._too_large(exc)
         except ProtocolError as exc:
@@ -681,6 +705,7 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.decoder.abandon()  # a large request under way gives its room in the receive budget back
         self.sending = bool(self.write_blocked or self.parked or (self.transport and self.transport.get_write_buffer_size()))
         self._cancel_timers()
         router = self.router
@@ -723,10 +748,43 @@ class ClientConnection(asyncio.BufferedProtocol):
             return False
         return self.transport.get_write_buffer_size() >= 2 * self.router.config.max_outbox_bytes
 
+    def _resume_reading(self) -> None:
+        """Read from the client again, unless another reason to wait still holds."""
+        if (
+            not self.closed
+            and self.transport is not None
+            and not self.held
+            and not self.write_blocked
+            and self.lent is None
+            and not self.starved
+        ):
+            self.transport.resume_reading()
+
     def resume_after_lease(self) -> None:
         """The socket is the router's again: read what the client sent meanwhile."""
-        if not self.closed and self.transport is not None and not self.held and not self.write_blocked:
-            self.transport.resume_reading()
+        self._resume_reading()
+
+    def _starve(self) -> None:
+        """Its next request is large and the receive budget is full: wait in line for room."""
+        self.starved = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if not self.in_line:
+            self.in_line = True
+            self.router.starved.append(self)
+
+    def fed_from_budget(self) -> bool:
+        """Room in the budget: take its waiting frame; False if there is still none for it."""
+        self.starved = False
+        try:
+            self._received(None)
+        except Exception as exc:
+            self._internal_error(exc)
+        if self.starved and not self.closed:
+            return False
+        self.in_line = False
+        self._resume_reading()
+        return True
 
     def hold(self) -> None:
         """Read no more requests until some of its queued calls leave the queue."""
@@ -738,8 +796,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.held = False
         if self.closed or self.transport is None:
             return
-        if not self.write_blocked and not self.lent:
-            self.transport.resume_reading()
+        self._resume_reading()
         assert self.router.loop is not None
         self.router.loop.call_soon(self._take_buffered)
 
@@ -759,8 +816,8 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_blocked = False
-        if self.transport is not None and self.state == _SERVING and not self.closed and not self.held and not self.lent:
-            self.transport.resume_reading()
+        if self.state == _SERVING and not self.closed and not self.held and not self.lent and not self.starved:
+            self._resume_reading()
             self.router.loop.call_soon(self._take_buffered)  # type: ignore[union-attr]
         self.router.unpark(self)
 

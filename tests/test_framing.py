@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 import pytest
 
 from rpc.errors import MessageTooLarge, ProtocolError
-from rpc.framing import FrameDecoder, frame_header
+from rpc.framing import FrameDecoder, ReceiveBudget, frame_header
 
 
 def short(payload: bytes) -> bytes:
@@ -338,3 +338,73 @@ def test_the_stdlib_limit_and_the_decoder_limit_agree(pair: tuple[Connection, so
                 decode(short(b"y" * size), max_bytes=10)
             with pytest.raises(OSError, match="bad message length"):
                 connection.recv_bytes(10)
+
+
+# -- the receive budget: large frames under way share a bound in bytes ------------------------
+
+
+def _large_frame(size: int) -> bytes:
+    return struct.pack("!i", size) + bytes(size)
+
+
+def test_a_large_frame_takes_its_size_from_the_budget_until_it_is_whole():
+    budget = ReceiveBudget(200_000)
+    decoder = FrameDecoder(1 << 20, budget=budget)
+    frame = _large_frame(150_000)
+    decoder.feed(frame[:1000])
+    assert decoder.next() is None
+    assert budget.used == 150_000
+    decoder.feed(frame[1000:])
+    assert budget.used == 0
+    assert decoder.next() == bytes(150_000)
+
+
+def test_a_frame_that_does_not_fit_waits_and_is_taken_once_room_is_given_back():
+    released = []
+    budget = ReceiveBudget(200_000, released=lambda: released.append(True))
+    first, second = FrameDecoder(1 << 20, budget=budget), FrameDecoder(1 << 20, budget=budget)
+    a, b = _large_frame(150_000), _large_frame(100_000)
+    first.feed(a[:1000])
+    assert first.next() is None
+    second.feed(b[:1000])
+    assert second.next() is None and second.waiting  # 150,000 + 100,000 > 200,000
+    assert budget.used == 150_000
+    first.feed(a[1000:])
+    assert released == [True] and budget.used == 0
+    assert second.next() is None and not second.waiting  # room now: it receives in place
+    assert budget.used == 100_000
+    second.feed(b[1000:])
+    assert second.next() == bytes(100_000)
+    assert budget.used == 0
+
+
+def test_one_frame_larger_than_the_budget_is_still_received_when_nothing_else_is():
+    budget = ReceiveBudget(100_000)
+    decoder = FrameDecoder(1 << 20, budget=budget)
+    frame = _large_frame(300_000)
+    decoder.feed(frame[:1000])
+    assert decoder.next() is None and not decoder.waiting
+    decoder.feed(frame[1000:])
+    assert decoder.next() == bytes(300_000)
+
+
+def test_a_stream_that_ends_mid_frame_gives_its_room_back():
+    budget = ReceiveBudget(1 << 20)
+    decoder = FrameDecoder(1 << 20, budget=budget)
+    decoder.feed(_large_frame(500_000)[:1000])
+    assert decoder.next() is None and budget.used == 500_000
+    decoder.abandon()
+    assert budget.used == 0
+    decoder.abandon()  # twice is harmless
+    assert budget.used == 0
+
+
+def test_small_frames_never_touch_the_budget():
+    budget = ReceiveBudget(1)
+    budget.take(1)  # full
+    decoder = FrameDecoder(1 << 20, budget=budget)
+    small = struct.pack("!i", 60_000) + bytes(60_000)
+    assert decoder.feed(small + small[:1000]) is None
+    assert decoder.next() == bytes(60_000)
+    assert decoder.next() is None and not decoder.waiting  # the next one is not whole yet, and small
+    assert budget.used == 1

@@ -287,3 +287,42 @@ def test_memory_stays_within_the_byte_bounds_while_clients_pipeline_far_more(rpc
     holder.close()
     still_serves(server)
     baseline.assert_restored(timeout=30)
+
+
+def test_half_sent_large_requests_hold_at_most_max_receive_bytes(rpc_server, loop_name):
+    """A's large request is under way; B's does not fit beside it, so B is not read (its bytes
+    stay in the kernel, not in the server) until A's has arrived; small calls are never held."""
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name, max_receive_bytes=1_000_000)
+    payload = bytes(700_000)
+    frame_a, frame_b = request(1, "echo", payload), request(2, "echo", payload)
+    a, b = raw_connection(server), raw_connection(server)
+    write(a, frame_a[: len(frame_a) // 2])
+    assert wait_for(lambda: router_state(server, lambda router: router.receive_budget.used) == len(frame_a) - 4)
+    write(b, frame_b[:1000])
+    assert wait_for(lambda: router_state(server, lambda router: len(router.starved)) == 1)
+    rest_of_b = threading.Thread(target=write, args=(b, frame_b[1000:]))  # blocks: nobody reads it yet
+    rest_of_b.start()
+    still_serves(server)  # small requests do not wait for the budget
+    assert router_state(server, lambda router: router.starved[0].decoder.buffered) < 200_000
+    assert router_state(server, lambda router: router.receive_budget.used) == len(frame_a) - 4
+    write(a, frame_a[len(frame_a) // 2 :])
+    for conn, request_id in ((a, 1), (b, 2)):
+        response = protocol.decode_response(conn.recv_bytes())
+        assert (response.id, response.error, response.result) == (request_id, None, payload)
+    rest_of_b.join(30)
+    assert not rest_of_b.is_alive()
+    assert router_state(server, lambda router: (router.receive_budget.used, len(router.starved))) == (0, 0)
+    a.close()
+    b.close()
+
+
+def test_a_connection_that_ends_mid_request_gives_its_room_back(rpc_server, loop_name):
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name, max_receive_bytes=1_000_000)
+    frame = request(1, "echo", bytes(700_000))
+    a = raw_connection(server)
+    write(a, frame[:100_000])
+    assert wait_for(lambda: router_state(server, lambda router: router.receive_budget.used) > 0)
+    a.close()
+    assert wait_for(lambda: router_state(server, lambda router: router.receive_budget.used) == 0)
+    with server.client(timeout=30) as client:
+        assert client.echo(bytes(700_000)) == bytes(700_000)
