@@ -973,9 +973,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         idle_timeout = self.router.config.idle_timeout
         assert idle_timeout
-        busy = self.lent or self.parked or any(c is not None and c.connection is self for c in self.router.table.running) or any(
-            c.connection is self for c in self.router.table.queue
-        )
+        # (starved: it is in the middle of sending a request, waiting for room to receive it)
+        busy = self.lent or self.parked or self.starved or self.router.table.inflight(self)
         unsent = self.transport is not None and self.transport.get_write_buffer_size()
         quiet = time.monotonic() - self.last_active
         if busy or unsent:

@@ -326,3 +326,32 @@ def test_a_connection_that_ends_mid_request_gives_its_room_back(rpc_server, loop
     assert wait_for(lambda: router_state(server, lambda router: router.receive_budget.used) == 0)
     with server.client(timeout=30) as client:
         assert client.echo(bytes(700_000)) == bytes(700_000)
+
+
+
+def test_a_connection_waiting_for_room_to_send_its_request_is_not_idle(rpc_server, loop_name, tmp_path):
+    server = rpc_server(
+        "services:registry", workers=2, event_loop=loop_name, max_receive_bytes=1_000_000, idle_timeout=0.5
+    )
+    gate = Gate(tmp_path)
+    frame_a, frame_b = request(2, "echo", bytes(700_000)), request(3, "echo", bytes(700_000))
+    a, b = raw_connection(server), raw_connection(server)
+    write(a, request(1, "hold", *gate.args()))  # in flight: A is not idle while it holds the room
+    gate.wait_started()
+    write(a, frame_a[:100_000])
+    assert wait_for(lambda: router_state(server, lambda router: router.receive_budget.used) > 0)
+    write(b, frame_b[:1000])
+    assert wait_for(lambda: router_state(server, lambda router: len(router.starved)) == 1)
+    quiet = raw_connection(server)  # connected after B last sent: idle no earlier than B would be
+    assert wait_for(lambda: router_state(server, lambda router: len(router.connections)) == 2, timeout=30)
+    assert router_state(server, lambda router: len(router.starved)) == 1  # B is still there, waiting
+    gate.open()
+    write(a, frame_a[100_000:])
+    rest_of_b = threading.Thread(target=write, args=(b, frame_b[1000:]))
+    rest_of_b.start()
+    assert sorted(protocol.decode_response(a.recv_bytes()).id for _ in range(2)) == [1, 2]
+    response = protocol.decode_response(b.recv_bytes())
+    assert (response.id, response.error) == (3, None)
+    rest_of_b.join(30)
+    for conn in (a, b, quiet):
+        conn.close()
