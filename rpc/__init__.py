@@ -11,6 +11,7 @@ from .config import ServerConfig, read_authkey
 from .errors import (
     AuthenticationError,
     CallError,
+    CallCancelled,
     CallTimeout,
     ConfigError,
     ConnectionClosed,
@@ -54,6 +55,7 @@ __all__ = [
     "MethodNotFound",
     "RemoteError",
     "CallTimeout",
+    "CallCancelled",
     "WorkerCrashed",
     "SerializationError",
     "ServerBusy",

@@ -55,6 +55,7 @@ class Handler:
         self.kill_reason: str | None = None  # set when the supervisor stops it
         self.reaping = False  # being collected: signal it no more
         self.retired = False  # replaced by a reload
+        self.cancelled = False  # stopped because the call it ran on a lent socket was cancelled
         self.end_input: Callable[[], None] = self._shutdown_pipe  # the router's way, once it serves the pipe
 
     def _shutdown_pipe(self) -> None:

@@ -221,8 +221,8 @@ class CallTable:
 
     def forget(self, connection: Any) -> int:
         """Drop the queued calls of a connection that ended (nobody is left to answer); how many."""
-        if not any(call.connection is connection for call in self.queue):
-            return 0
+        if connection is not None and connection not in self.queued_by:
+            return 0  # (its requests are counted there while queued)
         waiting: deque[Call] = deque()
         dropped = 0
         for call in self.queue:
@@ -232,6 +232,34 @@ class CallTable:
                 waiting.append(call)
         self._replace_queue(waiting)
         return dropped
+
+    def find(self, connection: Any, request_id: int) -> Call | None:
+        """The unanswered call ``request_id`` of ``connection``, queued or running (not lent), if any.
+
+        A scan: only a cancel asks, so no call pays for an index.
+        """
+        for call in self.running:
+            if call is not None and call.id == request_id and call.connection is connection:
+                return None if call.answered or call.lease else call
+        if connection in self.queued_by:
+            for call in self.queue:
+                if call.id == request_id and call.connection is connection and not call.answered:
+                    return call
+        return None
+
+    def unqueue(self, call: Call) -> None:
+        """Take a settled ``call`` out of the queue (it was cancelled)."""
+        self.queue.remove(call)
+        self.queue_bytes -= len(call.frame)
+        self._count(call, -1)
+
+    def running_of(self, connection: Any) -> list[Call]:
+        """The calls of ``connection`` that handlers run now (not lent), unanswered."""
+        return [
+            call
+            for call in self.running
+            if call is not None and call.connection is connection and not call.answered and not call.lease
+        ]
 
     def close(self) -> list[Call]:
         """Take no more calls; the queued ones, settled, for the caller to fail."""

@@ -25,6 +25,7 @@ __all__ = [
     "MethodNotFound",
     "RemoteError",
     "CallTimeout",
+    "CallCancelled",
     "WorkerCrashed",
     "SerializationError",
     "ServerBusy",
@@ -129,6 +130,16 @@ class WorkerCrashed(CallError):
     code = "worker_crashed"
 
 
+class CallCancelled(CallError):
+    """The caller cancelled the call: it never ran, or its handler was stopped (and replaced).
+
+    Clients raise the standard ``CancelledError`` (asyncio's or concurrent.futures')
+    for a call they cancelled; this is its answer on the wire.
+    """
+
+    code = "call_cancelled"
+
+
 class SerializationError(CallError, TypeError):
     """An argument or result cannot be encoded (arguments fail on the client, before sending)."""
 
@@ -191,6 +202,7 @@ _BY_CODE: dict[str, type[RPCError]] = {
         CallError,
         MethodNotFound,
         CallTimeout,
+        CallCancelled,
         WorkerCrashed,
         SerializationError,
         ServerBusy,

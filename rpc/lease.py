@@ -181,22 +181,45 @@ def what_is_owed(state: CallState, waiting_id: Callable[[], int | None]) -> tupl
     return Owed.NOTHING, request_id  # still on the socket: the router reads and runs it
 
 
-def waiting_request_id(fd: int) -> int | None:
-    """The id of a request waiting whole and unread at the head of socket ``fd``, if there is one."""
+def _peek(fd: int) -> bytes | None:
+    """What waits unread on socket ``fd`` (b"" once the peer has closed), or None if nothing does."""
     sock = socket.socket(fileno=os.dup(fd))
     try:
-        peeked = sock.recv(PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except OSError:
+        return sock.recv(PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
         return None
+    except OSError:
+        return b""  # reset: gone as much as closed
     finally:
         sock.close()
-    frame = _whole_frame(peeked, PEEK_BYTES)
+
+
+def _waiting_envelope(peeked: bytes | None) -> protocol.Envelope | None:
+    frame = _whole_frame(peeked, PEEK_BYTES) if peeked else None
     if frame is None:
         return None
     try:
-        return protocol.parse_envelope(frame[4:]).id
+        return protocol.parse_envelope(frame[4:])
     except ProtocolError:
         return None
+
+
+def waiting_request_id(fd: int) -> int | None:
+    """The id of a request waiting whole and unread at the head of socket ``fd``, if there is one."""
+    envelope = _waiting_envelope(_peek(fd))
+    return envelope.id if envelope is not None and envelope.kind == protocol.REQUEST else None
+
+
+def cancel_waiting(fd: int, request_id: int) -> str | None:
+    """Whether the call ``request_id``, running on lent socket ``fd``, was cancelled meanwhile:
+    how ("by its caller": a cancel for it waits at the head; "by its client going away"), or None."""
+    peeked = _peek(fd)
+    if peeked == b"":
+        return "by its client going away"
+    envelope = _waiting_envelope(peeked)
+    if envelope is not None and envelope.kind == protocol.CANCEL and envelope.id == request_id:
+        return "by its caller"
+    return None
 
 
 def send_lease(pipe_fd: int, frame: bytes, client_fd: int) -> None:

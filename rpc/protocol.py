@@ -43,15 +43,21 @@ kind           layout                                          direction
 - ``error``: nil on success, else a map ``{"code": str, "type": str,
   "message": str}`` with optional ``"traceback": str`` and ``"args": array``.
   ``code`` names the failure (``remote_error``, ``method_not_found``,
-  ``call_timeout``, ``worker_crashed``, ``server_busy``, ``server_shutting_down``,
+  ``call_timeout``, ``call_cancelled``, ``worker_crashed``, ``server_busy``, ``server_shutting_down``,
   ``serialization_error``, ``protocol_error``, ``message_too_large``); ``type`` is
   the remote exception's class name for ``remote_error``.
   A response with a nil ``id`` reports a connection-level error; the server closes
   the connection after sending it.
 - ``info`` in hello: a map; the server sends ``{"server": "rpc", "version": str,
   "max_message_bytes": int}``.
-- Notifications run like requests but are never answered. Cancel is reserved:
-  servers of this version ignore it.
+- Notifications run like requests but are never answered.
+- Cancel asks the server to stop the call ``id`` of this connection: a queued
+  call never runs; a running one's handler process is stopped (and replaced).
+  Either way the call is answered with the error ``call_cancelled``. A cancel for
+  a call already answered, or never sent, is ignored: its answer may already be
+  on its way, so a client that cancels must discard a late answer. A client that
+  closes its connection cancels every call of it: queued ones never run, and
+  running ones still running 0.1 s later are stopped.
 
 Values
 ------
@@ -488,6 +494,12 @@ def encode_request(id: int, method: str, args: tuple[Any, ...], kwargs: dict[str
 
 def encode_notification(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     return encode_value([NOTIFICATION, method, list(args), kwargs], f"the arguments of {quote(method)}")
+
+
+def encode_cancel(request_id: int) -> bytes:
+    """Ask the server to cancel the call ``request_id`` (answered with ``call_cancelled``, unless
+    its answer is already on its way)."""
+    return _pack([CANCEL, request_id])
 
 
 def encode_response(id: int | None, result: Any, method: str = "") -> bytes:

@@ -31,6 +31,7 @@ from .calls import Call, CallTable
 from .config import ServerConfig
 from .errors import (
     AuthenticationError,
+    CallCancelled,
     CallTimeout,
     MessageTooLarge,
     ProtocolError,
@@ -54,6 +55,9 @@ _LARGE = 1 << 16  # frames this big are written without joining header and paylo
 _ACCEPT_BATCH = 64  # connections accepted per wakeup, so a burst cannot starve calls in flight
 _ACCEPT_BACKOFF = 0.05  # seconds, doubled up to _ACCEPT_BACKOFF_MAX while descriptors or memory run out
 _ACCEPT_BACKOFF_MAX = 2.0
+# A call still running this long after its client went away is cancelled (its handler stopped).
+_GONE_GRACE = 0.1
+_GONE = "by its client going away"
 _SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # Where a client connection is.
@@ -85,6 +89,7 @@ class Router:
         # connections starting one past that wait here, in order, until some arrive whole.
         self.receive_budget = ReceiveBudget(config.max_receive_bytes, self._budget_released)
         self.starved: deque[ClientConnection] = deque()
+        self._gone_since: dict[int, tuple[int, float]] = {}  # lent slot -> (call id, when its client was seen gone)
         self._waking_starved = False
         self.notification_dropped = Throttle("notification_dropped")
         self.closing = False
@@ -200,6 +205,7 @@ class Router:
         """A handler's process was collected: fail the call it held, if any."""
         call = self.table.lost(handler.slot)
         lent = self.lent.pop(handler.slot, None)
+        self._gone_since.pop(handler.slot, None)
         self.recalled.discard(handler.slot)
         if lent is not None:
             self._reap_lease(handler, lent, call, reason)
@@ -337,6 +343,7 @@ class Router:
         """The handler gave the lent socket back: read it again, and free the handler."""
         slot = handler.slot
         connection = self.lent.pop(slot, None)
+        self._gone_since.pop(slot, None)
         self.recalled.discard(slot)
         call = self.table.running[slot]
         if call is not None and call.lease and self.table.settle(call):
@@ -379,7 +386,9 @@ class Router:
         elif owed is lease.Owed.CRASHED:
             _, deadline, _, _ = state.read()
             error: RPCError
-            if handler.kill_reason is not None and deadline is not None and time.monotonic() >= deadline:
+            if handler.cancelled:
+                error = CallCancelled("the call was cancelled")
+            elif handler.kill_reason is not None and deadline is not None and time.monotonic() >= deadline:
                 error = CallTimeout("the call passed its deadline")
             else:
                 error = WorkerCrashed(f"the handler process (pid {handler.pid}) died during this call: {reason}")
@@ -420,6 +429,9 @@ class Router:
             try:
                 assert call.slot is not None
                 handler = self.arbiter.handlers[call.slot]
+                if call.connection is not None and call.connection.closed:
+                    self._stop_cancelled(call, _GONE)  # its grace after the disconnect ran out
+                    continue
                 # Stopped first: whatever becomes of the answer, the slot is not lost.
                 self.arbiter.kill(call.slot, f"call {call.method!r} passed its deadline")
                 self._answer(call, protocol.error_frame(call.id, _timeout(call)), handler.pid if handler else None, "timeout")
@@ -443,13 +455,65 @@ class Router:
             handler = self.arbiter.handlers[slot]
             if handler is None or handler.kill_reason is not None:
                 continue
-            what, deadline, _, _ = lease.CallState(handler.call_state).read()
-            if what == lease.CallState.RUNNING and deadline is not None and now >= deadline:
+            what, deadline, request_id, _ = lease.CallState(handler.call_state).read()
+            if what != lease.CallState.RUNNING:
+                continue
+            if deadline is not None and now >= deadline:
                 self.arbiter.kill(slot, "a call on a lent socket passed its deadline")
+                continue
+            # Its handler reads the socket only between calls: a cancel or a hang-up sent
+            # while one runs waits there, and only the router can act on it now.
+            connection = self.lent[slot]
+            how = lease.cancel_waiting(connection.fd, request_id)
+            if how == _GONE:
+                # As for routed calls, a grace first: the same call seen running after it.
+                since = self._gone_since.setdefault(slot, (request_id, now))
+                if since[0] != request_id:
+                    self._gone_since[slot] = (request_id, now)
+                    continue
+                if now - since[1] < _GONE_GRACE:
+                    continue
+            if how is not None:
+                handler.cancelled = True
+                self.arbiter.kill(slot, f"its call on a lent socket (id {request_id}) was cancelled {how}")
+                connection.log.info("call_cancelled", id=request_id, was="running", how=how, leased=True)
+
+    # -- cancelling -----------------------------------------------------------------------
+
+    def cancel(self, connection: ClientConnection, request_id: int) -> None:
+        """The client cancelled ``request_id``: unqueue it, or stop the handler running it.
+
+        A call already answered (or never seen) is left alone: its answer may be on its way.
+        """
+        call = self.table.find(connection, request_id)
+        if call is None or not self.table.settle(call):
+            return
+        self._stop_cancelled(call, "by its caller")
+        self._answer(call, protocol.error_frame(call.id, CallCancelled("the call was cancelled")), None, "cancelled")
+
+    def _stop_cancelled(self, call: Call, how: str) -> None:
+        """A settled ``call`` is cancelled: out of the queue, or its handler stopped (and replaced)."""
+        where = "queued"
+        if call.slot is None:
+            self.table.unqueue(call)
+            self._left_queue(call)
+        else:
+            where = "running"
+            self.arbiter.kill(call.slot, f"its call {call.method!r} (id {call.id}) was cancelled {how}")
+        log = call.connection.log if call.connection is not None else self.log
+        log.info("call_cancelled", method=call.method, id=call.id, was=where, how=how)
 
     def forget(self, connection: ClientConnection) -> None:
-        """A connection ended: drop its queued calls and free the handlers its replies held."""
+        """A connection ended: drop its queued calls, cancel its running ones, and free the
+        handlers its replies held.
+
+        A disconnect cancels a running call only if it is still running after a short grace:
+        stopping a handler costs a new process, far more than letting a short call finish.
+        """
         self.table.forget(connection)
+        cutoff = time.monotonic() + _GONE_GRACE
+        for call in self.table.running_of(connection):
+            call.deadline = cutoff if call.deadline is None else min(call.deadline, cutoff)
         self._note_settled()
         parked, connection.parked = connection.parked, []
         for handler, _call, _reply in parked:
@@ -907,7 +971,10 @@ class ClientConnection(asyncio.BufferedProtocol):
                 return
             if notification.slot is None and router.table.over_share(self):
                 self.hold()
-        # Cancel is reserved in this protocol version, and a second hello means nothing.
+        elif kind == protocol.CANCEL:
+            assert envelope.id is not None
+            router.cancel(self, envelope.id)
+        # A second hello means nothing.
 
     def _too_large(self, exc: MessageTooLarge) -> None:
         limit = self.decoder.max_bytes
