@@ -145,6 +145,7 @@ __all__ = [
     "encode_hello",
     "parse_envelope",
     "decode_request",
+    "decode_call",
     "decode_response",
     "decode_hello",
     "response_is_error",
@@ -750,6 +751,72 @@ def _decode_request(frame: bytes | bytearray) -> Request:
     _expect(type(args) is list, "args must be an array")
     _expect(type(kwargs) is dict and all(type(k) is str for k in kwargs), "kwargs must be a map of strings")
     return Request(request_id, method, args, kwargs, None if timeout is None else float(timeout))
+
+
+class _HasExtension(Exception):
+    """Raised out of an ext hook: the frame holds an extension value (see :func:`decode_call`)."""
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise _HasExtension
+
+
+def decode_call(frame: bytes | bytearray | memoryview) -> Request:
+    """Decode a request or notification that both :func:`parse_envelope` and
+    :func:`decode_request` accept, in one decode; ProtocolError if either refuses it.
+
+    Without extension values, one decode gives both the envelope the router
+    reads and the whole message, so the checks of both are made on it. A frame
+    with extension values (or over 4 KiB, whose envelope is read field by field)
+    takes both functions, since ``parse_envelope`` does not decode them.
+    """
+    if len(frame) <= _SMALL_FRAME:
+        try:
+            message = msgpack.unpackb(frame, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
+        except _HasExtension:
+            pass
+        except Exception as exc:  # msgpack raises a zoo of types for bad input
+            raise ProtocolError(f"malformed message: {brief(exc)}") from None
+        else:
+            try:
+                return _checked_call(message)
+            except ProtocolError:
+                raise
+            except Exception as exc:  # as in decode_request: whatever a hostile value makes a check raise
+                raise ProtocolError(f"malformed message: {brief(exc)}") from None
+    whole = bytes(frame) if isinstance(frame, memoryview) else frame
+    parse_envelope(whole)
+    return decode_request(whole)
+
+
+def _checked_call(message: Any) -> Request:
+    """The checks of parse_envelope and _decode_request together, on a message with no extension values."""
+    if type(message) is not list or not message or type(message[0]) is not int:
+        raise ProtocolError("malformed message: not an array starting with an int kind")
+    kind = message[0]
+    if kind == REQUEST and len(message) == 6:
+        _, request_id, method, args, kwargs, meta = message
+        if type(request_id) is not int or not 0 <= request_id < 2**64:
+            raise ProtocolError("malformed message: request id must be an unsigned 64-bit int")
+        _check_method(method)
+        if type(meta) is not dict:
+            raise ProtocolError("malformed message: meta must be a map")
+        timeout = meta.get("timeout")
+        if timeout is not None:
+            if type(timeout) not in (int, float) or not 0 <= timeout < 1e9:
+                raise ProtocolError("malformed message: timeout must be a number of seconds >= 0")
+            timeout = float(timeout)
+    elif kind == NOTIFICATION and len(message) == 4:
+        _, method, args, kwargs = message
+        _check_method(method)
+        request_id = timeout = None
+    else:
+        raise ProtocolError(f"malformed message: kind {quote(kind)} with {len(message)} fields is not a call")
+    if type(args) is not list:
+        raise ProtocolError("malformed message: args must be an array")
+    if type(kwargs) is not dict or (kwargs and not all(type(k) is str for k in kwargs)):
+        raise ProtocolError("malformed message: kwargs must be a map of strings")
+    return Request(request_id, method, args, kwargs, timeout)
 
 
 def decode_response(frame: bytes | memoryview) -> Response:
