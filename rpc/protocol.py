@@ -201,8 +201,21 @@ _user_types: list[tuple[type, int, Callable[[Any], bytes]]] = []
 _user_decoders: dict[int, Callable[[bytes], Any]] = {}
 
 
+# Packers kept for reuse: making one allocates a 256 KiB buffer, which costs more than
+# encoding a small message. Each is taken by one encoding at a time (an encoding inside
+# another, of an extension value or in another thread, takes another).
+_packers: list[Any] = []
+_KEPT_PACKER_BYTES = 256 * 1024  # one whose buffer grew past its first size is dropped, freeing it
+
+
 def _pack(obj: Any) -> bytes:
-    packed: bytes = msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True, datetime=False)
+    try:
+        packer = _packers.pop()
+    except IndexError:
+        packer = msgpack.Packer(default=_default, use_bin_type=True, strict_types=True, datetime=False)
+    packed: bytes = packer.pack(obj)  # (a packer that raised is not put back)
+    if len(packed) <= _KEPT_PACKER_BYTES:
+        _packers.append(packer)
     return packed
 
 
@@ -822,6 +835,10 @@ def _checked_call(message: Any) -> Request:
 def decode_response(frame: bytes | memoryview) -> Response:
     """Decode a response (the client's side)."""
     message = decode_value(frame)
+    if type(message) is list and len(message) == 4 and type(message[0]) is int and message[0] == RESPONSE:
+        _, response_id, error, result = message
+        if error is None and type(response_id) is int:  # the usual answer, checked in one go
+            return Response(response_id, None, result)
     _expect(type(message) is list and len(message) == 4 and _is_kind(message[0], RESPONSE), "not a response")
     _, response_id, error, result = message
     _expect(response_id is None or type(response_id) is int, "response id must be an int or nil")
