@@ -350,7 +350,8 @@ class _Calls:
             raise TypeError(f"method name must be a string, not {type(name).__name__}")
         request_id = next(self._ids)
         frame = protocol.encode_request(request_id, name, args, kwargs, timeout)
-        protocol.check_size(frame, self.server_limit)
+        if len(frame) > self.server_limit:
+            protocol.check_size(frame, self.server_limit)
         pending = _Pending(request_id, future, name, timeout)
         with self._lock:
             if self._failure is not None:

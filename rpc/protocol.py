@@ -834,7 +834,10 @@ def _checked_call(message: Any) -> Request:
 
 def decode_response(frame: bytes | memoryview) -> Response:
     """Decode a response (the client's side)."""
-    message = decode_value(frame)
+    try:
+        message = _unpack(frame)
+    except Exception as exc:  # as decode_value, one call less on the per-call path
+        raise ProtocolError(f"cannot decode value: {brief(exc)}") from None
     if type(message) is list and len(message) == 4 and type(message[0]) is int and message[0] == RESPONSE:
         _, response_id, error, result = message
         if error is None and type(response_id) is int:  # the usual answer, checked in one go
