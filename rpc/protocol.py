@@ -811,7 +811,8 @@ def _checked_call(message: Any) -> Request:
         _, request_id, method, args, kwargs, meta = message
         if type(request_id) is not int or not 0 <= request_id < 2**64:
             raise ProtocolError("malformed message: request id must be an unsigned 64-bit int")
-        _check_method(method)
+        if type(method) is not str or len(method) > MAX_METHOD_BYTES // 4:
+            _check_method(method)
         if type(meta) is not dict:
             raise ProtocolError("malformed message: meta must be a map")
         timeout = meta.get("timeout")
@@ -829,7 +830,7 @@ def _checked_call(message: Any) -> Request:
         raise ProtocolError("malformed message: args must be an array")
     if type(kwargs) is not dict or (kwargs and not all(type(k) is str for k in kwargs)):
         raise ProtocolError("malformed message: kwargs must be a map of strings")
-    return Request(request_id, method, args, kwargs, timeout)
+    return tuple.__new__(Request, (request_id, method, args, kwargs, timeout))  # Request(...) without its Python-level __new__
 
 
 def decode_response(frame: bytes | memoryview) -> Response:
