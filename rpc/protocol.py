@@ -842,7 +842,7 @@ def decode_response(frame: bytes | memoryview) -> Response:
     if type(message) is list and len(message) == 4 and type(message[0]) is int and message[0] == RESPONSE:
         _, response_id, error, result = message
         if error is None and type(response_id) is int:  # the usual answer, checked in one go
-            return Response(response_id, None, result)
+            return tuple.__new__(Response, (response_id, None, result))  # Response(...) without its Python-level __new__
     _expect(type(message) is list and len(message) == 4 and _is_kind(message[0], RESPONSE), "not a response")
     _, response_id, error, result = message
     _expect(response_id is None or type(response_id) is int, "response id must be an int or nil")
