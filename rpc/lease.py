@@ -329,11 +329,12 @@ def _servable(body: bytes | memoryview) -> protocol.Request | None:
 def _send_reply(fd: int, state: CallState, reply: bytes, whole_bytes: int, send_timeout: float | None) -> bool:
     """Write one reply frame, posting its progress after each send; False if the socket failed
     or took nothing for ``send_timeout`` seconds (the client stopped reading)."""
-    header = frame_header(len(reply))
+    small = len(reply) < PEEK_BYTES
+    header = _SHORT.pack(len(reply)) if small else frame_header(len(reply))
     size = len(header) + len(reply)
     state.writing(size, size <= whole_bytes)
     try:
-        if len(reply) < PEEK_BYTES:
+        if small:
             # A small reply goes as one buffer in one write, which usually takes it all.
             data = header + reply
             try:
