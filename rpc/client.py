@@ -112,24 +112,23 @@ class _Pending:
             else:
                 self.future.set_result(self.result)
 
-
 class _Method:
     """A remote name: call it, or take an attribute for a name inside its namespace."""
 
-    __slots__ = ("_client", "_name")
+    __slots__ = ("_calls", "_name")
 
-    def __init__(self, client: Client, name: str) -> None:
-        self._client = client
+    def __init__(self, calls: _Calls, name: str) -> None:
+        self._calls = calls
         self._name = name
 
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _Method(self._client, f"{self._name}.{name}")
+        return _Method(self._calls, f"{self._name}.{name}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        client = self._client
-        return client._call(self._name, args, kwargs, client._timeout)
+        calls = self._calls
+        return calls._call(self._name, args, kwargs, calls.timeout)
 
     def __repr__(self) -> str:
         return f"<remote method {self._name!r}>"
@@ -154,11 +153,10 @@ class Client:
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         authkey = _check_authkey(authkey)
-        self._timeout = _check_timeout(timeout)
+        checked_timeout = _check_timeout(timeout)
         if _check_timeout(connect_timeout, "connect_timeout") is None:
             raise ValueError("connect_timeout must be a number of seconds > 0 and at most a year, not None")
         self.address = address = transport._check_address(address)
-        self._max_message_bytes = max_message_bytes
         deadline = time.monotonic() + connect_timeout
         conn = transport.connect(address, connect_timeout)
         try:
@@ -180,45 +178,28 @@ class Client:
             raise ConnectionClosed(f"connection lost during the handshake: {exc}") from None
         self.server_info: dict[str, Any] = hello.info
         limit = hello.info.get("max_message_bytes")
-        self._server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
+        server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
         # A plain blocking socket from here on: frames are read and sent by rpc.framing.
-        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
         conn.close()
-        self._sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout() says
-        self._frames = framing.FrameReader(self._sock.fileno(), max_message_bytes)  # used by the reading thread only
-        self._ids = itertools.count(1)
-        # The plain lock guards the state; the condition (on the same lock) is only for
-        # threads that must wait, and is notified only when there are some.
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._waiters = 0
-        self._send_lock = threading.Lock()
-        self._pending: dict[int, _Pending] = {}
-        self._reading = False  # whether some thread is reading replies
-        self._futures = 0  # submitted calls not yet answered
-        self._reader_thread: threading.Thread | None = None
-        # Deadlines of submitted calls, earliest first: (deadline, id); answered ones are skipped.
-        self._deadlines: list[tuple[float, int]] = []
-        self._reader_until = float("inf")  # when the background reader wakes up next at the latest
-        self._reader_polling = False  # whether it waits on the socket (else on the condition)
-        self._wake: tuple[socket.socket, socket.socket] | None = None  # wakes it out of poll()
-        self._failure: RPCError | None = None  # set once the connection is unusable
+        sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout() says
+        self._calls = _Calls(sock, max_message_bytes, server_limit, checked_timeout)
 
     # -- public API --------------------------------------------------------------------
 
     @property
     def timeout(self) -> float | None:
         """The default deadline of each call in seconds (None: none); checked when set."""
-        return self._timeout
+        return self._calls.timeout
 
     @timeout.setter
     def timeout(self, value: float | None) -> None:
-        self._timeout = _check_timeout(value)
+        self._calls.timeout = _check_timeout(value)
 
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
-        method = _Method(self, name)
+        method = _Method(self._calls, name)
         if len(self.__dict__) < _MAX_ATTRIBUTES:
             # Kept, so the next lookup finds it at once, without the failed lookup (and the
             # AttributeError raised inside it) that precedes every call of __getattr__.
@@ -227,13 +208,14 @@ class Client:
 
     def call(self, name: str, /, *args: Any, timeout: float | None = _DEFAULT, **kwargs: Any) -> Any:
         """Call ``name`` with ``args`` and ``kwargs``; ``timeout`` overrides the client's default."""
-        return self._call(name, args, kwargs, self._timeout if timeout is _DEFAULT else _check_timeout(timeout))
+        calls = self._calls
+        return calls._call(name, args, kwargs, calls.timeout if timeout is _DEFAULT else _check_timeout(timeout))
 
     def notify(self, name: str, /, *args: Any, **kwargs: Any) -> None:
         """Run ``name`` on the server without waiting for, or getting, any answer."""
         frame = protocol.encode_notification(name, args, kwargs)
-        protocol.check_size(frame, self._server_limit)
-        self._send(frame)
+        protocol.check_size(frame, self._calls.server_limit)
+        self._calls._send(frame)
 
     def submit(self, name: str, /, *args: Any, timeout: float | None = _DEFAULT, **kwargs: Any) -> Future[Any]:
         """Start a call and return a :class:`concurrent.futures.Future` of its result.
@@ -241,10 +223,10 @@ class Client:
         Many submitted calls may be in flight on the connection at once; their
         replies are read by a background thread while any is outstanding.
         """
-        timeout = self._timeout if timeout is _DEFAULT else _check_timeout(timeout)
+        timeout = self._calls.timeout if timeout is _DEFAULT else _check_timeout(timeout)
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # sent at once: it cannot be cancelled
-        self._start(name, args, kwargs, timeout, None if timeout is None else time.monotonic() + timeout, future)
+        self._calls._start(name, args, kwargs, timeout, None if timeout is None else time.monotonic() + timeout, future)
         return future
 
     def map(
@@ -288,11 +270,11 @@ class Client:
 
     @property
     def closed(self) -> bool:
-        return self._failure is not None
+        return self._calls._failure is not None
 
     def close(self) -> None:
         """Close the connection; calls still waiting fail with :class:`ConnectionClosed`."""
-        self._fail_all(ConnectionClosed("the client was closed"))
+        self._calls._fail_all(ConnectionClosed("the client was closed"))
 
     def __enter__(self) -> Client:
         return self
@@ -304,7 +286,36 @@ class Client:
         state = "closed" if self.closed else "open"
         return f"<rpc.Client {transport.format_address(self.address)} {state}>"
 
-    # -- calls -------------------------------------------------------------------------
+
+class _Calls:
+    """The calls on one connection: its socket, the calls in flight and who reads the replies.
+
+    Apart from :class:`Client`, whose ``__getattr__`` (remote methods by attribute)
+    would make every attribute lookup here slower, which the per-call path feels.
+    """
+
+    def __init__(self, sock: socket.socket, max_message_bytes: int, server_limit: int, timeout: float | None) -> None:
+        self.timeout = timeout  # the default deadline of calls, checked by Client
+        self.server_limit = server_limit  # the largest request the server takes
+        self._sock = sock
+        self._frames = framing.FrameReader(self._sock.fileno(), max_message_bytes)  # used by the reading thread only
+        self._ids = itertools.count(1)
+        # The plain lock guards the state; the condition (on the same lock) is only for
+        # threads that must wait, and is notified only when there are some.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._reading = False  # whether some thread is reading replies
+        self._futures = 0  # submitted calls not yet answered
+        self._reader_thread: threading.Thread | None = None
+        # Deadlines of submitted calls, earliest first: (deadline, id); answered ones are skipped.
+        self._deadlines: list[tuple[float, int]] = []
+        self._reader_until = float("inf")  # when the background reader wakes up next at the latest
+        self._reader_polling = False  # whether it waits on the socket (else on the condition)
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # wakes it out of poll()
+        self._failure: RPCError | None = None  # set once the connection is unusable
 
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -339,7 +350,8 @@ class Client:
             raise TypeError(f"method name must be a string, not {type(name).__name__}")
         request_id = next(self._ids)
         frame = protocol.encode_request(request_id, name, args, kwargs, timeout)
-        protocol.check_size(frame, self._server_limit)
+        if len(frame) > self.server_limit:
+            protocol.check_size(frame, self.server_limit)
         pending = _Pending(request_id, future, name, timeout)
         with self._lock:
             if self._failure is not None:

@@ -253,6 +253,7 @@ class FrameReader:
         self._buffer = self._standard  # the standard buffer, or a large frame's own
         self._start = 0  # bytes read and not yet returned: _buffer[_start:_end]
         self._end = 0
+        self._whole = [self._standard]  # what readv fills when nothing is buffered
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self._wake: socket.socket | None = None
@@ -276,6 +277,20 @@ class FrameReader:
 
     def read_view(self, deadline: float | None, wake: socket.socket | None = None) -> memoryview | None:
         """As :meth:`read`, but the payload is a view of the reader's buffer, valid until the next read."""
+        if deadline is None and wake is None and not self._end and self._buffer is self._standard:
+            # The usual case: nothing buffered, nothing bounds the wait. One blocking read,
+            # which usually brings exactly one frame.
+            count = os.readv(self._fd, self._whole)
+            if not count:
+                raise EOFError("the peer closed the connection")
+            if count > 4:
+                size = _SHORT.unpack_from(self._standard)[0]
+                if count == 4 + size and size <= self.max_bytes:
+                    return self._standard[4:count]
+            self._end = count
+            frame = self._take()  # part of a frame, or more than one, or a length to refuse
+            if frame is not None:
+                return frame
         if wake is not None and wake is not self._wake:
             if self._wake is not None:
                 self._poller.unregister(self._wake_fd)

@@ -100,10 +100,9 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
                 output.end_call()
 
     def log_call(request: protocol.Request, reply: bytes, started: float) -> None:
-        if settings.access_log:
-            outcome = "error" if protocol.response_is_error(reply) else "ok"
-            ms = round((time.monotonic() - started) * 1000, 3)
-            log.info("call", method=request.method, id=request.id, ms=ms, outcome=outcome, leased=True)
+        outcome = "error" if protocol.response_is_error(reply) else "ok"
+        ms = round((time.monotonic() - started) * 1000, 3)
+        log.info("call", method=request.method, id=request.id, ms=ms, outcome=outcome, leased=True)
 
     try:
         while True:
@@ -123,8 +122,8 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
                     os._exit(1)  # no socket came with it: the router, seeing nothing started, runs the call
                 sock = socket.socket(fileno=pipe.descriptors.popleft())
                 end = lease.serve_lease(
-                    sock, conn.fileno(), lent.frame, run_call, state, settings.max_call_seconds, log_call,
-                    settings.send_timeout,
+                    sock, conn.fileno(), lent.frame, run_call, state, settings.max_call_seconds,
+                    log_call if settings.access_log else None, settings.send_timeout,
                 )
                 conn.send_bytes(end.encode())
             # a RECALL that arrives after its lease ended needs nothing

@@ -183,6 +183,8 @@ class _LineWriter(io.TextIOBase):
 
     def finish(self, calls_only: bool = False) -> None:
         """Log unfinished lines too: the call thread's, and unless ``calls_only``, every thread's."""
+        if not self._pending:
+            return  # nothing was written (the usual end of a call): no lock to take
         with self._lock:
             for ident, pending in list(self._pending.items()):
                 if not calls_only or pending.thread is None:

@@ -29,6 +29,7 @@ import enum
 import os
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from typing import Any
 from . import protocol
 from .errors import ProtocolError
 from .framing import Frame, frame_header
+
+_SHORT = struct.Struct("!i")  # a frame's length, as framing reads it
 
 __all__ = ["IDLE_SECONDS", "CallState", "EndReason", "LeaseEnd", "Owed", "serve_lease", "what_is_owed"]
 
@@ -112,26 +115,30 @@ class CallState:
 
     def __init__(self, array: Any) -> None:
         self.array = array
+        # The same memory as 64-bit integers: the per-call writes cost less than through ctypes.
+        self._slots = memoryview(array).cast("B").cast("q")
 
     def running(self, request_id: int, deadline: float | None) -> None:
-        self.array[2] = request_id - (1 << 64) if request_id >= 1 << 63 else request_id
-        self.array[1] = int(deadline * 1e9) if deadline is not None else 0
-        self.array[0] = self.RUNNING
+        slots = self._slots
+        slots[2] = request_id - (1 << 64) if request_id >= 1 << 63 else request_id
+        slots[1] = int(deadline * 1e9) if deadline is not None else 0
+        slots[0] = self.RUNNING
 
     def writing(self, size: int = 0, whole: bool = False) -> None:
-        self.array[4] = size
-        self.array[5] = 0
-        self.array[6] = 1 if whole else 0
-        self.array[0] = self.WRITING
+        slots = self._slots
+        slots[4] = size
+        slots[5] = 0
+        slots[6] = 1 if whole else 0
+        slots[0] = self.WRITING
 
     def sent(self, count: int) -> None:
-        self.array[5] = count
+        self._slots[5] = count
 
     def idle(self) -> None:
-        self.array[0] = self.IDLE
+        self._slots[0] = self.IDLE
 
     def answered(self) -> None:
-        self.array[3] += 1
+        self._slots[3] += 1
 
     def reset(self) -> None:
         for i in range(self.SIZE):
@@ -251,115 +258,118 @@ def serve_lease(
     execute: Callable[[protocol.Request], bytes],
     state: CallState,
     max_call_seconds: float | None,
-    on_call: Callable[[protocol.Request, bytes, float], None],
+    on_call: Callable[[protocol.Request, bytes, float], None] | None,
     send_timeout: float | None = None,
 ) -> LeaseEnd:
-    """Run ``first``, then serve the lent ``sock`` until it should go back; closes ``sock``."""
+    """Run ``first``, then serve the lent ``sock`` until it should go back; closes ``sock``.
+
+    ``on_call`` (if any) is told of each call served, after its reply is sent.
+    """
+    fd = sock.fileno()
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(fd, select.POLLIN)
     poller.register(pipe_fd, select.POLLIN)
     idle_ms = int(IDLE_SECONDS * 1000)
     whole_bytes = _whole_send_bytes(sock)
+    # Requests are peeked into this buffer, then taken off the socket into it again.
+    peeked = bytearray(PEEK_BYTES)
+    view = memoryview(peeked)
     served, reason = 0, EndReason.IDLE
-    frame: bytes | None = first  # the lent request: not on the socket
-    waiting: bytes | None = None  # a whole frame still on the socket: taken once it is posted as running
+    body: bytes | memoryview | None = first  # the lent request: not on the socket
+    waiting = 0  # the size of the whole frame holding ``body`` still on the socket (0: the lent one)
     try:
         while True:
-            if frame is not None or waiting is not None:
-                body = frame if frame is not None else waiting[4:]  # type: ignore[index]
+            if body is not None:
                 request = _servable(body)
                 if request is None:
                     reason = EndReason.FRAME  # left on the socket, for the router
                     break
                 assert request.id is not None
                 started = time.monotonic()
-                limits = [t for t in (request.timeout, max_call_seconds) if t is not None]
-                state.running(request.id, started + min(limits) if limits else None)
-                if waiting is not None:
+                limit = request.timeout
+                if max_call_seconds is not None and (limit is None or max_call_seconds < limit):
+                    limit = max_call_seconds
+                state.running(request.id, None if limit is None else started + limit)
+                if waiting:
                     # Taken only now, in one call: killed before this, the router finds it unread.
                     try:
-                        sock.recv(len(waiting))
+                        sock.recv_into(peeked, waiting)
                     except OSError:
                         state.idle()
                         reason = EndReason.CLOSED
                         break
-                frame = waiting = None
+                body = None
                 reply = execute(request)
-                if not _send_reply(sock, state, reply, whole_bytes, send_timeout):
+                if not _send_reply(fd, state, reply, whole_bytes, send_timeout):
                     reason = EndReason.BROKEN
                     break
                 served += 1
-                on_call(request, reply, started)
+                if on_call is not None:
+                    on_call(request, reply, started)
                 if time.monotonic() - started >= PARALLEL_WORTHY_SECONDS and _readable(sock):
                     # The client sends its next call before reading this answer: it pipelines
                     # calls that take a while, which other handlers could run meanwhile.
                     reason = EndReason.PIPELINED
                     break
             ready = poller.poll(idle_ms)
-            if any(fd == pipe_fd for fd, _ in ready):
-                reason = EndReason.RECALLED
-                break
             if not ready:
                 break
+            if len(ready) > 1 or ready[0][0] != fd:  # the pipe: the router wants the handler back
+                reason = EndReason.RECALLED
+                break
             try:
-                peeked = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
+                count = sock.recv_into(peeked, PEEK_BYTES, socket.MSG_PEEK)
             except OSError:
                 reason = EndReason.CLOSED
                 break
-            if not peeked:
+            if not count:
                 reason = EndReason.CLOSED
                 break
-            waiting = _whole_frame(peeked, MAX_LENT_FRAME)
-            if waiting is None:
+            size = _SHORT.unpack_from(peeked)[0] if count >= 4 else -1
+            if not 0 <= size <= MAX_LENT_FRAME or count < 4 + size:
                 reason = EndReason.PARTIAL  # not whole yet, or large: the router reads it
                 break
+            body, waiting = view[4 : 4 + size], 4 + size
     finally:
         state.idle()
         sock.close()  # our copy of the descriptor; the router keeps its own
     return LeaseEnd(reason, served)
 
 
-def _servable(body: bytes) -> protocol.Request | None:
+def _servable(body: bytes | memoryview) -> protocol.Request | None:
     """The request in ``body`` if the handler serves it on the lent socket: checked as the
-    router checks every frame; pings, notifications and anything malformed are the router's."""
+    router checks every frame (and decoded once); pings, notifications and anything
+    malformed are the router's."""
     try:
-        envelope = protocol.parse_envelope(body)
+        request = protocol.decode_call(body)
     except ProtocolError:
         return None
-    if envelope.kind != protocol.REQUEST or envelope.method == protocol.PING:
+    if request.id is None or request.method == protocol.PING:
         return None
-    try:
-        request = protocol.decode_request(body)
-    except ProtocolError:
-        return None
-    return request if request.id is not None else None
+    return request
 
 
-def _send_reply(sock: socket.socket, state: CallState, reply: bytes, whole_bytes: int, send_timeout: float | None) -> bool:
+def _send_reply(fd: int, state: CallState, reply: bytes, whole_bytes: int, send_timeout: float | None) -> bool:
     """Write one reply frame, posting its progress after each send; False if the socket failed
     or took nothing for ``send_timeout`` seconds (the client stopped reading)."""
-    header = frame_header(len(reply))
+    small = len(reply) < PEEK_BYTES
+    header = _SHORT.pack(len(reply)) if small else frame_header(len(reply))
     size = len(header) + len(reply)
-    parts = [header + reply] if len(reply) < PEEK_BYTES else [header, reply]
     state.writing(size, size <= whole_bytes)
-    sent = 0
-    # The socket is non-blocking (its flags are the router's too): wait for room with poll.
-    room = select.poll()
-    room.register(sock.fileno(), select.POLLOUT)
-    wait_ms = -1 if not send_timeout else int(send_timeout * 1000)
     try:
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                try:
-                    count = os.write(sock.fileno(), view)  # a raw write of frame bytes
-                except BlockingIOError:
-                    if not room.poll(wait_ms):
-                        return False
-                    continue
-                sent += count
+        if small:
+            # A small reply goes as one buffer in one write, which usually takes it all.
+            data = header + reply
+            try:
+                sent = os.write(fd, data)  # a raw write of frame bytes
+            except BlockingIOError:
+                sent = 0
+            if sent:
                 state.sent(sent)
-                view = view[count:]
+            if sent == size:
+                return True
+            return _send_rest(fd, state, [memoryview(data)[sent:]], sent, send_timeout)
+        return _send_rest(fd, state, [memoryview(header), memoryview(reply)], 0, send_timeout)
     except OSError:
         return False
     finally:
@@ -367,6 +377,25 @@ def _send_reply(sock: socket.socket, state: CallState, reply: bytes, whole_bytes
         # handler killed in between is never taken for one that had not started its call.
         state.answered()
         state.idle()
+
+
+def _send_rest(fd: int, state: CallState, parts: list[memoryview], sent: int, send_timeout: float | None) -> bool:
+    """Write ``parts``, the rest of a reply of which ``sent`` bytes went out, waiting for room."""
+    # The socket is non-blocking (its flags are the router's too): wait for room with poll.
+    room = select.poll()
+    room.register(fd, select.POLLOUT)
+    wait_ms = -1 if not send_timeout else int(send_timeout * 1000)
+    for part in parts:
+        while part:
+            try:
+                count = os.write(fd, part)  # a raw write of frame bytes
+            except BlockingIOError:
+                if not room.poll(wait_ms):
+                    return False
+                continue
+            sent += count
+            state.sent(sent)
+            part = part[count:]
     return True
 
 

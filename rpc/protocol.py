@@ -151,6 +151,7 @@ __all__ = [
     "encode_hello",
     "parse_envelope",
     "decode_request",
+    "decode_call",
     "decode_response",
     "decode_hello",
     "response_is_error",
@@ -206,8 +207,21 @@ _user_types: list[tuple[type, int, Callable[[Any], bytes]]] = []
 _user_decoders: dict[int, Callable[[bytes], Any]] = {}
 
 
+# Packers kept for reuse: making one allocates a 256 KiB buffer, which costs more than
+# encoding a small message. Each is taken by one encoding at a time (an encoding inside
+# another, of an extension value or in another thread, takes another).
+_packers: list[Any] = []
+_KEPT_PACKER_BYTES = 256 * 1024  # one whose buffer grew past its first size is dropped, freeing it
+
+
 def _pack(obj: Any) -> bytes:
-    packed: bytes = msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True, datetime=False)
+    try:
+        packer = _packers.pop()
+    except IndexError:
+        packer = msgpack.Packer(default=_default, use_bin_type=True, strict_types=True, datetime=False)
+    packed: bytes = packer.pack(obj)  # (a packer that raised is not put back)
+    if len(packed) <= _KEPT_PACKER_BYTES:
+        _packers.append(packer)
     return packed
 
 
@@ -764,9 +778,83 @@ def _decode_request(frame: bytes | bytearray) -> Request:
     return Request(request_id, method, args, kwargs, None if timeout is None else float(timeout))
 
 
+class _HasExtension(Exception):
+    """Raised out of an ext hook: the frame holds an extension value (see :func:`decode_call`)."""
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise _HasExtension
+
+
+def decode_call(frame: bytes | bytearray | memoryview) -> Request:
+    """Decode a request or notification that both :func:`parse_envelope` and
+    :func:`decode_request` accept, in one decode; ProtocolError if either refuses it.
+
+    Without extension values, one decode gives both the envelope the router
+    reads and the whole message, so the checks of both are made on it. A frame
+    with extension values (or over 4 KiB, whose envelope is read field by field)
+    takes both functions, since ``parse_envelope`` does not decode them.
+    """
+    if len(frame) <= _SMALL_FRAME:
+        try:
+            message = msgpack.unpackb(frame, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
+        except _HasExtension:
+            pass
+        except Exception as exc:  # msgpack raises a zoo of types for bad input
+            raise ProtocolError(f"malformed message: {brief(exc)}") from None
+        else:
+            try:
+                return _checked_call(message)
+            except ProtocolError:
+                raise
+            except Exception as exc:  # as in decode_request: whatever a hostile value makes a check raise
+                raise ProtocolError(f"malformed message: {brief(exc)}") from None
+    whole = bytes(frame) if isinstance(frame, memoryview) else frame
+    parse_envelope(whole)
+    return decode_request(whole)
+
+
+def _checked_call(message: Any) -> Request:
+    """The checks of parse_envelope and _decode_request together, on a message with no extension values."""
+    if type(message) is not list or not message or type(message[0]) is not int:
+        raise ProtocolError("malformed message: not an array starting with an int kind")
+    kind = message[0]
+    if kind == REQUEST and len(message) == 6:
+        _, request_id, method, args, kwargs, meta = message
+        if type(request_id) is not int or not 0 <= request_id < 2**64:
+            raise ProtocolError("malformed message: request id must be an unsigned 64-bit int")
+        if type(method) is not str or len(method) > MAX_METHOD_BYTES // 4:
+            _check_method(method)
+        if type(meta) is not dict:
+            raise ProtocolError("malformed message: meta must be a map")
+        timeout = meta.get("timeout")
+        if timeout is not None:
+            if type(timeout) not in (int, float) or not 0 <= timeout < 1e9:
+                raise ProtocolError("malformed message: timeout must be a number of seconds >= 0")
+            timeout = float(timeout)
+    elif kind == NOTIFICATION and len(message) == 4:
+        _, method, args, kwargs = message
+        _check_method(method)
+        request_id = timeout = None
+    else:
+        raise ProtocolError(f"malformed message: kind {quote(kind)} with {len(message)} fields is not a call")
+    if type(args) is not list:
+        raise ProtocolError("malformed message: args must be an array")
+    if type(kwargs) is not dict or (kwargs and not all(type(k) is str for k in kwargs)):
+        raise ProtocolError("malformed message: kwargs must be a map of strings")
+    return tuple.__new__(Request, (request_id, method, args, kwargs, timeout))  # Request(...) without its Python-level __new__
+
+
 def decode_response(frame: bytes | memoryview) -> Response:
     """Decode a response (the client's side)."""
-    message = decode_value(frame)
+    try:
+        message = _unpack(frame)
+    except Exception as exc:  # as decode_value, one call less on the per-call path
+        raise ProtocolError(f"cannot decode value: {brief(exc)}") from None
+    if type(message) is list and len(message) == 4 and type(message[0]) is int and message[0] == RESPONSE:
+        _, response_id, error, result = message
+        if error is None and type(response_id) is int:  # the usual answer, checked in one go
+            return tuple.__new__(Response, (response_id, None, result))  # Response(...) without its Python-level __new__
     _expect(type(message) is list and len(message) == 4 and _is_kind(message[0], RESPONSE), "not a response")
     _, response_id, error, result = message
     _expect(response_id is None or type(response_id) is int, "response id must be an int or nil")

@@ -249,14 +249,18 @@ def _install_lease_hooks(folder: Path) -> None:
             reached("after-send")
         idle(self)
 
-    def decode_hook(frame):
-        request = decode_request(frame)
-        if request.method == "touch":
-            reached("decode")
-        return request
+    def hooked(decode):
+        def decode_hook(frame):
+            request = decode(frame)
+            if request.method == "touch":
+                reached("decode")
+            return request
+
+        return decode_hook
 
     lease.CallState.running, lease.CallState.writing, lease.CallState.idle = running_hook, writing_hook, idle_hook
-    protocol.decode_request = decode_hook
+    # A lent socket's requests are decoded by decode_call, the router's by decode_request.
+    protocol.decode_request, protocol.decode_call = hooked(decode_request), hooked(protocol.decode_call)
 
 
 if os.environ.get(LEASE_HOOKS) and __name__ != "__main__":

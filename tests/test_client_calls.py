@@ -278,7 +278,7 @@ def test_a_call_interrupted_by_ctrl_c_is_forgotten_and_the_next_call_gets_its_ow
     interrupter = Running(interrupt)
     with pytest.raises(KeyboardInterrupt):
         client.call("interrupted")
-    assert not client._pending  # nothing left in flight, which would keep later calls off the fast path
+    assert not client._calls._pending  # nothing left in flight, which would keep later calls off the fast path
     server.reply(interrupter.outcome().result.id, "dropped")
     call = Running(lambda: client.call("next"))
     server.reply(server.request().id, "fresh")

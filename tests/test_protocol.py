@@ -165,6 +165,70 @@ def test_large_request_envelope_is_streamed_and_skips_payload():
         protocol.parse_envelope(frame + b"\x00")
 
 
+
+def _two_step(frame):
+    """What the router's envelope check and then the handler's decode make of ``frame``."""
+    try:
+        protocol.parse_envelope(bytes(frame))
+        return protocol.decode_request(bytes(frame))
+    except ProtocolError:
+        return None
+
+
+def _one_step(frame):
+    try:
+        return protocol.decode_call(frame)
+    except ProtocolError:
+        return None
+
+
+_CALL_FRAMES = [
+    protocol.encode_request(1, "add", (1, 2), {}, None),
+    protocol.encode_request(2**64 - 1, "math.hypot", ((1, 2), {3}), {"at": dt.date(2024, 1, 2)}, 3.5),
+    protocol.encode_notification("log", ("text",), {}),
+    protocol.encode_request(9, "echo", (b"x" * 5000,), {}, 1),  # over 4 KiB: the envelope is read field by field
+    msgpack.packb([0, "1", "add", [], {}, {}]),  # a string id
+    msgpack.packb([0, 1, "add", [], {}, {"timeout": 1e10}]),  # the envelope's timeout limit
+    msgpack.packb([0, 1, "add", [], {}, {"timeout": float("nan")}]),
+    msgpack.packb([0, 1, "add", [], {1: 2}, {}]),  # decode_request's kwargs check
+    msgpack.packb([0, 1, "add", {}, {}, {}]),
+    msgpack.packb([0, 1, "add", [], {}, {}, 7]),
+    msgpack.packb([True, 1, "add", [], {}, {}]),
+    msgpack.packb([1, 1, None, 3]),  # a response
+    # Extension values where the envelope reads nothing (parse_envelope does not decode them):
+    msgpack.packb([msgpack.ExtType(9, b"\x00"), 5, "add", [], {}, {}]),
+    msgpack.packb([0, msgpack.ExtType(9, b"\x05"), "add", [], {}, {}]),
+    msgpack.packb([0, 5, "add", [], {}, {"timeout": msgpack.ExtType(9, b"\x05")}]),
+    msgpack.packb([0, 5, "add", [], {}, msgpack.ExtType(1, msgpack.packb([]))]),
+    msgpack.packb([0, 5, "add", [msgpack.ExtType(77, b"")], {}, {}]),
+    msgpack.packb([0, 1, "add", [], {}, {}]) + b"\x00",
+]
+
+
+@pytest.mark.parametrize("frame", _CALL_FRAMES)
+def test_decode_call_accepts_what_the_envelope_and_the_full_decode_both_accept(frame):
+    """One decode on a lent socket, with the checks of the router's envelope and of the handler's decode."""
+    assert _one_step(frame) == _two_step(frame)
+    assert _one_step(memoryview(bytearray(frame))) == _two_step(frame)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(_CALL_FRAMES[:3] + _CALL_FRAMES[4:]), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3))
+def test_decode_call_agrees_with_the_two_step_decode_on_damaged_frames(frame, damage):
+    data = bytearray(frame)
+    for position, value in damage:
+        data[position % len(data)] = value
+    assert _one_step(bytes(data)) == _two_step(bytes(data))
+
+
+def test_decode_call_refuses_a_string_id_and_keeps_the_envelope_limits():
+    with pytest.raises(ProtocolError, match="request id"):
+        protocol.decode_call(msgpack.packb([0, "1", "add", [], {}, {}]))
+    with pytest.raises(ProtocolError, match="timeout"):
+        protocol.decode_call(msgpack.packb([0, 1, "add", [], {}, {"timeout": 1e10}]))
+    request = protocol.decode_call(protocol.encode_request(3, "add", (1, (2,)), {"z": 3}, 2))
+    assert request == protocol.Request(3, "add", [1, (2,)], {"z": 3}, 2.0)
+
 @pytest.mark.parametrize(
     "message, request_id",
     [

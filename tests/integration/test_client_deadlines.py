@@ -238,7 +238,7 @@ def test_a_future_fails_at_its_deadline_while_another_thread_reads(hostile):
 
         threading.Thread(target=blocked_call, daemon=True).start()
         # That thread sent its request and reads replies, with no deadline of its own.
-        assert wait_for(lambda: len(server.requests) == 1 and client._reading)
+        assert wait_for(lambda: len(server.requests) == 1 and client._calls._reading)
         future = client.submit("lost", timeout=0.3)
         outcome = bounded(lambda: future.exception(timeout=HANG))
         assert isinstance(outcome.result, rpc.CallTimeout), outcome.result
@@ -279,7 +279,7 @@ def test_a_call_waiting_behind_another_send_still_ends_at_its_deadline(hostile):
                 sending.set_exception(exc)
 
         threading.Thread(target=send_forever, daemon=True).start()
-        assert wait_for(client._send_lock.locked)  # that thread now holds the socket for sending
+        assert wait_for(client._calls._send_lock.locked)  # that thread now holds the socket for sending
         outcome = bounded(lambda: client.call("small", timeout=0.5))
         assert isinstance(outcome.error, rpc.CallTimeout), outcome.error
         assert not client.closed  # nothing of this call was sent: the stream is intact
