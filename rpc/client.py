@@ -20,6 +20,11 @@ their deadlines too: the background reader wakes for the earliest one. Sending
 is bounded as well: a request the server does not take in time fails with
 :class:`CallTimeout`; if part of it went out, the stream is mid-message, so the
 connection is closed and the other calls in flight get :class:`ConnectionClosed`.
+
+Cancelling: ``future.cancel()`` on a submitted call, or a KeyboardInterrupt (any
+exception that is not rpc's own) while a ``call`` waits, drops the call here and
+sends the server a cancel message: a queued call never runs, and a running one's
+handler is stopped. Its answer, if one was already on its way, is dropped.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from .registry import MethodInfo
 __all__ = ["Client", "connect"]
 
 _DEFAULT: Any = object()
+_CANCEL_SEND_SECONDS = 5.0  # how long a cancel message may wait for the socket
 _MAX_ATTRIBUTES = 256  # remote methods looked up by attribute are kept on the client up to this many attributes
 
 
@@ -111,6 +117,25 @@ class _Pending:
                 self.future.set_exception(self.error)
             else:
                 self.future.set_result(self.result)
+
+class _CallFuture(Future[Any]):
+    """The future of a submitted call: :meth:`cancel` stops the call on the server too."""
+
+    def __init__(self, calls: _Calls) -> None:
+        super().__init__()
+        self._calls = calls
+        self._request_id: int | None = None  # set once its request is sent
+
+    def cancel(self) -> bool:
+        """Cancel the call: True if it had not finished (then it never finishes here, and
+        the server drops it from its queue or stops the handler running it)."""
+        request_id = self._request_id
+        if request_id is None or not self._calls._withdraw(request_id):
+            return super().cancel() if request_id is None else False
+        super().cancel()
+        self._calls._send_cancel(request_id)
+        return True
+
 
 class _Method:
     """A remote name: call it, or take an attribute for a name inside its namespace."""
@@ -223,10 +248,11 @@ class Client:
         Many submitted calls may be in flight on the connection at once; their
         replies are read by a background thread while any is outstanding.
         """
-        timeout = self._calls.timeout if timeout is _DEFAULT else _check_timeout(timeout)
-        future: Future[Any] = Future()
-        future.set_running_or_notify_cancel()  # sent at once: it cannot be cancelled
-        self._calls._start(name, args, kwargs, timeout, None if timeout is None else time.monotonic() + timeout, future)
+        calls = self._calls
+        timeout = calls.timeout if timeout is _DEFAULT else _check_timeout(timeout)
+        future = _CallFuture(calls)
+        pending = calls._start(name, args, kwargs, timeout, None if timeout is None else time.monotonic() + timeout, future)
+        future._request_id = pending.id  # cancellable from now on (it stays "pending" until answered)
         return future
 
     def map(
@@ -324,11 +350,14 @@ class _Calls:
             if pending.reads_own:
                 return self._read_own(pending, deadline)
             return self._wait(pending, deadline)
-        except BaseException:
+        except BaseException as exc:
             if not pending.done:
                 # Interrupted (KeyboardInterrupt, say): forget the call, so its answer is dropped
-                # and later calls, finding nothing in flight, take the fast path again.
+                # and later calls, finding nothing in flight, take the fast path again; and stop
+                # it on the server. (A timeout needs no cancel: the server has the deadline too.)
                 self._forget(pending)
+                if not isinstance(exc, RPCError):
+                    self._send_cancel(pending.id)
             raise
 
     def _start(
@@ -431,6 +460,32 @@ class _Calls:
             error = ConnectionClosed(f"connection lost while sending: {exc}")
             self._fail_all(error)
             raise error from None
+        finally:
+            lock.release()
+
+    def _withdraw(self, request_id: int) -> bool:
+        """Take a submitted call off those in flight before its answer: True if it was still there."""
+        with self._lock:
+            if self._pending.pop(request_id, None) is None:
+                return False  # answered, failed or timed out: its future is (being) completed
+            self._futures -= 1
+            return True
+
+    def _send_cancel(self, request_id: int) -> None:
+        """Ask the server to stop ``request_id``; best effort: the call is given up here already."""
+        frame = protocol.encode_cancel(request_id)
+        deadline = time.monotonic() + _CANCEL_SEND_SECONDS
+        lock = self._send_lock
+        if not lock.acquire(timeout=_CANCEL_SEND_SECONDS):
+            return  # another frame holds the socket: the call runs on, its answer unread
+        try:
+            if self._failure is None:
+                framing.send_frame(self._sock, frame, deadline)
+        except framing.SendTimeout as exc:
+            if exc.sent:
+                self._fail_all(ConnectionClosed("connection closed: a cancel message was cut off"))
+        except OSError:
+            pass  # the connection is gone: the server cancels the calls of a client that goes away
         finally:
             lock.release()
 

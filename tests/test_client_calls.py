@@ -76,6 +76,12 @@ class WireServer:
         assert self.conn.poll(HANG), "the client sent no request"
         return protocol.decode_request(self.conn.recv_bytes(1 << 26))
 
+    def message(self) -> list[Any]:
+        """The next message the client sent, whatever its kind."""
+        assert self.conn is not None
+        assert self.conn.poll(HANG), "the client sent nothing"
+        return protocol.decode_value(self.conn.recv_bytes(1 << 26))
+
     def reply(self, request_id: int | None, result: Any) -> None:
         self.send_raw(framed(protocol.encode_response(request_id, result)))
 
@@ -265,7 +271,7 @@ def test_a_connection_level_error_fails_the_call_and_closes_the_client(wire):
         client.call("again")
 
 
-def test_a_call_interrupted_by_ctrl_c_is_forgotten_and_the_next_call_gets_its_own_answer(wire):
+def test_a_call_interrupted_by_ctrl_c_is_cancelled_and_the_next_call_gets_its_own_answer(wire):
     server = wire()
     client = server.connect()
     main = threading.get_ident()
@@ -279,7 +285,9 @@ def test_a_call_interrupted_by_ctrl_c_is_forgotten_and_the_next_call_gets_its_ow
     with pytest.raises(KeyboardInterrupt):
         client.call("interrupted")
     assert not client._calls._pending  # nothing left in flight, which would keep later calls off the fast path
-    server.reply(interrupter.outcome().result.id, "dropped")
+    interrupted = interrupter.outcome().result
+    assert server.message() == [protocol.CANCEL, interrupted.id]  # sent before the interrupt propagated
+    server.reply(interrupted.id, "dropped")
     call = Running(lambda: client.call("next"))
     server.reply(server.request().id, "fresh")
     assert call.outcome().result == "fresh"
