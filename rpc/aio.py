@@ -22,7 +22,7 @@ import itertools
 import socket
 import time
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 
 from . import __version__, framing, protocol, transport
 from .client import _check_authkey, _check_timeout, _exception
@@ -98,8 +98,7 @@ class _Connection(asyncio.BufferedProtocol):
     # -- asyncio's side ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # (uvloop's are not its subclasses)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._decoder.get_buffer()
