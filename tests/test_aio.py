@@ -577,3 +577,27 @@ def test_no_thread_is_started(server, run):
             assert threading.active_count() == before
 
     run(body())
+
+
+def test_a_server_that_stops_reading_makes_calls_wait_for_room_within_their_timeout(peer, run):
+    def read_one_then_stall(peer: Peer, conn: Connection) -> None:
+        request = peer.request(conn)
+        conn.send_bytes(protocol.encode_response(request.id, "first"))
+        peer.release.wait(HANG)  # reads nothing more until released
+
+    server = peer(read_one_then_stall)
+    big = b"x" * (8 << 20)  # more than the socket buffers and the transport's high-water mark
+
+    async def body() -> None:
+        async with rpc.aio.connect(server.address, authkey=KEY) as client:
+            assert await client.call("first", timeout=HANG) == "first"
+            with pytest.raises(rpc.CallTimeout, match="got no answer"):
+                await client.call("echo", big, timeout=0.5)  # taken into the transport's buffer
+            with pytest.raises(rpc.CallTimeout) as caught:
+                await client.call("echo", 1, timeout=0.5)
+            assert str(caught.value) == (
+                "call 'echo' could not be sent within its timeout of 0.5 s (the server is not reading)"
+            )
+            assert not client.closed
+
+    run(body())
