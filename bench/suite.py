@@ -26,6 +26,7 @@ from typing import Any
 import rpc
 
 from . import services
+from .aio import aio
 from .callers import Caller, connect
 from .load import IdleConnections, Load, run_clients
 from .machine import calibrate_burn
@@ -473,6 +474,7 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "bulk": bulk,  # 6
     "connections": connections,  # 7
     "event_loop": event_loop,  # 8
+    "aio": aio,  # issue 11: the asyncio client
     "connect": connect_time,
     "startup": startup,
 }

@@ -1,4 +1,4 @@
-"""The server's side of the authkey handshake, as a state machine with no I/O.
+"""Both sides of the authkey handshake, as state machines with no I/O.
 
 The exchange is ``multiprocessing.connection``'s, so a stdlib ``Client`` with the
 authkey can still connect: each message is one frame of at most 256 bytes.
@@ -13,7 +13,8 @@ authkey can still connect: each message is one frame of at most 256 bytes.
    and the client replies ``#WELCOME#``.
 
 The router feeds each frame to :meth:`ServerHandshake.receive` and sends what it
-returns; the handshake's deadline is the router's timer, not this module's.
+returns; the asyncio client does the same with :class:`ClientHandshake`. Deadlines
+are the caller's timers, not this module's.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import os
 
 from .errors import AuthenticationError
 
-__all__ = ["ServerHandshake", "MAX_HANDSHAKE_FRAME"]
+__all__ = ["ServerHandshake", "ClientHandshake", "MAX_HANDSHAKE_FRAME", "MAX_HELLO_FRAME"]
 
 CHALLENGE = b"#CHALLENGE#"
 WELCOME = b"#WELCOME#"
 FAILURE = b"#FAILURE#"
 MAX_HANDSHAKE_FRAME = 256  # as multiprocessing.connection reads them
+MAX_HELLO_FRAME = 64 * 1024  # the server's first frame may be its hello (no authkey); so is its last
 
 _CHALLENGE_BYTES = 40
 _DIGESTS = frozenset({"md5", "sha256", "sha384", "sha3_256", "sha3_384"})
@@ -106,3 +108,84 @@ class ServerHandshake:
         self.done = True
         return []
 
+
+
+class ClientHandshake:
+    """The handshake from the client's side, ending with the server's hello.
+
+    Each frame from the server goes to :meth:`receive`, which gives the frames to
+    send back; read the next frame with at most :attr:`limit` bytes. ``done``
+    turns True once the server's hello (its first frame after the handshake) is in
+    :attr:`hello`. A server without an authkey sends its hello at once, so a
+    first frame that is not a challenge is the hello: accepted only when
+    ``authkey`` is None. A failure raises AuthenticationError, worded for the
+    user with ``peer`` (how to name the server), after :attr:`farewell` is set
+    to the frame to send before closing (if any).
+    """
+
+    def __init__(self, authkey: bytes | None, peer: str = "the server") -> None:
+        self._authkey = authkey
+        self._peer = peer
+        self._challenge = b"{sha256}" + os.urandom(_CHALLENGE_BYTES)
+        self._step = 0
+        self.done = False
+        self.hello: bytes | None = None
+        self.farewell: bytes | None = None
+
+    @property
+    def limit(self) -> int:
+        """The most bytes the next frame may hold."""
+        return MAX_HELLO_FRAME if self._step in (0, 3) else MAX_HANDSHAKE_FRAME
+
+    def receive(self, frame: bytes) -> list[bytes]:
+        if len(frame) > self.limit:
+            raise AuthenticationError(f"a handshake message of {len(frame)} bytes (at most {self.limit})")
+        authkey = self._authkey
+        if self._step == 0:  # the server's challenge, or its hello if it has no authkey
+            if not frame.startswith(CHALLENGE):
+                if authkey is not None:
+                    raise AuthenticationError("the server did not ask for the authkey: it runs without one")
+                return self._finish(frame)
+            if authkey is None:
+                raise AuthenticationError(
+                    "the server requires an authkey and none was given: pass authkey=rpc.read_authkey() "
+                    "to use the key file `rpc serve` made, or the server's key as bytes"
+                )
+            if len(frame) > MAX_HANDSHAKE_FRAME:
+                raise AuthenticationError(f"a challenge of {len(frame)} bytes (at most {MAX_HANDSHAKE_FRAME})")
+            challenge = frame[len(CHALLENGE) :]
+            if len(challenge) < 20:
+                raise AuthenticationError(f"challenge too short: {len(challenge)} bytes")
+            try:
+                response = answer(authkey, challenge)
+            except AuthenticationError:
+                raise AuthenticationError(f"{self._peer} sent a challenge naming no digest this client knows") from None
+            self._step = 1
+            return [response]
+        assert authkey is not None
+        if self._step == 1:  # the server's verdict on our answer
+            if frame != WELCOME:
+                raise AuthenticationError(
+                    f"{self._peer} refused this authkey: it is not the key the server was started with"
+                )
+            self._step = 2
+            return [CHALLENGE + self._challenge]
+        if self._step == 2:  # the server's answer to our challenge
+            try:
+                verify(authkey, self._challenge, frame)
+            except AuthenticationError:
+                self.farewell = FAILURE
+                raise AuthenticationError(
+                    f"{self._peer} accepted this authkey but could not prove it holds it: is it the server you meant?"
+                ) from None
+            self._step = 3
+            return [WELCOME]
+        if self._step == 3:
+            return self._finish(frame)
+        raise AuthenticationError("the handshake is over")
+
+    def _finish(self, hello: bytes) -> list[bytes]:
+        self._step = 4
+        self.hello = hello
+        self.done = True
+        return []

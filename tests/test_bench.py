@@ -27,7 +27,7 @@ def test_the_benchmark_suite_runs_and_reports_every_target(tmp_path):
     sections = {row["section"] for row in rows}
     assert sections == {
         "many clients", "cpu per call", "latency", "pipelined", "cpu-bound", "bulk",
-        "connections", "event loop", "connect", "startup",
+        "connections", "event loop", "aio", "connect", "startup",
     }
     assert all(math.isfinite(row["value"]) and row["value"] >= 0 for row in rows)
     baselines = {(row["section"], row["baseline"]) for row in rows}
@@ -42,6 +42,9 @@ def test_the_benchmark_suite_runs_and_reports_every_target(tmp_path):
         ("cpu-bound", "multiprocessing.managers"),
         ("bulk", "raw echo"),
         ("event loop", "event_loop=uvloop"),
+        ("aio", "sync client"),
+        ("aio", "raw echo, unix"),
+        ("aio", "sync client map(), 1000 in flight"),
     ]:
         assert wanted in baselines
     # CPU time per call is read for the router, its handlers and the clients.

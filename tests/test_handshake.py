@@ -1,6 +1,8 @@
-"""ServerHandshake, the server's side of the authkey handshake as a state machine with no I/O.
+"""ServerHandshake and ClientHandshake, the two sides of the authkey handshake as state machines with no I/O.
 
-Driven against the stdlib's own client side (``multiprocessing.connection.answer_challenge``
+Each is driven against the stdlib's own other side (ClientHandshake against
+``deliver_challenge`` then ``answer_challenge``, as ``Listener.accept`` does).
+ServerHandshake is driven against the stdlib's own client side (``multiprocessing.connection.answer_challenge``
 then ``deliver_challenge``, as ``Client`` does) over a real socket pair, with a small
 frame loop built on FrameDecoder standing in for the router; and fed frames directly
 for the messages the stdlib of this Python never sends.
@@ -23,7 +25,7 @@ import pytest
 
 from rpc.errors import AuthenticationError, MessageTooLarge
 from rpc.framing import FrameDecoder, frame_header
-from rpc.handshake import MAX_HANDSHAKE_FRAME, ServerHandshake
+from rpc.handshake import MAX_HANDSHAKE_FRAME, MAX_HELLO_FRAME, ClientHandshake, ServerHandshake
 
 CHALLENGE = b"#CHALLENGE#"
 WELCOME = b"#WELCOME#"
@@ -424,3 +426,168 @@ def test_header_bytes_of_the_server_frames_are_stdlib_frames() -> None:
         left.sendall(b"".join(frame_header(len(f)) + f for f in frames))
         assert [connection.recv_bytes(256) for _ in frames] == frames
         assert struct.unpack("!i", frame_header(len(WELCOME)))[0] == len(WELCOME)
+
+
+# -- ClientHandshake, the client's side ----------------------------------------------
+
+HELLO = b"the server's hello"
+
+
+def drive(wire: Wire, handshake: ClientHandshake) -> list[bytes]:
+    """Run the client's ``handshake`` to its end as rpc.aio does, each read bounded by its limit;
+    returns the frames the client sent."""
+    sent: list[bytes] = []
+    for _ in range(10):  # the exchange is four frames from the server
+        wire.decoder.max_bytes = handshake.limit
+        frame = wire.read()
+        try:
+            replies = handshake.receive(frame)
+        except AuthenticationError:
+            if handshake.farewell is not None:
+                wire.send([handshake.farewell])
+            raise
+        wire.send(replies)
+        sent += replies
+        if handshake.done:
+            return sent
+    raise AssertionError("the handshake never ended")
+
+
+def stdlib_server(authkey: bytes, hello: bytes = HELLO) -> Callable[[Connection], None]:
+    """What multiprocessing.connection.Listener.accept does, then a first message."""
+
+    def script(connection: Connection) -> None:
+        deliver_challenge(connection, authkey)
+        answer_challenge(connection, authkey)
+        connection.send_bytes(hello)
+
+    return script
+
+
+def test_client_authenticates_both_ways_with_the_stdlib_server() -> None:
+    with client(stdlib_server(KEY)) as (wire, peer):
+        handshake = ClientHandshake(KEY)
+        sent = drive(wire, handshake)
+        assert handshake.done and handshake.hello == HELLO
+        assert handshake.farewell is None
+        peer.join(TIMEOUT)
+        assert peer.error is None and peer.finished
+    answer_frame, challenge, verdict = sent
+    assert challenge.startswith(CHALLENGE + b"{sha256}")
+    assert verdict == WELCOME
+    if STDLIB_PREFIXED:
+        assert answer_frame.startswith(b"{sha256}")
+    else:  # a 3.11 server challenges with 20 bare bytes: answered with a bare HMAC-MD5
+        assert len(answer_frame) == 16
+
+
+def test_client_with_a_wrong_key_is_refused_by_the_stdlib_server() -> None:
+    with client(stdlib_server(KEY)) as (wire, peer):
+        handshake = ClientHandshake(b"a wrong key", peer="127.0.0.1:1")
+        with pytest.raises(AuthenticationError, match="127.0.0.1:1 refused this authkey"):
+            drive(wire, handshake)
+        assert not handshake.done
+        peer.join(TIMEOUT)
+    assert isinstance(peer.error, multiprocessing.AuthenticationError)
+    assert "digest received was wrong" in str(peer.error)
+
+
+def test_client_refuses_a_server_that_cannot_prove_it_holds_the_key() -> None:
+    def script(connection: Connection) -> None:
+        deliver_challenge(connection, KEY)
+        answer_challenge(connection, b"another key")
+
+    with client(script) as (wire, peer):
+        handshake = ClientHandshake(KEY)
+        with pytest.raises(AuthenticationError, match="could not prove it holds it"):
+            drive(wire, handshake)
+        assert handshake.farewell == FAILURE
+        peer.join(TIMEOUT)
+    assert isinstance(peer.error, multiprocessing.AuthenticationError)
+    assert "digest sent was rejected" in str(peer.error)
+
+
+def test_client_against_rpc_server_handshake() -> None:
+    """The two state machines of this module, frame by frame: both end authenticated."""
+    server, client_side = ServerHandshake(KEY), ClientHandshake(KEY)
+    to_client = server.start()
+    for _ in range(10):
+        to_server = [reply for frame in to_client for reply in client_side.receive(frame)]
+        if server.done:
+            break
+        to_client = [reply for frame in to_server for reply in server.receive(frame)]
+        to_client += [HELLO] if server.done else []
+    assert server.done and client_side.done and client_side.hello == HELLO
+
+
+def test_a_server_without_authkey_sends_its_hello_first() -> None:
+    handshake = ClientHandshake(None)
+    assert handshake.limit == MAX_HELLO_FRAME
+    assert handshake.receive(HELLO) == []
+    assert handshake.done and handshake.hello == HELLO
+
+
+def test_an_authkey_for_a_server_without_one_is_refused() -> None:
+    with pytest.raises(AuthenticationError, match="did not ask for the authkey"):
+        ClientHandshake(KEY).receive(HELLO)
+
+
+def test_no_authkey_for_a_server_that_asks_for_one_is_refused() -> None:
+    (challenge,) = ServerHandshake(KEY).start()
+    with pytest.raises(AuthenticationError, match="requires an authkey and none was given"):
+        ClientHandshake(None).receive(challenge)
+
+
+@pytest.mark.parametrize("digest", ["sha256", "sha384", "md5"])
+def test_client_answers_a_prefixed_challenge_with_the_digest_it_names(digest: str) -> None:
+    message = b"{%s}" % digest.encode() + os.urandom(40)
+    expected = b"{%s}" % digest.encode() + hmac.new(KEY, message, digest).digest()
+    assert ClientHandshake(KEY).receive(CHALLENGE + message) == [expected]
+
+
+def test_client_answers_a_legacy_challenge_with_bare_md5() -> None:
+    message = os.urandom(20)
+    assert ClientHandshake(KEY).receive(CHALLENGE + message) == [hmac.new(KEY, message, "md5").digest()]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(CHALLENGE + b"{sha1}" + b"r" * 40, id="sha1"),
+        pytest.param(CHALLENGE + b"r" * 19, id="too-short"),
+        pytest.param(CHALLENGE + b"{sha256}" + b"r" * 300, id="over-256-bytes"),
+    ],
+)
+def test_client_refuses_a_bad_challenge(frame: bytes) -> None:
+    with pytest.raises(AuthenticationError):
+        ClientHandshake(KEY).receive(frame)
+
+
+def test_client_holds_every_frame_after_the_challenge_to_256_bytes() -> None:
+    handshake = ClientHandshake(KEY)
+    handshake.receive(CHALLENGE + os.urandom(20))
+    assert handshake.limit == MAX_HANDSHAKE_FRAME
+    with pytest.raises(AuthenticationError, match="257 bytes"):
+        handshake.receive(b"w" * (MAX_HANDSHAKE_FRAME + 1))
+
+
+@pytest.mark.parametrize("verdict", [FAILURE, b"", WELCOME + b"!"])
+def test_client_takes_anything_but_welcome_as_a_refusal(verdict: bytes) -> None:
+    handshake = ClientHandshake(KEY)
+    handshake.receive(CHALLENGE + os.urandom(20))
+    with pytest.raises(AuthenticationError, match="refused this authkey"):
+        handshake.receive(verdict)
+    assert not handshake.done
+
+
+def test_client_reads_a_hello_of_up_to_64_kib_after_the_handshake() -> None:
+    server, handshake = ServerHandshake(KEY), ClientHandshake(KEY)
+    (challenge,) = server.start()
+    (response,) = handshake.receive(challenge)
+    (welcome,) = server.receive(response)
+    (mine,) = handshake.receive(welcome)
+    (reply,) = server.receive(mine)
+    assert handshake.receive(reply) == [WELCOME]
+    assert handshake.limit == MAX_HELLO_FRAME
+    big = b"h" * MAX_HELLO_FRAME
+    assert handshake.receive(big) == [] and handshake.hello == big

@@ -1,0 +1,490 @@
+"""The asyncio client: the sync client's surface, every call a coroutine, any number in flight.
+
+``await rpc.aio.connect(...)`` (or ``async with rpc.aio.connect(...) as client``)
+opens one authenticated connection; calls register a future under a fresh id,
+write their request and await it, and one asyncio protocol reads the replies
+(framed by :class:`rpc.framing.FrameDecoder`) and hands each to the future with
+its id. No thread at all: the authkey handshake is rpc.handshake's
+:class:`~rpc.handshake.ClientHandshake`, fed by the same protocol, so it never
+blocks the loop; the hello, requests and replies go through rpc.protocol with the
+sync client's limits. Errors and timeouts are the sync client's: a call that
+times out forgets its id, so a late reply is dropped and the connection stays
+usable; a connection that ends fails every call in flight with
+:class:`ConnectionClosed`, and the client stays closed. Streams, cancel messages
+and reconnecting are not here yet: the call table (a dict of futures by id) is
+where they will go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+from collections.abc import Coroutine, Generator
+from typing import Any, cast
+
+from . import __version__, framing, protocol, transport
+from .client import _check_authkey, _check_timeout, _exception
+from .errors import (
+    AuthenticationError,
+    CallTimeout,
+    ConnectionClosed,
+    ConnectTimeout,
+    MessageTooLarge,
+    ProtocolError,
+    RPCError,
+    TransportError,
+)
+from .handshake import ClientHandshake
+from .registry import MethodInfo
+
+__all__ = ["Client", "connect"]
+
+_DEFAULT: Any = object()
+_MAX_ATTRIBUTES = 256  # remote methods looked up by attribute are kept on the client up to this many attributes
+
+
+class _Method:
+    """A remote name: call it for a coroutine, or take an attribute for a name inside its namespace."""
+
+    __slots__ = ("_client", "_name")
+
+    def __init__(self, client: Client, name: str) -> None:
+        self._client = client
+        self._name = name
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Method(self._client, f"{self._name}.{name}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        client = self._client
+        return client._call(self._name, args, kwargs, client._timeout)
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._name!r}>"
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One connection: the handshake, then requests out and replies to their calls' futures.
+
+    Apart from the client so that the protocol's method names (``get_buffer``, ...)
+    never shadow remote names on the client, and so that a new connection can
+    take the place of a closed one.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, authkey: bytes | None, where: str, max_message_bytes: int) -> None:
+        self._loop = loop
+        self._where = where
+        self._handshake: ClientHandshake | None = ClientHandshake(authkey, where)
+        self._decoder = framing.FrameDecoder(self._handshake.limit)
+        self._max_message_bytes = max_message_bytes
+        self._transport: asyncio.Transport | None = None
+        self.hello: asyncio.Future[protocol.Hello] = loop.create_future()  # the server's, once authenticated
+        self._lost: asyncio.Future[None] = loop.create_future()  # done once the transport is closed
+        self._pending: dict[int, asyncio.Future[Any]] = {}  # calls in flight by request id
+        self._ids = itertools.count(1)
+        # Frames written together at the end of this turn of the loop: a gather of many
+        # calls goes out in a few writes, not one system call each.
+        self._outbox: list[bytes] = []
+        self._writable = asyncio.Event()  # cleared while the transport's write buffer is full
+        self._writable.set()
+        self.heard = False  # whether the server has sent anything at all
+        self.server_limit = protocol.DEFAULT_MAX_MESSAGE_BYTES
+        self.failure: RPCError | None = None  # set once the connection is unusable
+
+    # -- asyncio's side ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # (uvloop's are not its subclasses)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.heard = True
+        decoder = self._decoder
+        try:
+            frame = decoder.buffer_updated(nbytes)
+            if frame is not None:
+                self._received(frame)
+            while self.failure is None and (frame := decoder.next()) is not None:
+                self._received(frame)
+        except MessageTooLarge as exc:
+            if self._handshake is not None:
+                size = getattr(exc, "size", "too many")
+                exc = MessageTooLarge(
+                    f"{self._where} sent a handshake message announcing {size} bytes; at most "
+                    f"{decoder.max_bytes} are accepted there: is an rpc server listening there?"
+                )
+            self._fail(exc)
+        except RPCError as exc:  # a malformed frame or reply, a failed handshake: the stream is lost
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        return False  # close: the server will send nothing more
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake is not None:
+            error = ConnectionClosed(f"the server closed the connection during the handshake: {exc or 'EOF'}")
+        elif exc is None:
+            error = ConnectionClosed("the server closed the connection")
+        else:
+            error = ConnectionClosed(f"connection lost: {exc}")
+        self._fail(error)
+        self._lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- frames in ---------------------------------------------------------------------
+
+    def _received(self, frame: framing.Frame) -> None:
+        if self._handshake is not None:
+            self._handshake_step(bytes(frame))
+            return
+        response = protocol.decode_response(memoryview(frame))
+        if response.id is None:
+            # A connection-level error from the server, which closes the connection.
+            self._fail(_exception(response.error) if response.error else ConnectionClosed("bad response"))
+            return
+        future = self._pending.pop(response.id, None)
+        if future is None or future.done():
+            return  # its caller timed out or was cancelled, or the server is confused
+        if response.error is not None:
+            future.set_exception(_exception(response.error))
+        else:
+            future.set_result(response.result)
+
+    def _handshake_step(self, frame: bytes) -> None:
+        handshake = self._handshake
+        assert handshake is not None
+        try:
+            replies = handshake.receive(frame)
+        except AuthenticationError:
+            if handshake.farewell is not None:
+                self._write(handshake.farewell)
+            raise
+        for reply in replies:
+            self._write(reply)
+        if not handshake.done:
+            self._decoder.max_bytes = handshake.limit
+            return
+        assert handshake.hello is not None
+        hello = protocol.decode_hello(handshake.hello)
+        if hello.version != protocol.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"the server speaks protocol version {hello.version}; this client speaks {protocol.PROTOCOL_VERSION}"
+            )
+        self._handshake = None
+        self._decoder.max_bytes = self._max_message_bytes
+        limit = hello.info.get("max_message_bytes")
+        self.server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
+        self._write(protocol.encode_hello({"client": "rpc", "version": __version__}))
+        if not self.hello.done():  # (cancelled if connect() gave up meanwhile)
+            self.hello.set_result(hello)
+
+    # -- frames out --------------------------------------------------------------------
+
+    def _write(self, payload: bytes) -> None:
+        """Write one frame now, after any still in the outbox."""
+        assert self._transport is not None
+        if self._outbox:
+            self._flush()
+        self._transport.write(framing.frame_header(len(payload)) + payload)
+
+    def _send(self, payload: bytes, alone: bool) -> None:
+        """Send one frame: at once if it is ``alone`` in flight, else with the others of this turn."""
+        if not self._outbox:
+            if alone:  # one call at a time: no reason to wait
+                assert self._transport is not None
+                self._transport.write(framing.frame_header(len(payload)) + payload)
+                return
+            self._loop.call_soon(self._flush)
+        self._outbox.append(framing.frame_header(len(payload)) + payload)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if outbox and self.failure is None:
+            assert self._transport is not None
+            self._transport.write(b"".join(outbox))
+
+    async def _room(self, name: str, timeout: float | None, deadline: float | None) -> None:
+        """Wait for room in the write buffer (the server is slow to read) until the call's deadline."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._writable.wait()
+        except TimeoutError:
+            raise CallTimeout(
+                f"call {name!r} could not be sent within its timeout of {timeout:g} s (the server is not reading)"
+            ) from None
+        if self.failure is not None:
+            raise self.failure
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        if type(name) is not str:
+            raise TypeError(f"method name must be a string, not {type(name).__name__}")
+        if self.failure is not None:
+            raise self.failure
+        loop = self._loop
+        deadline = None if timeout is None else loop.time() + timeout
+        request_id = next(self._ids)
+        frame = protocol.encode_request(request_id, name, args, kwargs, timeout)
+        protocol.check_size(frame, self.server_limit)
+        if not self._writable.is_set():
+            await self._room(name, timeout, deadline)
+        future = loop.create_future()
+        # Registered before sending, so the reply cannot arrive before it is expected.
+        self._pending[request_id] = future
+        self._send(frame, len(self._pending) == 1)
+        timer = None if deadline is None else loop.call_at(deadline, self._expire, request_id, name, timeout)
+        try:
+            return await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+            # Cancelled by its caller: forget it, so its reply is dropped when it comes.
+            self._pending.pop(request_id, None)
+
+    def _expire(self, request_id: int, name: str, timeout: float | None) -> None:
+        future = self._pending.pop(request_id, None)  # a late reply finds no call: dropped
+        if future is not None and not future.done():
+            future.set_exception(CallTimeout(f"call {name!r} got no answer within its timeout of {timeout:g} s"))
+
+    async def notify(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if type(name) is not str:
+            raise TypeError(f"method name must be a string, not {type(name).__name__}")
+        if self.failure is not None:
+            raise self.failure
+        frame = protocol.encode_notification(name, args, kwargs)
+        protocol.check_size(frame, self.server_limit)
+        if not self._writable.is_set():
+            await self._room(name, None, None)
+        self._send(frame, not self._pending)
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _fail(self, error: RPCError, graceful: bool = False) -> None:
+        """Make the connection unusable, fail every call in flight with ``error``, close it.
+
+        ``graceful``: send what the outbox holds first (notifications the caller
+        awaited), if the socket takes it at once; what the server is not reading is dropped.
+        """
+        if self.failure is None:
+            self.failure = error if isinstance(error, TransportError) else ConnectionClosed(str(error))
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+        if not self.hello.done():
+            self.hello.set_exception(error)
+        self._writable.set()  # calls waiting for room see the failure
+        transport, outbox, self._outbox = self._transport, self._outbox, []
+        if transport is not None and not transport.is_closing():
+            if graceful and outbox:
+                transport.write(b"".join(outbox))
+            if graceful and not transport.get_write_buffer_size():
+                transport.close()
+            else:
+                transport.abort()
+
+    async def close(self) -> None:
+        self._fail(ConnectionClosed("the client was closed"), graceful=True)
+        if self._transport is not None:
+            await asyncio.shield(self._lost)  # connection_lost always follows close() and abort()
+
+
+async def _raise(error: BaseException) -> Any:
+    raise error
+
+
+class Client:
+    """A connection to an rpc server, for asyncio. Made by :func:`connect`.
+
+    The sync :class:`rpc.Client`'s surface with every call a coroutine:
+    ``await client.add(2, 3)``, ``await client.math.hypot(3, 4)``,
+    ``await client.call("add", 2, 3, timeout=1)``, ``notify``, ``methods``,
+    ``ping``, ``close``. Any number of calls may be in flight at once (from
+    ``asyncio.gather`` or many tasks); each gets its own reply. A client belongs
+    to the event loop it connected on.
+    """
+
+    def __init__(
+        self,
+        address: transport.Address,
+        authkey: bytes | None = None,
+        timeout: float | None = None,
+        connect_timeout: float = 10.0,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._authkey = _check_authkey(authkey)
+        self._timeout = _check_timeout(timeout)
+        if _check_timeout(connect_timeout, "connect_timeout") is None:
+            raise ValueError("connect_timeout must be a number of seconds > 0 and at most a year, not None")
+        self._connect_timeout = connect_timeout
+        self.address = transport._check_address(address)
+        self._max_message_bytes = max_message_bytes
+        self._conn: _Connection | None = None
+        self.server_info: dict[str, Any] = {}
+
+    async def _open(self) -> Client:
+        """Connect and authenticate within ``connect_timeout``, without blocking the loop."""
+        if self._conn is not None:
+            raise RuntimeError("this client is connected already: await rpc.aio.connect(...) once")
+        loop = asyncio.get_running_loop()
+        address, timeout = self.address, self._connect_timeout
+        where = transport.format_address(address)
+        sock = socket.socket(transport._family(address), socket.SOCK_STREAM)
+        sock.setblocking(False)
+        conn: _Connection | None = None
+        connected = False
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    await loop.sock_connect(sock, address)
+                except OSError as exc:
+                    raise ConnectionClosed(f"cannot connect: {transport._connect_failure(address, exc)}") from None
+                transport.set_stream_options(sock)
+                conn = _Connection(loop, self._authkey, where, self._max_message_bytes)
+                opened = conn  # (a name mypy knows is not None, for the factory)
+                if transport.is_unix(address):
+                    await loop.create_unix_connection(lambda: opened, sock=sock)
+                else:
+                    await loop.create_connection(lambda: opened, sock=sock)
+                hello = await conn.hello
+                connected = True
+        except TimeoutError:
+            if conn is None:
+                raise ConnectTimeout(f"connecting to {where} took longer than {timeout:g} s") from None
+            if not conn.heard:
+                raise ConnectTimeout(
+                    f"connected to {where}, but nothing answered within {timeout:g} s: is an rpc server listening there?"
+                ) from None
+            raise ConnectTimeout(f"{where} did not complete the handshake within {timeout:g} s") from None
+        finally:
+            if not connected:  # failed, timed out or cancelled: nothing may stay open
+                if conn is not None and conn._transport is not None:
+                    conn._transport.abort()
+                else:
+                    sock.close()
+        self.server_info = hello.info
+        self._conn = conn
+        return self
+
+    # -- public API --------------------------------------------------------------------
+
+    @property
+    def timeout(self) -> float | None:
+        """The default deadline of each call in seconds (None: none); checked when set."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = _check_timeout(value)
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        method = _Method(self, name)
+        if len(self.__dict__) < _MAX_ATTRIBUTES:
+            self.__dict__[name] = method  # found at once next time, without a failed lookup first
+        return method
+
+    def call(self, name: str, /, *args: Any, timeout: float | None = _DEFAULT, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        """Call ``name`` with ``args`` and ``kwargs`` (a coroutine); ``timeout`` overrides the client's default."""
+        return self._call(name, args, kwargs, self._timeout if timeout is _DEFAULT else _check_timeout(timeout))
+
+    async def notify(self, name: str, /, *args: Any, **kwargs: Any) -> None:
+        """Run ``name`` on the server without waiting for, or getting, any answer."""
+        await self._connection().notify(name, args, kwargs)
+
+    async def methods(self) -> list[MethodInfo]:
+        """The methods the server exposes: name, signature text, first docstring line."""
+        return [MethodInfo(**entry) for entry in await self.call(protocol.METHODS)]
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds of a message the server answers without a handler."""
+        start = time.perf_counter()
+        await self.call(protocol.PING)
+        return time.perf_counter() - start
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None or self._conn.failure is not None
+
+    async def close(self) -> None:
+        """Close the connection; calls still waiting fail with :class:`ConnectionClosed`."""
+        if self._conn is not None:
+            await self._conn.close()
+
+    aclose = close
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<rpc.aio.Client {transport.format_address(self.address)} {state}>"
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _connection(self) -> _Connection:
+        if self._conn is None:
+            raise ConnectionClosed("not connected: make clients with `await rpc.aio.connect(...)`")
+        return self._conn
+
+    def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Coroutine[Any, Any, Any]:
+        conn = self._conn
+        if conn is None:
+            return _raise(ConnectionClosed("not connected: make clients with `await rpc.aio.connect(...)`"))
+        return conn.call(name, args, kwargs, timeout)  # the connection's coroutine itself: no extra layer
+
+
+class _Connecting:
+    """What :func:`connect` returns: await it for the client, or use it as an async context manager."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._client._open().__await__()
+
+    async def __aenter__(self) -> Client:
+        return await self._client._open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._client.close()
+
+
+def connect(
+    address: transport.Address,
+    authkey: bytes | None = None,
+    timeout: float | None = None,
+    *,
+    connect_timeout: float = 10.0,
+    max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+) -> _Connecting:
+    """Connect and authenticate to the server at ``address``, from a running event loop.
+
+    ``client = await rpc.aio.connect(...)``, or ``async with rpc.aio.connect(...) as
+    client:`` (closed at the end of the block). The arguments are those of
+    :func:`rpc.connect`, checked here, before anything is awaited: ``address`` is
+    ``(host, port)``, ``"HOST:PORT"`` or a Unix socket path; ``authkey`` the
+    server's key as bytes; ``timeout`` each call's default deadline in seconds
+    (None: no deadline); ``connect_timeout`` bounds connecting and the whole handshake.
+    """
+    return _Connecting(
+        Client(address, authkey=authkey, timeout=timeout, connect_timeout=connect_timeout, max_message_bytes=max_message_bytes)
+    )
