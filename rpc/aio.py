@@ -10,9 +10,10 @@ blocks the loop; the hello, requests and replies go through rpc.protocol with th
 sync client's limits. Errors and timeouts are the sync client's: a call that
 times out forgets its id, so a late reply is dropped and the connection stays
 usable; a connection that ends fails every call in flight with
-:class:`ConnectionClosed`, and the client stays closed. Streams, cancel messages
-and reconnecting are not here yet: the call table (a dict of futures by id) is
-where they will go.
+:class:`ConnectionClosed`, and the client stays closed. A call whose task is
+cancelled sends the server a cancel message: a queued call never runs, and a
+running one's handler is stopped. Streams and reconnecting are not here yet:
+the call table (a dict of futures by id) is where they will go.
 """
 
 from __future__ import annotations
@@ -247,10 +248,15 @@ class _Connection(asyncio.BufferedProtocol):
         timer = None if deadline is None else loop.call_at(deadline, self._expire, request_id, name, timeout)
         try:
             return await future
+        except asyncio.CancelledError:
+            # Cancelled by its caller: forget it, so its reply is dropped when it comes, and
+            # stop it on the server (a queued call never runs; a running one's handler is stopped).
+            if self._pending.pop(request_id, None) is not None and self.failure is None:
+                self._send(protocol.encode_cancel(request_id), False)
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
-            # Cancelled by its caller: forget it, so its reply is dropped when it comes.
             self._pending.pop(request_id, None)
 
     def _expire(self, request_id: int, name: str, timeout: float | None) -> None:

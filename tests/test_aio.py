@@ -23,7 +23,7 @@ import pytest
 
 import rpc
 import rpc.aio
-from helpers import Gate
+from helpers import Gate, queued_calls
 from rpc import protocol, transport
 
 HANG = 60.0  # seconds: a test still waiting after this long has hung
@@ -255,8 +255,7 @@ def test_a_per_call_timeout_overrides_the_clients_and_gathered_calls_time_out_al
 
 
 def test_a_caller_that_gives_up_leaves_the_connection_usable(server, run, tmp_path):
-    """asyncio.wait_for around a call: the call is forgotten, its answer dropped (cancelling it
-    on the server is for later)."""
+    """asyncio.wait_for around a call: the call is forgotten and cancelled, its answer dropped."""
     gate = Gate(tmp_path)
 
     async def body() -> None:
@@ -265,6 +264,30 @@ def test_a_caller_that_gives_up_leaves_the_connection_usable(server, run, tmp_pa
                 await asyncio.wait_for(client.hold(*gate.args()), 0.3)
             gate.open()
             assert await asyncio.gather(*(client.echo(i) for i in range(10))) == list(range(10))
+
+    run(body())
+
+
+def test_a_cancelled_task_stops_its_call_on_the_server(rpc_server, run, tmp_path):
+    """Cancelling a task awaiting a call: a queued call never runs, a running one's handler is stopped."""
+    own = rpc_server("services:registry", workers=1)
+    gate, marker = Gate(tmp_path), tmp_path / "ran"  # the gate is never opened: only a cancel ends that call
+
+    async def body() -> None:
+        async with connect(own) as client:
+            [pid] = own.handler_pids()
+            running = asyncio.ensure_future(client.hold(*gate.args()))
+            await until(gate.started.exists, "the call runs")
+            queued = asyncio.ensure_future(client.touch(str(marker)))
+            await until(lambda: queued_calls(own) == 1, "the second call waits in the server's queue")
+            queued.cancel()
+            running.cancel()
+            outcomes = await asyncio.gather(running, queued, return_exceptions=True)
+            assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
+            await until(lambda: own.handler_pids() not in ([], [pid]), "the stopped handler is replaced")
+            assert await client.add(1, 2) == 3
+            await until(lambda: own.log_text().count("call_cancelled") == 2, "both cancels are logged")
+        assert not marker.exists()
 
     run(body())
 
