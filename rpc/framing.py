@@ -31,6 +31,7 @@ __all__ = [
     "FrameReader",
     "ReceiveBudget",
     "SendTimeout",
+    "read_header",
     "frame_header",
     "send_frame",
 ]
@@ -47,6 +48,30 @@ DIRECT_BYTES = 1 << 16
 _SCRATCH_BYTES = 1 << 16  # what one read may bring while no large frame is pending
 
 Frame = Union[bytes, bytearray]
+
+
+def read_header(buffer: Any, start: int, have: int, max_bytes: int) -> tuple[int, int] | None:
+    """The frame header at ``buffer[start:]``, of which ``have`` bytes are there: (payload size,
+    header size), or None until the header is whole. The one parser of frame headers.
+
+    Raises ProtocolError for a negative length and :class:`MessageTooLarge` (with a
+    ``size`` attribute) for one over ``max_bytes``: either way the stream is lost.
+    """
+    if have < 4:
+        return None
+    size: int = _SHORT.unpack_from(buffer, start)[0]
+    if size >= 0:
+        header = 4
+    elif size == -1:
+        if have < 12:
+            return None
+        size = _LONG.unpack_from(buffer, start + 4)[0]
+        header = 12
+    else:
+        raise ProtocolError(f"a frame announced a negative length ({size})")
+    if size > max_bytes:
+        raise too_large(size, max_bytes)
+    return size, header
 
 
 def scratch_buffer() -> memoryview:
@@ -93,7 +118,8 @@ class FrameDecoder:
     :data:`DIRECT_BYTES` or more is received into a buffer of its own and
     returned as that ``bytearray``; smaller ones as ``bytes``.
 
-    The one place that reads frame headers. A header announcing more than
+    Headers are read by :func:`read_header`, as in :class:`FrameReader` (the fast paths
+    only take a lone short frame, and leave every other case to it). A header announcing more than
     ``max_bytes`` raises :class:`MessageTooLarge` before anything is buffered for it (its
     ``size`` attribute says how many bytes it announced); a negative length
     raises :class:`ProtocolError`. After either, the stream cannot be resynchronised.
@@ -167,17 +193,10 @@ class FrameDecoder:
         have = len(buffer)
         if have < 4 or have < self._need:
             return None
-        size = _SHORT.unpack_from(buffer)[0]
-        start = 4
-        if size == -1:
-            if have < 12:
-                return None
-            size = _LONG.unpack_from(buffer, 4)[0]
-            start = 12
-        elif size < 0:
-            raise ProtocolError(f"a frame announced a negative length ({size})")
-        if size > self.max_bytes:
-            raise too_large(size, self.max_bytes)
+        found = read_header(buffer, 0, have, self.max_bytes)
+        if found is None:
+            return None
+        size, start = found
         end = start + size
         if have < end:
             if size >= DIRECT_BYTES:
@@ -341,28 +360,22 @@ class FrameReader:
         buffer, start = self._buffer, self._start
         have = self._end - start
         need = 12  # until the length is known, room for the longest header
-        if have >= 4:
-            size = _SHORT.unpack_from(buffer, start)[0]
-            header = 4
-            if size == -1 and have >= 12:
-                size = _LONG.unpack_from(buffer, start + 4)[0]
-                header = 12
-            elif size < -1:
-                raise ProtocolError(f"a frame announced a negative length ({size})")
-            if size >= 0:
-                if size > self.max_bytes:
-                    error = MessageTooLarge(
-                        f"a frame of {size} bytes exceeds this client's max_message_bytes ({self.max_bytes})"
-                    )
-                    error.size = size  # type: ignore[attr-defined]  # lets a caller word its own message
-                    raise error
-                need = header + size
-                if have >= need:
-                    if have == need:  # all taken: start over (the frame returned keeps its buffer alive)
-                        self._buffer, self._start, self._end = self._standard, 0, 0
-                    else:
-                        self._start = start + need
-                    return buffer[start + header : start + need]
+        try:
+            found = read_header(buffer, start, have, self.max_bytes)
+        except MessageTooLarge as exc:
+            size = exc.size  # type: ignore[attr-defined]
+            error = MessageTooLarge(f"a frame of {size} bytes exceeds this client's max_message_bytes ({self.max_bytes})")
+            error.size = size  # type: ignore[attr-defined]  # lets a caller word its own message
+            raise error from None
+        if found is not None:
+            size, header = found
+            need = header + size
+            if have >= need:
+                if have == need:  # all taken: start over (the frame returned keeps its buffer alive)
+                    self._buffer, self._start, self._end = self._standard, 0, 0
+                else:
+                    self._start = start + need
+                return buffer[start + header : start + need]
         if start + need > len(buffer):
             self._move(need, have)
         return None

@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 import pytest
 
 from rpc.errors import MessageTooLarge, ProtocolError
-from rpc.framing import FrameDecoder, ReceiveBudget, frame_header
+from rpc.framing import FrameDecoder, ReceiveBudget, frame_header, read_header
 
 
 def short(payload: bytes) -> bytes:
@@ -408,3 +408,25 @@ def test_small_frames_never_touch_the_budget():
     assert decoder.next() == bytes(60_000)
     assert decoder.next() is None and not decoder.waiting  # the next one is not whole yet, and small
     assert budget.used == 1
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"", None),
+        (b"\x00\x00\x00", None),
+        (struct.pack("!i", 5), (5, 4)),
+        (struct.pack("!i", -1) + b"\x00" * 7, None),  # the long form's length not whole yet
+        (struct.pack("!iQ", -1, 70_000), (70_000, 12)),
+    ],
+)
+def test_read_header_is_the_one_parser_of_lengths(data, expected):
+    assert read_header(data, 0, len(data), 1 << 20) == expected
+
+
+def test_read_header_refuses_negative_and_oversized_lengths():
+    with pytest.raises(ProtocolError, match="negative length"):
+        read_header(struct.pack("!i", -2), 0, 4, 100)
+    with pytest.raises(MessageTooLarge) as caught:
+        read_header(struct.pack("!iQ", -1, 101), 0, 12, 100)
+    assert caught.value.size == 101
