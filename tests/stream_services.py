@@ -84,11 +84,13 @@ def pid():
 
 
 @registry.expose
-def tracked(n, size, folder):
-    """Yield [i, size bytes] for i in 0 .. n-1, writing the index of each item it produces."""
+def tracked(n, size, folder, every=1, near=None):
+    """Yield [i, size bytes] for i in 0 .. n-1, writing the index of each item it produces
+    (with ``near``, only of those within ``near`` items after a multiple of ``every``)."""
     produced, scratch = Path(folder) / "produced", Path(folder) / "produced.next"
     payload = b"x" * size
     for i in range(n):
-        scratch.write_text(str(i))
-        os.replace(scratch, produced)  # a reader never sees it half written
+        if near is None or i % every <= near:
+            scratch.write_text(str(i))
+            os.replace(scratch, produced)  # a reader never sees it half written
         yield [i, payload]

@@ -52,7 +52,9 @@ def test_a_slow_consumer_keeps_the_generator_a_window_ahead_and_the_server_memor
     produced = tmp_path / "produced"
     before = None
     most_ahead = 0
-    for consumed, item in enumerate(client.tracked(total, size, str(tmp_path)), start=1):
+    # The generator notes its position near each checkpoint (up to two windows past it).
+    stream = client.tracked(total, size, str(tmp_path), every=2000, near=2 * STREAM_WINDOW)
+    for consumed, item in enumerate(stream, start=1):
         assert item[0] == consumed - 1 and len(item[1]) == size
         if consumed % 2000 == 0:
             # The consumer pauses here (reading files is slow next to taking an item):
