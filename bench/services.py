@@ -44,3 +44,18 @@ class Calc:
 
     def burn(self, n: int) -> int:
         return burn(n)
+
+
+@registry.expose
+def rows(n: int, size: int) -> Any:
+    """A generator of ``n`` byte strings of ``size`` bytes: streamed."""
+    row = b"x" * size
+    for _ in range(n):
+        yield row
+
+
+@registry.expose
+def rows_list(n: int, size: int) -> list[bytes]:
+    """The same data as :func:`rows`, returned as one list."""
+    row = b"x" * size
+    return [row] * n

@@ -27,6 +27,7 @@ import rpc
 
 from . import services
 from .aio import aio
+from .streams import streams
 from .callers import Caller, connect
 from .load import IdleConnections, Load, run_clients
 from .machine import calibrate_burn
@@ -475,6 +476,7 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "connections": connections,  # 7
     "event_loop": event_loop,  # 8
     "aio": aio,  # issue 11: the asyncio client
+    "streams": streams,  # issue 11: streamed results
     "connect": connect_time,
     "startup": startup,
 }

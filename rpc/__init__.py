@@ -6,7 +6,7 @@ processes; :func:`connect` returns a client whose attributes call them.
 
 __version__ = "0.1.0"
 
-from .client import Client, connect
+from .client import Client, Stream, connect
 from .config import ServerConfig, read_authkey
 from .errors import (
     AuthenticationError,
@@ -39,6 +39,7 @@ __all__ = [
     "Server",
     "ServerConfig",
     "Client",
+    "Stream",
     "connect",
     "read_authkey",
     "register_type",

@@ -12,8 +12,10 @@ times out forgets its id, so a late reply is dropped and the connection stays
 usable; a connection that ends fails every call in flight with
 :class:`ConnectionClosed`, and the client stays closed. A call whose task is
 cancelled sends the server a cancel message: a queued call never runs, and a
-running one's handler is stopped. Streams and reconnecting are not here yet:
-the call table (a dict of futures by id) is where they will go.
+running one's handler is stopped. A call of a generator function returns a
+:class:`Stream`, an async iterator over its items (``async for row in await
+client.rows(...)``), crediting the server as they are taken. Reconnecting is
+not here yet.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import itertools
 import socket
 import time
+from collections import deque
 from collections.abc import Coroutine, Generator
 from typing import Any, cast
 
@@ -40,7 +43,7 @@ from .errors import (
 from .handshake import ClientHandshake
 from .registry import MethodInfo
 
-__all__ = ["Client", "connect"]
+__all__ = ["Client", "Stream", "connect"]
 
 _DEFAULT: Any = object()
 _MAX_ATTRIBUTES = 256  # remote methods looked up by attribute are kept on the client up to this many attributes
@@ -86,6 +89,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.hello: asyncio.Future[protocol.Hello] = loop.create_future()  # the server's, once authenticated
         self._lost: asyncio.Future[None] = loop.create_future()  # done once the transport is closed
         self._pending: dict[int, asyncio.Future[Any]] = {}  # calls in flight by request id
+        self._streams: dict[int, Stream] = {}  # open streams by request id
         self._ids = itertools.count(1)
         # Frames written together at the end of this turn of the loop: a gather of many
         # calls goes out in a few writes, not one system call each.
@@ -149,7 +153,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self._handshake is not None:
             self._handshake_step(bytes(frame))
             return
-        response = protocol.decode_response(memoryview(frame))
+        response = protocol.decode_answer(memoryview(frame))
+        if type(response) is protocol.StreamMessage:
+            self._stream_message(response, len(frame))
+            return
+        assert type(response) is protocol.Response
         if response.id is None:
             # A connection-level error from the server, which closes the connection.
             self._fail(_exception(response.error) if response.error else ConnectionClosed("bad response"))
@@ -161,6 +169,33 @@ class _Connection(asyncio.BufferedProtocol):
             future.set_exception(_exception(response.error))
         else:
             future.set_result(response.result)
+
+    def _stream_message(self, message: protocol.StreamMessage, size: int) -> None:
+        request_id = message.id
+        if message.kind == protocol.STREAM_ITEM:
+            stream = self._streams.get(request_id)
+            if stream is not None:  # (else closed here: dropped)
+                stream._items.append((message.value, size))
+                stream._wake()
+        elif message.kind == protocol.STREAM_START:
+            future = self._pending.pop(request_id, None)
+            if future is None or future.done():  # its caller gave up: nobody will read it
+                self._send(protocol.encode_cancel(request_id), False)
+                return
+            stream = Stream(self, request_id)
+            self._streams[request_id] = stream
+            future.set_result(stream)
+        else:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream._ended = True
+                stream._error = None if message.error is None else _exception(message.error)
+                stream._wake()
+
+    def close_stream(self, stream: Stream) -> None:
+        """Stop ``stream`` here and close its generator on the server."""
+        if self._streams.pop(stream._id, None) is not None and self.failure is None:
+            self._send(protocol.encode_cancel(stream._id), False)
 
     def _handshake_step(self, frame: bytes) -> None:
         handshake = self._handshake
@@ -247,7 +282,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._send(frame, len(self._pending) == 1)
         timer = None if deadline is None else loop.call_at(deadline, self._expire, request_id, name, timeout)
         try:
-            return await future
+            result = await future
+            if type(result) is Stream:
+                result._name, result._timeout = name, timeout
+            return result
         except asyncio.CancelledError:
             # Cancelled by its caller: forget it, so its reply is dropped when it comes, and
             # stop it on the server (a queued call never runs; a running one's handler is stopped).
@@ -289,6 +327,10 @@ class _Connection(asyncio.BufferedProtocol):
         for future in pending.values():
             if not future.done():
                 future.set_exception(error)
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._ended, stream._error = True, error
+            stream._wake()
         if not self.hello.done():
             self.hello.set_exception(error)
         self._writable.set()  # calls waiting for room see the failure
@@ -305,6 +347,103 @@ class _Connection(asyncio.BufferedProtocol):
         self._fail(ConnectionClosed("the client was closed"), graceful=True)
         if self._transport is not None:
             await asyncio.shield(self._lost)  # connection_lost always follows close() and abort()
+
+
+class Stream:
+    """The items of a remote generator as it yields them: an async iterator.
+
+    Returned by awaiting a call of a generator function: ``async for row in await
+    client.rows("big.csv")``. As :class:`rpc.Stream`: the server's generator runs
+    at most a window ahead of what is taken from here; the call's ``timeout``
+    bounds the wait for each item (:class:`CallTimeout`, and the stream is
+    closed); the generator's exception is raised where the iteration reaches it;
+    :meth:`aclose` (or the end of an ``async with`` block, or garbage collection)
+    closes the generator on the server, so its ``finally`` blocks run.
+    """
+
+    def __init__(self, conn: _Connection, request_id: int) -> None:
+        self._conn = conn
+        self._id = request_id
+        self._name = "?"
+        self._timeout: float | None = None
+        self._items: deque[tuple[Any, int]] = deque()  # (value, size of its message), at most a window
+        self._ended = False
+        self._error: RPCError | None = None
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._consumed = 0  # taken and not yet credited
+        self._consumed_bytes = 0
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._ended:
+                self._closed = True
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error
+                raise StopAsyncIteration
+            self._waiter = self._conn._loop.create_future()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._waiter
+            except TimeoutError:
+                self.close()
+                raise CallTimeout(f"stream {self._name!r} sent no item within its timeout of {self._timeout:g} s") from None
+            finally:
+                self._waiter = None
+        value, size = self._items.popleft()
+        self._consumed += 1
+        self._consumed_bytes += size
+        # Credit by half windows: few messages, and the server never waits on a full one.
+        if not self._ended and (
+            self._consumed >= protocol.STREAM_WINDOW // 2 or self._consumed_bytes >= protocol.STREAM_WINDOW_BYTES // 2
+        ):
+            if self._conn.failure is None:
+                self._conn._send(protocol.encode_credit(self._id, self._consumed), False)
+            self._consumed = self._consumed_bytes = 0
+        return value
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        """Stop the stream: the generator on the server is closed (its ``finally`` blocks run)."""
+        if not self._closed:
+            self._closed = True
+            self._items.clear()
+            self._conn.close_stream(self)
+            self._wake()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, awaitable (as async generators have it)."""
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or (self._ended and not self._items)
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._closed or self._ended:
+            return
+        try:  # garbage collection may run in any thread: close on the loop's
+            self._conn._loop.call_soon_threadsafe(self.close)
+        except RuntimeError:  # noqa: S110 - the loop is closed: so is the connection
+            pass
+
+    def __repr__(self) -> str:
+        return f"<rpc.aio.Stream {self._name!r} id={self._id} {'closed' if self.closed else 'open'}>"
 
 
 async def _raise(error: BaseException) -> Any:

@@ -56,6 +56,7 @@ class Handler:
         self.reaping = False  # being collected: signal it no more
         self.retired = False  # replaced by a reload
         self.cancelled = False  # stopped because the call it ran on a lent socket was cancelled
+        self.streams: frozenset[str] = frozenset()  # its generator functions' names: never lent (rpc.streams)
         self.end_input: Callable[[], None] = self._shutdown_pipe  # the router's way, once it serves the pipe
 
     def _shutdown_pipe(self) -> None:
@@ -200,6 +201,7 @@ class Arbiter:
             return f"cannot start a handler process: {exc}"
         child_conn.close()  # so the supervisor reads EOF when the handler dies
         error = None
+        streams: frozenset[str] = frozenset()
         try:
             deadline = time.monotonic() + self._settings.startup_timeout
             first = FrameReader(parent.fileno(), _HELLO_LIMIT).read(deadline)
@@ -207,7 +209,8 @@ class Arbiter:
                 error = f"handler did not start within {self._settings.startup_timeout:g} s"
             else:
                 try:
-                    protocol.decode_hello(first)
+                    names = protocol.decode_hello(first).info.get("streams")
+                    streams = frozenset(name for name in names if type(name) is str) if type(names) is list else frozenset()
                 except RPCError:
                     info = protocol.decode_response(first).error
                     error = _import_failure(self._handler_settings.registry, info) if info else "bad hello"
@@ -224,7 +227,9 @@ class Arbiter:
             process.join()
             return error
         parent.setblocking(False)
-        return Handler(slot, process, parent, call_state)
+        started = Handler(slot, process, parent, call_state)
+        started.streams = streams
+        return started
 
     # -- stopping one -------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ __all__ = ["Call", "CallTable"]
 class Call:
     """One request on its way through the server."""
 
-    __slots__ = ("connection", "origin", "id", "method", "frame", "deadline", "received", "answered", "slot", "lease")
+    __slots__ = ("connection", "origin", "id", "method", "frame", "deadline", "received", "answered", "slot", "lease", "stream")
 
     def __init__(
         self,
@@ -48,6 +48,7 @@ class Call:
         self.answered = False
         self.slot: int | None = None  # the handler running it, once it runs
         self.lease = False  # it lent its connection to the handler: settled when the socket is back
+        self.stream: Any = None  # the router's record of its stream, once its handler started one
 
     def __repr__(self) -> str:
         return f"<Call {self.method!r} id={self.id} slot={self.slot} answered={self.answered}>"

@@ -25,6 +25,11 @@ Cancelling: ``future.cancel()`` on a submitted call, or a KeyboardInterrupt (any
 exception that is not rpc's own) while a ``call`` waits, drops the call here and
 sends the server a cancel message: a queued call never runs, and a running one's
 handler is stopped. Its answer, if one was already on its way, is dropped.
+
+Streams: a call of a generator function returns an :class:`Stream` (the server
+answered with a stream start). Its items are read like replies, by whichever
+thread reads, and queued on the stream; the window (see :mod:`rpc.protocol`)
+bounds that queue, and the stream credits the server as its consumer takes them.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from .errors import (
 )
 from .registry import MethodInfo
 
-__all__ = ["Client", "connect"]
+__all__ = ["Client", "Stream", "connect"]
 
 _DEFAULT: Any = object()
 _CANCEL_SEND_SECONDS = 5.0  # how long a cancel message may wait for the socket
@@ -117,6 +122,78 @@ class _Pending:
                 self.future.set_exception(self.error)
             else:
                 self.future.set_result(self.result)
+
+class _StreamState:
+    """What a stream's consumer and the reading threads share (under the calls' lock)."""
+
+    __slots__ = ("id", "name", "timeout", "items", "ended", "error", "closed", "consumed", "consumed_bytes")
+
+    def __init__(self, id: int, name: str, timeout: float | None) -> None:
+        self.id = id
+        self.name = name
+        self.timeout = timeout  # bounds the wait for each item
+        self.items: deque[tuple[Any, int]] = deque()  # (value, size of its message), at most a window
+        self.ended = False  # its end arrived (or the connection failed)
+        self.error: RPCError | None = None  # what ended it, raised where the iteration reaches it
+        self.closed = False  # closed here: the server was told, and what comes for it is dropped
+        self.consumed = 0  # items taken and not yet credited to the server
+        self.consumed_bytes = 0
+
+
+class Stream:
+    """The items of a remote generator, as it yields them: an iterator.
+
+    Returned by a call of a generator function (``for row in client.rows("big.csv")``).
+    The server's generator runs at most a window of items ahead of what is taken
+    from here; ``timeout`` (the call's) bounds the wait for each item
+    (:class:`CallTimeout`, and the stream is closed). An exception the generator
+    raises is raised here, where the iteration reaches it. :meth:`close` (also at
+    the end of a ``with`` block, or when the stream is garbage collected, such as
+    after ``break`` out of a ``for`` loop) closes the generator on the server: its
+    ``finally`` blocks run.
+    """
+
+    __slots__ = ("_calls", "_state", "__weakref__")
+
+    def __init__(self, calls: _Calls, state: _StreamState) -> None:
+        self._calls = calls
+        self._state = state
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Any:
+        return self._calls._next_item(self._state)
+
+    def close(self) -> None:
+        """Stop the stream: the generator on the server is closed (its ``finally`` blocks run)."""
+        self._calls._close_stream(self._state)
+
+    @property
+    def closed(self) -> bool:
+        """Whether it has ended or was closed."""
+        return self._state.closed or (self._state.ended and not self._state.items)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._calls._abandon(self._state)
+        except Exception:  # noqa: S110 - an interpreter shutting down: the server closes it with the connection
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<rpc.Stream {self._state.name!r} id={self._state.id} {state}>"
+
+
+# A frame read and handled on the way (a stream's item or end): no call to hand it to.
+_HANDLED = protocol.Response(-1, None, None)
+
 
 class _CallFuture(Future[Any]):
     """The future of a submitted call: :meth:`cancel` stops the call on the server too."""
@@ -342,6 +419,8 @@ class _Calls:
         self._reader_polling = False  # whether it waits on the socket (else on the condition)
         self._wake: tuple[socket.socket, socket.socket] | None = None  # wakes it out of poll()
         self._failure: RPCError | None = None  # set once the connection is unusable
+        self._streams: dict[int, _StreamState] = {}  # open streams by request id
+        self._abandoned: list[int] = []  # streams collected while the socket was busy: their close waits
 
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -453,6 +532,8 @@ class _Calls:
             if self._failure is not None:
                 raise self._failure
             framing.send_frame(self._sock, frame, deadline)
+            if self._abandoned:
+                self._close_abandoned(deadline)
         except framing.SendTimeout as exc:
             assert pending is not None
             raise self._unsent(pending, exc.sent) from None
@@ -473,7 +554,10 @@ class _Calls:
 
     def _send_cancel(self, request_id: int) -> None:
         """Ask the server to stop ``request_id``; best effort: the call is given up here already."""
-        frame = protocol.encode_cancel(request_id)
+        self._send_control(protocol.encode_cancel(request_id))
+
+    def _send_control(self, frame: bytes) -> None:
+        """Send a cancel or a credit; best effort, within _CANCEL_SEND_SECONDS."""
         deadline = time.monotonic() + _CANCEL_SEND_SECONDS
         lock = self._send_lock
         if not lock.acquire(timeout=_CANCEL_SEND_SECONDS):
@@ -586,7 +670,8 @@ class _Calls:
                 if response is None:
                     break  # the deadline passed, or the connection failed
                 if response.id != pending.id:
-                    self._deliver(response)
+                    if response is not _HANDLED:
+                        self._deliver(response)
                     continue
                 with self._lock:
                     mine = self._pending.pop(pending.id, None) is not None
@@ -624,7 +709,8 @@ class _Calls:
         response = self._next_response(deadline, wake)
         if response is None:
             return False
-        self._deliver(response)
+        if response is not _HANDLED:
+            self._deliver(response)
         return True
 
     def _next_response(self, deadline: float | None, wake: socket.socket | None) -> protocol.Response | None:
@@ -643,10 +729,13 @@ class _Calls:
         if frame is None:
             return None
         try:
-            response = protocol.decode_response(frame)
+            response = protocol.decode_answer(frame)
         except ProtocolError as exc:
             self._fail_all(exc)
             return None
+        if type(response) is protocol.StreamMessage:
+            return self._stream_message(response, len(frame))
+        assert type(response) is protocol.Response
         if response.id is None:
             # A connection-level error from the server, which closes the connection.
             self._fail_all(_exception(response.error) if response.error else ConnectionClosed("bad response"))
@@ -688,11 +777,132 @@ class _Calls:
                 waiting.error = error
                 waiting.done = True
             self._pending.clear()
+            for stream in self._streams.values():
+                stream.ended = True
+                stream.error = error
+            self._streams.clear()
             self._futures = 0
             self._deadlines.clear()
             self._cond.notify_all()
         for waiting in failed:
             waiting.settle_future()
+
+    # -- streams --------------------------------------------------------------------------
+
+    def _stream_message(self, message: protocol.StreamMessage, size: int) -> protocol.Response:
+        """A stream's start (its call's answer: a Stream), or an item or end for an open stream."""
+        kind, request_id = message.kind, message.id
+        if kind == protocol.STREAM_START:
+            with self._lock:
+                pending = self._pending.get(request_id)
+                state = _StreamState(request_id, pending.name if pending else "?", pending.timeout if pending else None)
+                if pending is not None:
+                    self._streams[request_id] = state
+            stream = Stream(self, state)
+            if pending is None:  # its caller gave up: nobody will read it
+                state.closed = True
+                self._send_cancel(request_id)
+            return protocol.Response(request_id, None, stream)
+        with self._lock:
+            open_stream = self._streams.get(request_id)
+            if open_stream is not None:
+                if kind == protocol.STREAM_ITEM:
+                    open_stream.items.append((message.value, size))
+                else:
+                    del self._streams[request_id]
+                    open_stream.ended = True
+                    open_stream.error = None if message.error is None else _exception(message.error)
+                if self._waiters:
+                    self._cond.notify_all()  # its consumer may wait in another thread
+        return _HANDLED
+
+    def _next_item(self, state: _StreamState) -> Any:
+        """The stream's next item, reading for it if no other thread reads; StopIteration at its end."""
+        deadline = None if state.timeout is None else time.monotonic() + state.timeout
+        while True:
+            credit = 0
+            read = timed_out = False
+            with self._lock:
+                while True:
+                    if state.items:
+                        value, size = state.items.popleft()
+                        state.consumed += 1
+                        state.consumed_bytes += size
+                        # Credit by half windows: few messages, and the server never waits on a full one.
+                        if not state.ended and (
+                            state.consumed >= protocol.STREAM_WINDOW // 2
+                            or state.consumed_bytes >= protocol.STREAM_WINDOW_BYTES // 2
+                        ):
+                            credit, state.consumed, state.consumed_bytes = state.consumed, 0, 0
+                        break
+                    if state.closed:
+                        raise StopIteration
+                    if state.ended:
+                        state.closed = True
+                        error, state.error = state.error, None
+                        if error is not None:
+                            raise error
+                        raise StopIteration
+                    if deadline is not None and time.monotonic() >= deadline:
+                        timed_out = True
+                        break
+                    if not self._reading:
+                        self._reading = read = True
+                        break
+                    self._waiters += 1
+                    try:
+                        self._cond.wait(None if deadline is None else max(deadline - time.monotonic(), 0))
+                    finally:
+                        self._waiters -= 1
+            if read:
+                try:
+                    while not (state.items or state.ended or state.closed) and self._read_one(deadline, None):
+                        pass
+                finally:
+                    self._stop_reading()
+                continue
+            if timed_out:
+                self._close_stream(state)
+                raise CallTimeout(f"stream {state.name!r} sent no item within its timeout of {state.timeout:g} s")
+            if credit:
+                self._send_control(protocol.encode_credit(state.id, credit))
+            return value
+
+    def _close_stream(self, state: _StreamState) -> None:
+        with self._lock:
+            if state.closed:
+                return
+            state.closed = True
+            state.items.clear()
+            if state.ended or self._streams.pop(state.id, None) is None:
+                return  # it had ended: nothing to tell the server
+        self._send_cancel(state.id)
+
+    def _abandon(self, state: _StreamState) -> None:
+        """A stream was garbage collected: close it, without waiting for any lock (this may run
+        inside any code of this thread, even one holding a lock here)."""
+        if state.closed or state.ended or self._failure is not None:
+            return
+        state.closed = True
+        if self._streams.pop(state.id, None) is None:  # (one dict operation: atomic)
+            return
+        self._abandoned.append(state.id)
+        if self._send_lock.acquire(False):
+            try:
+                self._close_abandoned(time.monotonic() + _CANCEL_SEND_SECONDS)
+            except (OSError, framing.SendTimeout):
+                pass  # the connection is failing: the server closes its streams with it
+            finally:
+                self._send_lock.release()
+        # else: sent by whoever holds the socket, once its own frame is out
+
+    def _close_abandoned(self, deadline: float | None) -> None:
+        """Holding the send lock: send the closes of collected streams."""
+        while self._abandoned:
+            if self._failure is not None:
+                self._abandoned.clear()
+                return
+            framing.send_frame(self._sock, protocol.encode_cancel(self._abandoned.pop()), deadline)
 
     def _close_transport(self) -> None:
         """Under the lock, once no thread reads: release the socket and the wake-up pair."""

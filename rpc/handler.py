@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection, wait
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from . import lease, protocol
+from . import lease, protocol, streams
 from .framing import Frame, FrameDecoder
 from .handler_output import OutputRouter
 from .logs import Logger, make_logger, open_log_file, report_dropped, resolve_format
@@ -87,7 +87,9 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
     if output is not None:
         output.install_logging()  # after the import: a module that configures logging keeps its own
     note_method = output.note_method if output is not None else None
-    conn.send_bytes(protocol.encode_hello({"pid": os.getpid()}))
+    stream_names = streams.stream_names(registry)
+    # The router never lends a socket for a stream (see rpc.streams).
+    conn.send_bytes(protocol.encode_hello({"pid": os.getpid(), "streams": sorted(stream_names)}))
     log.debug("handler_ready", registry=settings.registry, methods=len(registry))
     pipe = PipeReader(conn.fileno(), settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
     state = lease.CallState(call_state) if call_state is not None else None
@@ -112,10 +114,17 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
                 return  # the supervisor closed the pipe: stop
             kind = protocol.internal_kind(frame)
             if kind is None:
-                reply = execute(registry, frame, settings, note_method)
+                if stream_names:
+                    try:
+                        answer = streams.execute(registry, frame, settings, note_method, stream_names, conn, pipe)
+                    except (EOFError, OSError, RPCError):
+                        return  # the supervisor closed the pipe mid-stream (the generator is closed): stop
+                else:
+                    answer = execute(registry, frame, settings, note_method)
                 if output is not None:
                     output.end_call()
-                conn.send_bytes(reply)
+                if answer is not None:  # (None: it was streamed)
+                    conn.send_bytes(answer)
             elif kind == protocol.LEASE:
                 lent = lease.Lease.decode(frame)
                 if not pipe.descriptors or state is None:
@@ -123,7 +132,7 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
                 sock = socket.socket(fileno=pipe.descriptors.popleft())
                 end = lease.serve_lease(
                     sock, conn.fileno(), lent.frame, run_call, state, settings.max_call_seconds,
-                    log_call if settings.access_log else None, settings.send_timeout,
+                    log_call if settings.access_log else None, settings.send_timeout, stream_names,
                 )
                 conn.send_bytes(end.encode())
             # a RECALL that arrives after its lease ended needs nothing
@@ -149,18 +158,34 @@ class PipeReader:
     def read(self) -> Frame:
         frames = self._frames
         while (frame := frames.next()) is None:
-            count, ancillary, _flags, _ = self._sock.recvmsg_into([frames.get_buffer()], self._ancillary)
-            for level, kind, data in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-                    self.descriptors.extend(fds)
-            if not count:
-                raise EOFError("the supervisor closed the pipe")
+            frame = frames.buffer_updated(self._receive(0))
+            if frame is not None:
+                return frame
+        return frame
+
+    def read_ready(self) -> Frame | None:
+        """The next frame if it is here whole already; never waits (a stream checks between items)."""
+        frames = self._frames
+        while (frame := frames.next()) is None:
+            try:
+                count = self._receive(socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
             frame = frames.buffer_updated(count)
             if frame is not None:
                 return frame
         return frame
+
+    def _receive(self, flags: int) -> int:
+        count, ancillary, _flags, _ = self._sock.recvmsg_into([self._frames.get_buffer()], self._ancillary, flags)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self.descriptors.extend(fds)
+        if not count:
+            raise EOFError("the supervisor closed the pipe")
+        return count
 
 
 _MAX_DESCRIPTORS = 4

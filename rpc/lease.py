@@ -260,6 +260,7 @@ def serve_lease(
     max_call_seconds: float | None,
     on_call: Callable[[protocol.Request, bytes, float], None] | None,
     send_timeout: float | None = None,
+    streams: frozenset[str] = frozenset(),
 ) -> LeaseEnd:
     """Run ``first``, then serve the lent ``sock`` until it should go back; closes ``sock``.
 
@@ -280,7 +281,7 @@ def serve_lease(
     try:
         while True:
             if body is not None:
-                request = _servable(body)
+                request = _servable(body, streams)
                 if request is None:
                     reason = EndReason.FRAME  # left on the socket, for the router
                     break
@@ -336,15 +337,15 @@ def serve_lease(
     return LeaseEnd(reason, served)
 
 
-def _servable(body: bytes | memoryview) -> protocol.Request | None:
+def _servable(body: bytes | memoryview, streams: frozenset[str]) -> protocol.Request | None:
     """The request in ``body`` if the handler serves it on the lent socket: checked as the
-    router checks every frame (and decoded once); pings, notifications and anything
-    malformed are the router's."""
+    router checks every frame (and decoded once); pings, notifications, calls of
+    generator functions (``streams``) and anything malformed are the router's."""
     try:
         request = protocol.decode_call(body)
     except ProtocolError:
         return None
-    if request.id is None or request.method == protocol.PING:
+    if request.id is None or request.method == protocol.PING or request.method in streams:
         return None
     return request
 

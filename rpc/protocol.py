@@ -32,6 +32,10 @@ kind           layout                                          direction
 2 notification ``[2, method, args, kwargs]``                    client -> server
 3 cancel       ``[3, id]``                                      client -> server
 4 hello        ``[4, protocol_version, info]``                  both ways, once
+5 stream start ``[5, id]``                                      server -> client
+6 stream item  ``[6, id, value]``                               server -> client
+7 stream end   ``[7, id, error]``                               server -> client
+8 credit       ``[8, id, count]``                               client -> server
 =============  ==============================================  ===================
 
 - ``id``: unsigned integer chosen by the client, unique among its calls in flight
@@ -58,6 +62,33 @@ kind           layout                                          direction
   on its way, so a client that cancels must discard a late answer. A client that
   closes its connection cancels every call of it: queued ones never run, and
   running ones still running 0.1 s later are stopped.
+
+Streams
+-------
+A call of a generator function is answered by a stream instead of a response:
+the first message answering a call is either a response or a stream start
+``[5, id]``. Then come items ``[6, id, value]``, one per value the generator
+yields, in order, and one stream end ``[7, id, error]``: ``error`` is nil when
+the generator finished, else an error map as in a response (the generator
+raised, an item could not be encoded or was over ``max_message_bytes``, the
+wait for an item passed the call's ``timeout``, the handler crashed, the server
+is shutting down). Nothing follows the end.
+
+Flow control: the server sends at most ``STREAM_WINDOW`` (64) items, and while
+the items not yet credited hold ``STREAM_WINDOW_BYTES`` (1 MiB, counting each
+item message's encoded size) or more it sends no further item, so a slow
+consumer holds at most a window of items on their way. The client grants
+credit ``[8, id, count]``: ``count`` items it has consumed (the oldest not yet
+credited). A client must credit at the latest once the items it consumed and
+has not credited reach half the window in count (32) or in bytes (512 KiB),
+else the stream may stall. A credit for a call that is not a stream is ignored.
+
+The meta ``timeout`` of a stream's request bounds the wait for each item (from
+the previous item, or from a credit that reopened the window), not the whole
+stream. A cancel ``[3, id]`` of a stream closes it: the generator is closed
+(its ``finally`` blocks run) and the stream ends; items already on their way
+still arrive, and the client should drop them and the end. A client that
+closes its connection closes its streams.
 
 Values
 ------
@@ -119,6 +150,7 @@ import datetime as _dt
 import struct
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -134,6 +166,14 @@ __all__ = [
     "NOTIFICATION",
     "CANCEL",
     "HELLO",
+    "STREAM_START",
+    "STREAM_ITEM",
+    "STREAM_END",
+    "CREDIT",
+    "STREAM_WINDOW",
+    "STREAM_WINDOW_BYTES",
+    "StreamWindow",
+    "StreamMessage",
     "PROTOCOL_VERSION",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Envelope",
@@ -149,11 +189,19 @@ __all__ = [
     "encode_response",
     "encode_error",
     "encode_hello",
+    "encode_stream_start",
+    "encode_stream_item",
+    "encode_stream_end",
+    "encode_credit",
+    "stream_kind",
+    "stream_control",
+    "decode_credit",
     "parse_envelope",
     "decode_request",
     "decode_call",
     "decode_response",
     "decode_hello",
+    "decode_answer",
     "response_is_error",
     "check_size",
     "MAX_EXT_DEPTH",
@@ -168,6 +216,14 @@ RESPONSE = 1
 NOTIFICATION = 2
 CANCEL = 3
 HELLO = 4
+STREAM_START = 5
+STREAM_ITEM = 6
+STREAM_END = 7
+CREDIT = 8
+
+# A stream's window (see "Streams" above): items on their way and not yet credited.
+STREAM_WINDOW = 64
+STREAM_WINDOW_BYTES = 1 << 20
 
 # Between the server and its handler processes only, never on the wire:
 LEASE = 16  # [16, request frame, peer]: serve this client's socket (its descriptor follows)
@@ -465,6 +521,41 @@ class Envelope(NamedTuple):
     timeout: float | None
 
 
+class StreamMessage(NamedTuple):
+    """A stream's start, item or end as the client decodes it (``kind`` is STREAM_START, ...)."""
+
+    kind: int
+    id: int
+    error: ErrorInfo | None  # of an end: nil when the generator finished
+    value: Any  # of an item
+
+
+class StreamWindow:
+    """A stream's flow control as its sender sees it: the items sent and not yet credited.
+
+    The handler sends an item only while the window is open; the router keeps the
+    same count to know whether the handler is producing or waiting for the client.
+    """
+
+    __slots__ = ("sizes", "bytes")
+
+    def __init__(self) -> None:
+        self.sizes: deque[int] = deque()
+        self.bytes = 0
+
+    def open(self) -> bool:
+        return len(self.sizes) < STREAM_WINDOW and self.bytes < STREAM_WINDOW_BYTES
+
+    def sent(self, size: int) -> None:
+        self.sizes.append(size)
+        self.bytes += size
+
+    def credit(self, count: int) -> None:
+        sizes = self.sizes
+        for _ in range(min(count, len(sizes))):
+            self.bytes -= sizes.popleft()
+
+
 class Request(NamedTuple):
     """A request or notification as the handler decodes it (``id`` is None for notifications)."""
 
@@ -567,6 +658,51 @@ def encode_hello(info: dict[str, Any]) -> bytes:
     return _pack([HELLO, PROTOCOL_VERSION, info])
 
 
+def encode_stream_start(id: int) -> bytes:
+    return _pack([STREAM_START, id])
+
+
+def encode_stream_item(id: int, value: Any, method: str = "") -> bytes:
+    """One item of a stream; :class:`SerializationError` if it cannot be encoded."""
+    try:
+        return _pack([STREAM_ITEM, id, value])
+    except Exception as exc:
+        raise SerializationError(f"cannot encode an item of {quote(method) if method else 'the stream'}: {brief(exc)}") from None
+
+
+def encode_stream_end(id: int | None, error: ErrorInfo | None = None) -> bytes:
+    """The end of a stream: nil error when the generator finished."""
+    if error is None:
+        return _pack([STREAM_END, id, None])
+    # The error map of a response, so texts are cut the same way.
+    body = decode_value(encode_error(id, error))[2]
+    return _pack([STREAM_END, id, body])
+
+
+def stream_end_frame(id: int | None, error: RPCError) -> bytes:
+    """The end of a stream that failed with one of rpc's own errors (CallTimeout, ...)."""
+    return encode_stream_end(id, ErrorInfo(error.code, type(error).__name__, error.message))
+
+
+def encode_credit(id: int, count: int) -> bytes:
+    return _pack([CREDIT, id, count])
+
+
+_STREAM_KINDS = (STREAM_START, STREAM_ITEM, STREAM_END)
+
+
+def stream_control(frame: bytes | bytearray | memoryview) -> bool:
+    """Whether a frame the router forwards to a handler is a stream's credit or close (cancel)."""
+    return len(frame) > 1 and ((frame[0] == 0x93 and frame[1] == CREDIT) or (frame[0] == 0x92 and frame[1] == CANCEL))
+
+
+def stream_kind(frame: bytes | bytearray) -> int | None:
+    """The kind of a stream message from a handler (start, item, end), read from its first bytes, or None."""
+    if len(frame) > 1 and 0x92 <= frame[0] <= 0x93 and frame[1] in _STREAM_KINDS:
+        return frame[1]
+    return None
+
+
 _NIL = 0xC0
 
 
@@ -660,6 +796,10 @@ def parse_envelope(frame: bytes | bytearray) -> Envelope:
         return Envelope(CANCEL, message[1], "", None)
     if kind == HELLO and len(message) == 3:
         return Envelope(HELLO, None, "", None)
+    if kind == CREDIT and len(message) == 3:
+        _expect(type(message[1]) is int, "request id must be an int")
+        _expect(type(message[2]) is int and 0 <= message[2] < 2**32, "credit must be a count >= 0")
+        return Envelope(CREDIT, message[1], "", None)
     raise ProtocolError(f"malformed message: kind {quote(kind)} with {len(message)} fields")
 
 
@@ -855,21 +995,57 @@ def decode_response(frame: bytes | memoryview) -> Response:
         _, response_id, error, result = message
         if error is None and type(response_id) is int:  # the usual answer, checked in one go
             return tuple.__new__(Response, (response_id, None, result))  # Response(...) without its Python-level __new__
+    return _response_of(message)
+
+
+def decode_answer(frame: bytes | memoryview) -> Response | StreamMessage:
+    """Decode what a server sends a client: a response, or a stream's start, item or end."""
+    try:
+        message = _unpack(frame)
+    except Exception as exc:
+        raise ProtocolError(f"cannot decode value: {brief(exc)}") from None
+    if type(message) is list and message and type(message[0]) is int:
+        kind = message[0]
+        if kind == RESPONSE and len(message) == 4 and message[2] is None and type(message[1]) is int:
+            return tuple.__new__(Response, (message[1], None, message[3]))
+        if kind == STREAM_ITEM and len(message) == 3 and type(message[1]) is int:
+            return tuple.__new__(StreamMessage, (STREAM_ITEM, message[1], None, message[2]))
+        if kind == STREAM_START:
+            _expect(len(message) == 2 and type(message[1]) is int, "a stream start is [5, id]")
+            return StreamMessage(STREAM_START, message[1], None, None)
+        if kind == STREAM_END:
+            _expect(len(message) == 3 and type(message[1]) is int, "a stream end is [7, id, error]")
+            error = message[2]
+            _expect(error is None or type(error) is dict, "error must be a map")
+            return StreamMessage(STREAM_END, message[1], None if error is None else _error_of(error), None)
+    return _response_of(message)
+
+
+def _response_of(message: Any) -> Response:
     _expect(type(message) is list and len(message) == 4 and _is_kind(message[0], RESPONSE), "not a response")
     _, response_id, error, result = message
     _expect(response_id is None or type(response_id) is int, "response id must be an int or nil")
     if error is None:
         return Response(response_id, None, result)
     _expect(type(error) is dict, "error must be a map")
+    return Response(response_id, _error_of(error), None)
+
+
+def _error_of(error: dict[Any, Any]) -> ErrorInfo:
     args = error.get("args", ())
-    info = ErrorInfo(
+    return ErrorInfo(
         code=_text(error.get("code"), "rpc_error"),
         type_name=_text(error.get("type"), "Exception"),
         message=_text(error.get("message"), ""),
         traceback=_text(error.get("traceback"), ""),
         args=tuple(args) if type(args) is list else (),
     )
-    return Response(response_id, info, None)
+
+
+def decode_credit(frame: bytes | bytearray) -> tuple[int, int]:
+    """The id and count of a credit message that :func:`parse_envelope` accepted."""
+    _, request_id, count = decode_value(frame)
+    return request_id, count
 
 
 def _is_kind(value: object, kind: int) -> bool:

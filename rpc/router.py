@@ -5,7 +5,10 @@ lock or crosses a thread. For each client connection it runs the authkey
 handshake (a state machine under a timer), reads frames, checks each request's
 envelope (kind, id, method, deadline) without decoding its arguments, and hands
 the frame untouched to an idle handler's pipe, or queues it (:mod:`rpc.calls`).
-A handler's reply goes back to the connection its call came from.
+A handler's reply goes back to the connection its call came from. A call of a
+generator function is answered by a stream (see :mod:`rpc.streams`): the router
+forwards its start and items to the client, and the client's credits and close
+to the handler, which stays the call's until the stream ends.
 
 Backpressure comes from the transports: a connection whose unsent replies pass
 ``max_outbox_bytes`` is not read until they drain, and a reply for it waits,
@@ -58,6 +61,9 @@ _ACCEPT_BACKOFF_MAX = 2.0
 # A call still running this long after its client went away is cancelled (its handler stopped).
 _GONE_GRACE = 0.1
 _GONE = "by its client going away"
+# A stream closed by its client (or its client going away) must end within this long (or its
+# per-item timeout, if longer), or its handler is stopped: a generator stuck in its work.
+STREAM_CLOSE_GRACE = 5.0
 _SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # Where a client connection is.
@@ -128,6 +134,12 @@ class Router:
                 connection.unhold()  # what it sent beyond its share is answered: ServerShuttingDown
         for call in self.table.close():
             self._answer(call, protocol.error_frame(call.id, ServerShuttingDown("the server is shutting down; the call did not run")), None, "shutting_down")
+        for streaming in list(self.table.running):
+            # A stream could run for ever: close it now (its generator's finally blocks run), and tell its client.
+            if streaming is not None and streaming.stream is not None and self.table.settle(streaming):
+                self._close_stream(streaming, "by the server shutting down")
+                error = ServerShuttingDown("the server is shutting down; the stream was closed")
+                self._answer(streaming, protocol.stream_end_frame(streaming.id, error), None, "shutting_down")
         try:
             deadline = time.monotonic() + grace
             # Calls running, and replies of calls that ran but wait for a slow reader, may finish.
@@ -218,12 +230,15 @@ class Router:
         else:
             error = WorkerCrashed(f"the handler process (pid {handler.pid}) died during this call: {reason}")
             outcome = "crashed"
-        self._answer(call, protocol.error_frame(call.id, error), handler.pid, outcome)
+        self._answer(call, self._failure_frame(call, error), handler.pid, outcome)
 
     def handler_replied(self, handler: Handler, reply: Frame) -> None:
         slot = handler.slot
         if protocol.internal_kind(reply) == protocol.LEASE_END:
             self._lease_ended(handler, lease.LeaseEnd.decode(reply))
+            return
+        if reply[0] != 0x94 and (kind := protocol.stream_kind(reply)) is not None:  # (a response is an array of 4)
+            self._stream_message(handler, kind, reply)
             return
         call = self.table.running[slot]
         if call is None or handler.kill_reason is not None or not self.table.settle(call):
@@ -240,7 +255,81 @@ class Router:
         if call.connection is not None:
             call.connection.write_frame(reply)
         if self.config.access_log:
-            self._log_call(call, pid, "error" if protocol.response_is_error(reply) else "ok")
+            closed = call.stream is not None and call.stream.closing
+            self._log_call(call, pid, "closed" if closed else "error" if protocol.response_is_error(reply) else "ok")
+
+    # -- streams (rpc.streams) -------------------------------------------------------------
+
+    def _stream_message(self, handler: Handler, kind: int, frame: Frame) -> None:
+        """A stream's start, item or end from the handler running its call."""
+        slot = handler.slot
+        call = self.table.running[slot]
+        if call is None or handler.kill_reason is not None:
+            return  # its handler is being stopped: the call is answered already
+        if call.answered:  # closed and answered by the router (shutdown): drop the rest
+            if kind == protocol.STREAM_END:
+                self._release(slot)
+            return
+        connection = call.connection
+        if kind == protocol.STREAM_ITEM:
+            stream = call.stream
+            stream.window.sent(len(frame))
+            if connection is not None:
+                # Never parked: the window bounds what a stream has on its way.
+                connection.write_frame(frame)
+            self._arm(call)
+        elif kind == protocol.STREAM_START:
+            allowance = None if call.deadline is None else call.deadline - call.received
+            call.stream = _CallStream(allowance)
+            if connection is not None:
+                connection.write_frame(frame)
+            self._arm(call)
+        elif call.stream is not None and self.table.settle(call):  # the end: answered, as a response
+            self._note_settled()
+            if connection is not None and connection.must_park():
+                connection.park(handler, call, frame)
+                return
+            self._deliver(call, frame, handler.pid)
+            self._release(slot)
+
+    def _arm(self, call: Call) -> None:
+        """A stream's deadline: its per-item timeout from now while its handler may send,
+        none while its window is shut (the handler waits for the client, not the other way)."""
+        stream = call.stream
+        if stream.allowance is None or stream.closing:
+            return
+        call.deadline = time.monotonic() + stream.allowance if stream.window.open() else None
+
+    def credit(self, connection: ClientConnection, request_id: int, frame: Frame) -> None:
+        """The client consumed items of the stream ``request_id``: forward the credit to its handler."""
+        call = self.table.find(connection, request_id)
+        if call is None or call.stream is None or call.stream.closing or call.slot is None:
+            return  # answered, closed, or not a stream: nothing to open
+        pipe = self.pipes[call.slot]
+        if pipe is not None:
+            pipe.write_frame(frame)
+        call.stream.window.credit(protocol.decode_credit(frame)[1])
+        self._arm(call)
+
+    def _close_stream(self, call: Call, how: str) -> None:
+        """Ask the handler to close the stream's generator (its finally blocks run) and end it."""
+        stream = call.stream
+        if stream.closing or call.slot is None:
+            return
+        stream.closing = True
+        pipe = self.pipes[call.slot]
+        if pipe is not None:
+            pipe.write_frame(protocol.encode_cancel(call.id if call.id is not None else 0))
+        grace = max(STREAM_CLOSE_GRACE, stream.allowance or 0.0)
+        call.deadline = time.monotonic() + grace
+        log = call.connection.log if call.connection is not None else self.log
+        log.info("stream_closed", method=call.method, id=call.id, how=how)
+
+    def _failure_frame(self, call: Call, error: RPCError) -> bytes:
+        """The message that fails ``call``: a response, or the end of the stream it started."""
+        if call.stream is not None:
+            return protocol.stream_end_frame(call.id, error)
+        return protocol.error_frame(call.id, error)
 
     def _release(self, slot: int) -> None:
         """The slot's handler is free: give it its next call, or let it exit if it is retiring."""
@@ -302,6 +391,7 @@ class Router:
         candidate = self.pipes[self.table.idle[-1]]
         if (
             candidate is None
+            or call.method in candidate.handler.streams  # a stream is the router's to follow
             or candidate.transport is None
             or candidate.transport.is_closing()
             or candidate.transport.get_write_buffer_size()
@@ -434,7 +524,7 @@ class Router:
                     continue
                 # Stopped first: whatever becomes of the answer, the slot is not lost.
                 self.arbiter.kill(call.slot, f"call {call.method!r} passed its deadline")
-                self._answer(call, protocol.error_frame(call.id, _timeout(call)), handler.pid if handler else None, "timeout")
+                self._answer(call, self._failure_frame(call, _timeout(call)), handler.pid if handler else None, "timeout")
             except Exception:
                 self.log.exception("housekeeping_failed")
         for call in queued:
@@ -486,6 +576,9 @@ class Router:
         A call already answered (or never seen) is left alone: its answer may be on its way.
         """
         call = self.table.find(connection, request_id)
+        if call is not None and call.stream is not None:
+            self._close_stream(call, "by its caller")  # not stopped: its generator is closed, and it ends the stream
+            return
         if call is None or not self.table.settle(call):
             return
         self._stop_cancelled(call, "by its caller")
@@ -513,7 +606,10 @@ class Router:
         self.table.forget(connection)
         cutoff = time.monotonic() + _GONE_GRACE
         for call in self.table.running_of(connection):
-            call.deadline = cutoff if call.deadline is None else min(call.deadline, cutoff)
+            if call.stream is not None:
+                self._close_stream(call, _GONE)  # its generator's finally blocks run
+            else:
+                call.deadline = cutoff if call.deadline is None else min(call.deadline, cutoff)
         self._note_settled()
         parked, connection.parked = connection.parked, []
         for handler, _call, _reply in parked:
@@ -974,6 +1070,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         elif kind == protocol.CANCEL:
             assert envelope.id is not None
             router.cancel(self, envelope.id)
+        elif kind == protocol.CREDIT:
+            assert envelope.id is not None
+            router.credit(self, envelope.id, frame)
         # A second hello means nothing.
 
     def _too_large(self, exc: MessageTooLarge) -> None:
@@ -1111,6 +1210,11 @@ class ClientConnection(asyncio.BufferedProtocol):
 
 
 def _timeout(call: Call) -> CallTimeout:
+    stream = call.stream
+    if stream is not None and stream.closing:
+        return CallTimeout(f"stream {call.method!r} did not end within {STREAM_CLOSE_GRACE:g} s of being closed")
+    if stream is not None and stream.allowance is not None:
+        return CallTimeout(f"stream {call.method!r} sent no item within its timeout of {round(stream.allowance, 3):g} s")
     return CallTimeout(f"call {call.method!r} passed its deadline of {_allowed(call)} s")
 
 
@@ -1124,3 +1228,14 @@ def _allowed(call: Call) -> str:
     """The seconds the call was given: its timeout, or max_call_seconds if that is shorter."""
     return f"{round((call.deadline or call.received) - call.received, 3):g}"
 
+
+
+class _CallStream:
+    """The router's record of a call answered by a stream."""
+
+    __slots__ = ("window", "allowance", "closing")
+
+    def __init__(self, allowance: float | None) -> None:
+        self.window = protocol.StreamWindow()  # items forwarded and not yet credited, as the handler counts them
+        self.allowance = allowance  # seconds allowed for each item (the call's timeout), or None
+        self.closing = False  # a close went to its handler: the end is awaited, and nothing more forwarded to it

@@ -24,6 +24,16 @@ def test_hello_prints_5():
     assert result.stdout == "5\n"
 
 
+def test_the_streaming_example_streams_stops_early_and_streams_to_asyncio():
+    result = subprocess.run([sys.executable, "streaming.py"], cwd=EXAMPLES, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"sum of squares: {sum(i * i for i in range(100_000))}",
+        "found: 7,49",
+        "aio: ['0,0', '1,1', '2,4']",
+    ]
+
+
 def test_parallel_example_runs_and_reports_a_speed_up():
     result = subprocess.run(
         [sys.executable, "run.py", "--calls", "4", "--size", "20000", "--workers", "2"],
