@@ -484,7 +484,7 @@ def test_a_connection_lost_mid_call_fails_every_call_in_flight(peer, run):
     server = peer(read_three_then_hang_up)
 
     async def body() -> None:
-        async with rpc.aio.connect(server.address, authkey=KEY, timeout=HANG) as client:
+        async with rpc.aio.connect(server.address, authkey=KEY, timeout=HANG, reconnect=False) as client:
             outcomes = await asyncio.gather(*(client.add(i, 1) for i in range(3)), return_exceptions=True)
             for outcome in outcomes:
                 assert isinstance(outcome, rpc.ConnectionClosed) and str(outcome) == "the server closed the connection"
