@@ -10,10 +10,11 @@ blocks the loop; the hello, requests and replies go through rpc.protocol with th
 sync client's limits. Errors and timeouts are the sync client's: a call that
 times out forgets its id, so a late reply is dropped and the connection stays
 usable; a connection that ends fails every call in flight with
-:class:`ConnectionClosed`, and the client stays closed. A call whose task is
-cancelled sends the server a cancel message: a queued call never runs, and a
-running one's handler is stopped. Streams and reconnecting are not here yet:
-the call table (a dict of futures by id) is where they will go.
+:class:`ConnectionClosed` (never sent again), and the next call opens a new
+connection in its place (unless ``reconnect=False``), once for all the calls
+waiting for it. A call whose task is cancelled sends the server a cancel
+message: a queued call never runs, and a running one's handler is stopped.
+Streams are not here yet: the call table (a dict of futures by id) is where they will go.
 """
 
 from __future__ import annotations

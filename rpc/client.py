@@ -25,6 +25,12 @@ Cancelling: ``future.cancel()`` on a submitted call, or a KeyboardInterrupt (any
 exception that is not rpc's own) while a ``call`` waits, drops the call here and
 sends the server a cancel message: a queued call never runs, and a running one's
 handler is stopped. Its answer, if one was already on its way, is dropped.
+
+Reconnecting: a call made once the connection has ended first opens a new one
+(:func:`_reopen`: within connect_timeout, with backoff). With nothing in flight
+nobody reads the socket, so before such a call one ``poll()`` tells whether the
+server closed it meanwhile (then what came is read: late answers, the end). A
+call that was in flight when the connection ended has failed and is never resent.
 """
 
 from __future__ import annotations
