@@ -322,7 +322,7 @@ def test_the_server_stopping_mid_call_fails_the_call_with_connection_closed(rpc_
     gate = Gate(tmp_path)
 
     async def body() -> None:
-        async with connect(server) as client:
+        async with connect(server, connect_timeout=1) as client:  # (the last call tries to reconnect for this long)
             held = asyncio.ensure_future(client.hold(*gate.args()))
             await until(gate.started.exists, "the call runs")
             # The server's close() waits for the running call (up to its grace): off the loop.
