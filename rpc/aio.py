@@ -10,18 +10,20 @@ blocks the loop; the hello, requests and replies go through rpc.protocol with th
 sync client's limits. Errors and timeouts are the sync client's: a call that
 times out forgets its id, so a late reply is dropped and the connection stays
 usable; a connection that ends fails every call in flight with
-:class:`ConnectionClosed`, and the client stays closed. A call whose task is
-cancelled sends the server a cancel message: a queued call never runs, and a
-running one's handler is stopped. A call of a generator function returns a
-:class:`Stream`, an async iterator over its items (``async for row in await
-client.rows(...)``), crediting the server as they are taken. Reconnecting is
-not here yet.
+:class:`ConnectionClosed` (never sent again), and the next call opens a new
+connection in its place (unless ``reconnect=False``), once for all the calls
+waiting for it. A call whose task is cancelled sends the server a cancel
+message: a queued call never runs, and a running one's handler is stopped. A
+call of a generator function returns a :class:`Stream`, an async iterator over
+its items (``async for row in await client.rows(...)``), crediting the server as
+they are taken.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import socket
 import time
 from collections import deque
@@ -29,7 +31,7 @@ from collections.abc import Coroutine, Generator
 from typing import Any, cast
 
 from . import __version__, framing, protocol, transport
-from .client import _check_authkey, _check_timeout, _exception
+from .client import _BACKOFF_FIRST_SECONDS, _BACKOFF_MAX_SECONDS, _check_authkey, _check_timeout, _exception
 from .errors import (
     AuthenticationError,
     CallTimeout,
@@ -446,10 +448,6 @@ class Stream:
         return f"<rpc.aio.Stream {self._name!r} id={self._id} {'closed' if self.closed else 'open'}>"
 
 
-async def _raise(error: BaseException) -> Any:
-    raise error
-
-
 class Client:
     """A connection to an rpc server, for asyncio. Made by :func:`connect`.
 
@@ -468,21 +466,32 @@ class Client:
         timeout: float | None = None,
         connect_timeout: float = 10.0,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        reconnect: bool = True,
     ) -> None:
         self._authkey = _check_authkey(authkey)
         self._timeout = _check_timeout(timeout)
         if _check_timeout(connect_timeout, "connect_timeout") is None:
             raise ValueError("connect_timeout must be a number of seconds > 0 and at most a year, not None")
+        if type(reconnect) is not bool:
+            raise TypeError(f"reconnect must be True or False, not {reconnect!r}")
         self._connect_timeout = connect_timeout
         self.address = transport._check_address(address)
         self._max_message_bytes = max_message_bytes
+        self._reconnect = reconnect
         self._conn: _Connection | None = None
+        self._closed = False  # by the user: final
+        self._reopening: asyncio.Future[None] | None = None  # the reconnect under way, awaited by every call
         self.server_info: dict[str, Any] = {}
 
     async def _open(self) -> Client:
         """Connect and authenticate within ``connect_timeout``, without blocking the loop."""
         if self._conn is not None:
             raise RuntimeError("this client is connected already: await rpc.aio.connect(...) once")
+        self._conn, self.server_info = await self._connect(asyncio.get_running_loop().time() + self._connect_timeout)
+        return self
+
+    async def _connect(self, deadline: float) -> tuple[_Connection, dict[str, Any]]:
+        """A connection authenticated by ``deadline`` (the loop's time), and the server's hello."""
         loop = asyncio.get_running_loop()
         address, timeout = self.address, self._connect_timeout
         where = transport.format_address(address)
@@ -491,7 +500,7 @@ class Client:
         conn: _Connection | None = None
         connected = False
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 try:
                     await loop.sock_connect(sock, address)
                 except OSError as exc:
@@ -519,9 +528,63 @@ class Client:
                     conn._transport.abort()
                 else:
                     sock.close()
-        self.server_info = hello.info
-        self._conn = conn
-        return self
+        assert conn is not None
+        return conn, hello.info
+
+    async def _reopen(self) -> None:
+        """Connect again within ``connect_timeout``, retrying with backoff while nothing listens
+        yet (as the sync client does); the connect error if it cannot."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        wait = _BACKOFF_FIRST_SECONDS
+        try:
+            while True:
+                try:
+                    conn, info = await self._connect(deadline)
+                    break
+                except ConnectionClosed:  # nothing listening yet, or gone during the handshake
+                    pause = wait * random.uniform(0.5, 1.0)
+                    if loop.time() + pause >= deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    wait = min(wait * 2, _BACKOFF_MAX_SECONDS)
+            if self._closed:  # by the user, meanwhile
+                await conn.close()
+                raise ConnectionClosed("the client was closed")
+            self._conn, self.server_info = conn, info
+        finally:
+            self._reopening = None
+
+    async def _ready(self) -> _Connection:
+        """The open connection; a new one in place of one that ended, if the client reconnects.
+
+        Calls made while a reconnect is under way wait for that one attempt and share its outcome.
+        """
+        conn = self._conn
+        if conn is None:
+            raise ConnectionClosed("not connected: make clients with `await rpc.aio.connect(...)`")
+        if conn.failure is None:
+            return conn
+        if self._closed:
+            raise ConnectionClosed("the client was closed")
+        if not self._reconnect:
+            raise conn.failure
+        reopening = self._reopening
+        if reopening is None:
+            self._reopening = reopening = asyncio.ensure_future(self._reopen())
+            # (retrieved here, so an attempt whose callers all gave up logs no "never retrieved")
+            reopening.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            await asyncio.shield(reopening)
+        except asyncio.CancelledError:
+            if reopening.cancelled() and self._closed:  # stopped by close(), not this caller cancelled
+                raise ConnectionClosed("the client was closed") from None
+            raise
+        assert self._conn is not None
+        return self._conn  # (if it ended already, its call says so: one attempt per call)
+
+    async def _call_reopened(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        return await (await self._ready()).call(name, args, kwargs, timeout)
 
     # -- public API --------------------------------------------------------------------
 
@@ -548,7 +611,7 @@ class Client:
 
     async def notify(self, name: str, /, *args: Any, **kwargs: Any) -> None:
         """Run ``name`` on the server without waiting for, or getting, any answer."""
-        await self._connection().notify(name, args, kwargs)
+        await (await self._ready()).notify(name, args, kwargs)
 
     async def methods(self) -> list[MethodInfo]:
         """The methods the server exposes: name, signature text, first docstring line."""
@@ -562,10 +625,15 @@ class Client:
 
     @property
     def closed(self) -> bool:
+        """Whether no connection is open: after :meth:`close`, or once the connection ended
+        (until the next call opens a new one, unless made with ``reconnect=False``)."""
         return self._conn is None or self._conn.failure is not None
 
     async def close(self) -> None:
-        """Close the connection; calls still waiting fail with :class:`ConnectionClosed`."""
+        """Close the connection for good; calls still waiting fail with :class:`ConnectionClosed`."""
+        self._closed = True
+        if self._reopening is not None:
+            self._reopening.cancel()
         if self._conn is not None:
             await self._conn.close()
 
@@ -583,15 +651,10 @@ class Client:
 
     # -- calls -------------------------------------------------------------------------
 
-    def _connection(self) -> _Connection:
-        if self._conn is None:
-            raise ConnectionClosed("not connected: make clients with `await rpc.aio.connect(...)`")
-        return self._conn
-
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Coroutine[Any, Any, Any]:
         conn = self._conn
-        if conn is None:
-            return _raise(ConnectionClosed("not connected: make clients with `await rpc.aio.connect(...)`"))
+        if conn is None or conn.failure is not None:
+            return self._call_reopened(name, args, kwargs, timeout)  # not connected, or the connection ended
         return conn.call(name, args, kwargs, timeout)  # the connection's coroutine itself: no extra layer
 
 
@@ -620,6 +683,7 @@ def connect(
     *,
     connect_timeout: float = 10.0,
     max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+    reconnect: bool = True,
 ) -> _Connecting:
     """Connect and authenticate to the server at ``address``, from a running event loop.
 
@@ -628,8 +692,17 @@ def connect(
     :func:`rpc.connect`, checked here, before anything is awaited: ``address`` is
     ``(host, port)``, ``"HOST:PORT"`` or a Unix socket path; ``authkey`` the
     server's key as bytes; ``timeout`` each call's default deadline in seconds
-    (None: no deadline); ``connect_timeout`` bounds connecting and the whole handshake.
+    (None: no deadline); ``connect_timeout`` bounds connecting and the whole handshake;
+    ``reconnect`` (default True): a call made after the connection ended first opens a
+    new one, within ``connect_timeout``.
     """
     return _Connecting(
-        Client(address, authkey=authkey, timeout=timeout, connect_timeout=connect_timeout, max_message_bytes=max_message_bytes)
+        Client(
+            address,
+            authkey=authkey,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_message_bytes=max_message_bytes,
+            reconnect=reconnect,
+        )
     )

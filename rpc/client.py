@@ -30,19 +30,28 @@ Streams: a call of a generator function returns an :class:`Stream` (the server
 answered with a stream start). Its items are read like replies, by whichever
 thread reads, and queued on the stream; the window (see :mod:`rpc.protocol`)
 bounds that queue, and the stream credits the server as its consumer takes them.
+
+Reconnecting: a call made once the connection has ended first opens a new one
+(:func:`_reopen`: within connect_timeout, with backoff). With nothing in flight
+nobody reads the socket, so before such a call one ``poll()`` tells whether the
+server closed it meanwhile (then what came is read: late answers, the end). A
+call that was in flight when the connection ended has failed and is never resent.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
 import os
+import random
+import select
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -66,6 +75,12 @@ __all__ = ["Client", "Stream", "connect"]
 _DEFAULT: Any = object()
 _CANCEL_SEND_SECONDS = 5.0  # how long a cancel message may wait for the socket
 _MAX_ATTRIBUTES = 256  # remote methods looked up by attribute are kept on the client up to this many attributes
+# Reconnecting: the waits between attempts start at this, double, and stop growing at
+# the maximum; each is a random 50-100% of that, so clients of a restarted server spread out.
+_BACKOFF_FIRST_SECONDS = 0.05
+_BACKOFF_MAX_SECONDS = 1.0
+_IDLE_READ_SECONDS = 0.01  # how long the check before a call waits for the rest of a frame it found
+_IDLE_READ_FRAMES = 64  # the most frames that check reads (late answers) before the call goes on
 
 
 def _check_timeout(value: object, name: str = "timeout") -> float | None:
@@ -253,41 +268,26 @@ class Client:
         timeout: float | None = None,
         connect_timeout: float = 10.0,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        reconnect: bool = True,
     ) -> None:
         authkey = _check_authkey(authkey)
         checked_timeout = _check_timeout(timeout)
         if _check_timeout(connect_timeout, "connect_timeout") is None:
             raise ValueError("connect_timeout must be a number of seconds > 0 and at most a year, not None")
+        if type(reconnect) is not bool:
+            raise TypeError(f"reconnect must be True or False, not {reconnect!r}")
         self.address = address = transport._check_address(address)
-        deadline = time.monotonic() + connect_timeout
-        conn = transport.connect(address, connect_timeout)
-        try:
-            first = transport.client_handshake(conn, authkey, deadline, address, connect_timeout)
-            conn.send_bytes(protocol.encode_hello({"client": "rpc", "version": __version__}))
-            hello = protocol.decode_hello(first)
-            if hello.version != protocol.PROTOCOL_VERSION:
-                raise ProtocolError(
-                    f"the server speaks protocol version {hello.version}; this client speaks {protocol.PROTOCOL_VERSION}"
-                )
-        except ProtocolError:
-            conn.close()
-            raise
-        except TransportError:
-            conn.close()
-            raise
-        except OSError as exc:
-            conn.close()
-            raise ConnectionClosed(f"connection lost during the handshake: {exc}") from None
-        self.server_info: dict[str, Any] = hello.info
-        limit = hello.info.get("max_message_bytes")
-        server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
-        # A plain blocking socket from here on: frames are read and sent by rpc.framing.
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-        conn.close()
-        sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout() says
-        self._calls = _Calls(sock, max_message_bytes, server_limit, checked_timeout)
+        sock, info = _open(address, authkey, connect_timeout, time.monotonic() + connect_timeout)
+        # (a partial, not a method: the connection's object must not hold the client)
+        reopen = functools.partial(_reopen, address, authkey, connect_timeout) if reconnect else None
+        self._calls = _Calls(sock, max_message_bytes, info, checked_timeout, reopen)
 
     # -- public API --------------------------------------------------------------------
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        """What the server said of itself in its hello (on the connection now open)."""
+        return self._calls.server_info
 
     @property
     def timeout(self) -> float | None:
@@ -315,9 +315,11 @@ class Client:
 
     def notify(self, name: str, /, *args: Any, **kwargs: Any) -> None:
         """Run ``name`` on the server without waiting for, or getting, any answer."""
+        calls = self._calls
+        calls._ready()
         frame = protocol.encode_notification(name, args, kwargs)
-        protocol.check_size(frame, self._calls.server_limit)
-        self._calls._send(frame)
+        protocol.check_size(frame, calls.server_limit)
+        calls._send(frame)
 
     def submit(self, name: str, /, *args: Any, timeout: float | None = _DEFAULT, **kwargs: Any) -> Future[Any]:
         """Start a call and return a :class:`concurrent.futures.Future` of its result.
@@ -327,6 +329,7 @@ class Client:
         """
         calls = self._calls
         timeout = calls.timeout if timeout is _DEFAULT else _check_timeout(timeout)
+        calls._ready()
         future = _CallFuture(calls)
         pending = calls._start(name, args, kwargs, timeout, None if timeout is None else time.monotonic() + timeout, future)
         future._request_id = pending.id  # cancellable from now on (it stays "pending" until answered)
@@ -373,11 +376,22 @@ class Client:
 
     @property
     def closed(self) -> bool:
-        return self._calls._failure is not None
+        """Whether no connection is open: after :meth:`close`, or once the connection ended
+        (until the next call opens a new one, unless made with ``reconnect=False``).
+
+        With nothing in flight, it first reads what the server sent meanwhile, so a
+        connection the server closed reads as closed.
+        """
+        calls = self._calls
+        if calls._failure is None and not calls._pending and not calls._reading and calls._input_waiting():
+            calls._check_idle(reopen=False)
+        return calls._failure is not None
 
     def close(self) -> None:
-        """Close the connection; calls still waiting fail with :class:`ConnectionClosed`."""
-        self._calls._fail_all(ConnectionClosed("the client was closed"))
+        """Close the connection for good; calls still waiting fail with :class:`ConnectionClosed`."""
+        calls = self._calls
+        calls._closed = True  # before failing: a reconnect under way gives up
+        calls._fail_all(ConnectionClosed("the client was closed"))
 
     def __enter__(self) -> Client:
         return self
@@ -397,11 +411,20 @@ class _Calls:
     would make every attribute lookup here slower, which the per-call path feels.
     """
 
-    def __init__(self, sock: socket.socket, max_message_bytes: int, server_limit: int, timeout: float | None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        max_message_bytes: int,
+        info: dict[str, Any],
+        timeout: float | None,
+        reopen: Callable[[], tuple[socket.socket, dict[str, Any]]] | None = None,
+    ) -> None:
         self.timeout = timeout  # the default deadline of calls, checked by Client
-        self.server_limit = server_limit  # the largest request the server takes
-        self._sock = sock
-        self._frames = framing.FrameReader(self._sock.fileno(), max_message_bytes)  # used by the reading thread only
+        self._max_message_bytes = max_message_bytes
+        self._reopen = reopen  # opens a new connection (None: the client does not reconnect)
+        self._closed = False  # closed by the user: final
+        self._checking = False  # whether a thread reads what came while nothing was in flight
+        self._use(sock, info)
         self._ids = itertools.count(1)
         # The plain lock guards the state; the condition (on the same lock) is only for
         # threads that must wait, and is notified only when there are some.
@@ -422,7 +445,133 @@ class _Calls:
         self._streams: dict[int, _StreamState] = {}  # open streams by request id
         self._abandoned: list[int] = []  # streams collected while the socket was busy: their close waits
 
+    def _use(self, sock: socket.socket, info: dict[str, Any]) -> None:
+        """Take ``sock`` (authenticated, past the hello) as the connection."""
+        self.server_info = info
+        limit = info.get("max_message_bytes")
+        self.server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
+        self._sock = sock
+        self._frames = framing.FrameReader(sock.fileno(), self._max_message_bytes)  # used by the reading thread only
+        # Polled before a call when nothing is in flight: did the server close meanwhile?
+        self._input = select.poll()
+        self._input.register(sock.fileno(), select.POLLIN)
+
+    def _ready(self) -> None:
+        """Before a call: reopen a connection that ended, if the client reconnects.
+
+        With nothing in flight, nobody reads the socket, so first see whether the
+        server closed it meanwhile (idle_timeout, a restart): a call sent there would fail.
+        """
+        if self._failure is not None or (
+            self._reopen is not None and not self._pending and not self._reading and self._input_waiting()
+        ):
+            self._revive()
+
+    def _input_waiting(self) -> bool:
+        """Whether input (or the connection's end) waits on the socket; a check that never blocks."""
+        try:
+            return bool(self._input.poll(0))
+        except RuntimeError:  # another thread polls it at this moment: a poll object of its own
+            poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+
+    def _revive(self) -> None:
+        self._check_idle(reopen=True)
+
+    def _check_idle(self, reopen: bool) -> None:
+        """Read what arrived while no call was in flight (late answers, dropped; or the end),
+        and with ``reopen``, reopen a connection that ended (or raise why not).
+
+        One thread checks; calls starting meanwhile wait for its outcome, so none is
+        sent on a connection found closed, and they go out on the new one.
+        """
+        with self._lock:
+            mine = not (self._checking or self._reading or self._pending or self._failure is not None)
+            if mine:
+                self._checking = self._reading = True
+            else:
+                self._await_check()
+        if not mine:
+            if reopen and self._failure is not None:
+                self._reopen_or_raise()
+            return
+        try:
+            try:
+                for _ in range(_IDLE_READ_FRAMES):
+                    if not self._input_waiting() or not self._read_one(time.monotonic() + _IDLE_READ_SECONDS, None):
+                        break
+            finally:
+                self._stop_reading()
+            if reopen and self._failure is not None:
+                self._reopen_or_raise()
+        finally:
+            with self._lock:
+                self._checking = False
+                if self._waiters:
+                    self._cond.notify_all()
+
+    def _await_check(self) -> None:
+        """Under the lock: wait until no thread checks the idle connection."""
+        if self._checking:
+            self._waiters += 1
+            try:
+                while self._checking:
+                    self._cond.wait()
+            finally:
+                self._waiters -= 1
+
+    def _reopen_or_raise(self) -> None:
+        assert self._failure is not None
+        if self._closed:
+            raise ConnectionClosed("the client was closed")
+        if self._reopen is None:
+            raise self._failure
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        """Open a new connection in place of the one that ended; raises the connect error.
+
+        Nothing is in flight on the old one (its calls failed with ConnectionClosed when
+        it ended, and are never sent again). The socket changes with no thread reading it
+        (none starts to while it is failed; one that read it leaves at once, as it was
+        shut down) and none sending on it (the send lock is held while connecting).
+        """
+        assert self._reopen is not None
+        while True:
+            with self._lock:
+                self._waiters += 1
+                try:
+                    while self._reading and self._failure is not None:
+                        self._cond.wait()
+                finally:
+                    self._waiters -= 1
+                if self._failure is None:
+                    return  # another thread reconnected meanwhile
+            with self._send_lock:
+                with self._lock:
+                    if self._failure is None:
+                        return
+                    if self._reading:
+                        continue  # a call that took the reading role before the end: let it leave first
+                    if self._closed:
+                        raise ConnectionClosed("the client was closed")
+                sock, info = self._reopen()
+                with self._lock:
+                    if self._closed:  # by the user, meanwhile
+                        sock.close()
+                        raise ConnectionClosed("the client was closed")
+                    self._use(sock, info)
+                    if self._wake is not None:  # closed with the old socket; a reader may still use it
+                        self._wake = _wake_pair()
+                    self._failure = None
+                return
+
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        if self._failure is not None or (
+            self._reopen is not None and not self._pending and not self._reading and self._input_waiting()
+        ):
+            self._revive()  # (_ready, inlined: the per-call path)
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = self._start(name, args, kwargs, timeout, deadline, None)
         try:
@@ -462,6 +611,7 @@ class _Calls:
             protocol.check_size(frame, self.server_limit)
         pending = _Pending(request_id, future, name, timeout)
         with self._lock:
+            self._await_check()  # (another thread is seeing whether the server closed the connection)
             if self._failure is not None:
                 raise self._failure
             if future is None and not self._pending and not self._reading:
@@ -474,9 +624,7 @@ class _Calls:
                     self._add_deadline(deadline, request_id)
                 if self._reader_thread is None:
                     if self._wake is None:
-                        self._wake = socket.socketpair()
-                        for end in self._wake:
-                            end.setblocking(False)
+                        self._wake = _wake_pair()
                     self._reader_thread = threading.Thread(target=self._read_for_futures, name="rpc-client-reader", daemon=True)
                     self._reader_thread.start()
         try:
@@ -912,6 +1060,60 @@ class _Calls:
                 end.close()
 
 
+def _wake_pair() -> tuple[socket.socket, socket.socket]:
+    pair = socket.socketpair()
+    for end in pair:
+        end.setblocking(False)
+    return pair
+
+
+def _open(address: transport.Address, authkey: bytes | None, connect_timeout: float, deadline: float) -> tuple[socket.socket, dict[str, Any]]:
+    """Connect, authenticate and exchange hellos by ``deadline``: the socket and the server's hello."""
+    conn = transport.connect(address, max(deadline - time.monotonic(), 0.001), connect_timeout)
+    try:
+        first = transport.client_handshake(conn, authkey, deadline, address, connect_timeout)
+        conn.send_bytes(protocol.encode_hello({"client": "rpc", "version": __version__}))
+        hello = protocol.decode_hello(first)
+        if hello.version != protocol.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"the server speaks protocol version {hello.version}; this client speaks {protocol.PROTOCOL_VERSION}"
+            )
+    except ProtocolError:
+        conn.close()
+        raise
+    except TransportError:
+        conn.close()
+        raise
+    except OSError as exc:
+        conn.close()
+        raise ConnectionClosed(f"connection lost during the handshake: {exc}") from None
+    # A plain blocking socket from here on: frames are read and sent by rpc.framing.
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout() says
+    return sock, hello.info
+
+
+def _reopen(address: transport.Address, authkey: bytes | None, connect_timeout: float) -> tuple[socket.socket, dict[str, Any]]:
+    """Connect again within ``connect_timeout``, retrying with backoff while nothing listens yet.
+
+    Only ConnectionClosed is retried (nothing listening, or the server went away during
+    the handshake, as in a restart); a wrong key, another protocol version or the time
+    running out raise at once, and so does the last failure when no time is left.
+    """
+    deadline = time.monotonic() + connect_timeout
+    wait = _BACKOFF_FIRST_SECONDS
+    while True:
+        try:
+            return _open(address, authkey, connect_timeout, deadline)
+        except ConnectionClosed:
+            pause = wait * random.uniform(0.5, 1.0)
+            if time.monotonic() + pause >= deadline:
+                raise
+            time.sleep(pause)
+            wait = min(wait * 2, _BACKOFF_MAX_SECONDS)
+
+
 def _call_timeout(pending: _Pending) -> CallTimeout:
     return CallTimeout(f"call {pending.name!r} got no answer within its timeout of {pending.timeout:g} s")
 
@@ -930,6 +1132,7 @@ def connect(
     *,
     connect_timeout: float = 10.0,
     max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+    reconnect: bool = True,
 ) -> Client:
     """Connect and authenticate to the server at ``address``; returns a :class:`Client`.
 
@@ -938,7 +1141,14 @@ def connect(
     key file ``rpc serve`` uses). ``timeout`` is each call's default deadline in
     seconds (None: no deadline); ``connect_timeout`` bounds connecting and the
     whole handshake. A timeout that is not a finite number > 0 raises ValueError.
+    ``reconnect`` (default True): a call made after the connection ended (the server
+    closed it, or restarted) first opens a new one, within ``connect_timeout``.
     """
     return Client(
-        address, authkey=authkey, timeout=timeout, connect_timeout=connect_timeout, max_message_bytes=max_message_bytes
+        address,
+        authkey=authkey,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        max_message_bytes=max_message_bytes,
+        reconnect=reconnect,
     )

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import traceback
+import types
 from dataclasses import dataclass
 from multiprocessing import parent_process
 from collections import deque
@@ -265,6 +266,8 @@ def execute_request(
         return protocol.encode_error(request.id, _error_info(error.code, error, False))
     try:
         result = function(*request.args, **request.kwargs)
+        if type(result) is types.CoroutineType:  # an async def: run it to its end here
+            result = _run_coroutine(result)
     except BaseException as exc:  # the caller gets every failure, even SystemExit
         return protocol.encode_error(request.id, _error_info("remote_error", exc, settings.tracebacks))
     try:
@@ -281,6 +284,28 @@ def execute_request(
         )
         return protocol.encode_error(request.id, _error_info(error.code, error, False))
     return reply
+
+
+_loop: Any = None  # the handler's event loop for async functions, made by the first one
+
+
+def _run_coroutine(coroutine: types.CoroutineType[Any, Any, Any]) -> Any:
+    """Run an async function's coroutine on the handler's own event loop, to its end.
+
+    One loop per handler process, kept across calls, so what a call leaves on it (a
+    client session, a lock, a task it started) is there for the next; it runs only
+    while a call does. asyncio is imported by the first async call, not before.
+    """
+    global _loop
+    if _loop is None:
+        import asyncio
+
+        _loop = asyncio.new_event_loop()  # the policy's: a registry may install uvloop's
+        asyncio.set_event_loop(_loop)
+    return _loop.run_until_complete(coroutine)
+
+
+_NOT_USER_CODE = (__file__, os.path.join(os.path.dirname(os.__file__), "asyncio", ""))
 
 
 def _not_found(registry: Registry, name: str) -> str:
@@ -308,8 +333,11 @@ def _error_info(code: str, exc: BaseException, with_traceback: bool) -> ErrorInf
     text = ""
     if with_traceback:
         try:
-            # Skip this module's frame: the user's function is where the story starts.
-            tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+            # Skip this module's frames and the event loop's (an async function's): the
+            # user's function is where the story starts.
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_NOT_USER_CODE):
+                tb = tb.tb_next
             text = "".join(traceback.format_exception(cls, exc, tb))
         except BaseException:
             text = f"<the traceback of {cls.__name__} could not be formatted>"

@@ -216,8 +216,12 @@ def _remove_stale_socket(path: str) -> None:
     raise StartupError(f"cannot listen on {path}: another server is listening there") from in_use
 
 
-def connect(address: object, timeout: float) -> Connection:
-    """Open a stream connection within ``timeout`` seconds, not yet authenticated."""
+def connect(address: object, timeout: float, allowed: float | None = None) -> Connection:
+    """Open a stream connection within ``timeout`` seconds, not yet authenticated.
+
+    ``allowed`` is the timeout a ConnectTimeout names, if not ``timeout`` (a retry
+    that has only what is left of the caller's connect_timeout names all of it).
+    """
     address = _check_address(address)
     sock = socket.socket(_family(address), socket.SOCK_STREAM)
     try:
@@ -227,7 +231,7 @@ def connect(address: object, timeout: float) -> Connection:
         set_stream_options(sock)
     except socket.timeout:
         sock.close()
-        raise ConnectTimeout(f"connecting to {format_address(address)} took longer than {timeout:g} s") from None
+        raise ConnectTimeout(f"connecting to {format_address(address)} took longer than {allowed or timeout:g} s") from None
     except OSError as exc:
         sock.close()
         raise ConnectionClosed(f"cannot connect: {_connect_failure(address, exc)}") from None

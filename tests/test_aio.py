@@ -322,7 +322,7 @@ def test_the_server_stopping_mid_call_fails_the_call_with_connection_closed(rpc_
     gate = Gate(tmp_path)
 
     async def body() -> None:
-        async with connect(server) as client:
+        async with connect(server, connect_timeout=1) as client:  # (the last call tries to reconnect for this long)
             held = asyncio.ensure_future(client.hold(*gate.args()))
             await until(gate.started.exists, "the call runs")
             # The server's close() waits for the running call (up to its grace): off the loop.
@@ -484,7 +484,7 @@ def test_a_connection_lost_mid_call_fails_every_call_in_flight(peer, run):
     server = peer(read_three_then_hang_up)
 
     async def body() -> None:
-        async with rpc.aio.connect(server.address, authkey=KEY, timeout=HANG) as client:
+        async with rpc.aio.connect(server.address, authkey=KEY, timeout=HANG, reconnect=False) as client:
             outcomes = await asyncio.gather(*(client.add(i, 1) for i in range(3)), return_exceptions=True)
             for outcome in outcomes:
                 assert isinstance(outcome, rpc.ConnectionClosed) and str(outcome) == "the server closed the connection"

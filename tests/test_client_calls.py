@@ -260,7 +260,7 @@ def test_a_timeout_in_the_middle_of_a_large_answer_leaves_the_connection_usable(
 
 def test_a_connection_level_error_fails_the_call_and_closes_the_client(wire):
     server = wire()
-    client = server.connect()
+    client = server.connect(reconnect=False)
     call = Running(lambda: client.call("any"))
     server.request()
     error = protocol.ErrorInfo(code=rpc.ProtocolError.code, type_name="ProtocolError", message="confused")
@@ -386,7 +386,7 @@ def test_threads_sharing_a_client_each_get_their_own_answers(wire):
 
 def test_every_call_in_flight_fails_with_connection_closed_when_the_connection_ends(wire):
     server = wire()
-    client = server.connect()
+    client = server.connect(reconnect=False)
     alone = Running(lambda: client.call("alone"))
     server.request()
     other = Running(lambda: client.call("other"))

@@ -150,7 +150,7 @@ def test_sighup_reloads_changed_code_without_failing_a_call(daemon):
     seen, errors = [], []
     stop = threading.Event()
 
-    with _client(daemon, timeout=30) as client:
+    with _client(daemon, timeout=30, reconnect=False) as client:  # (a reconnect would hide a drop)
 
         def keep_calling() -> None:
             while not stop.is_set():

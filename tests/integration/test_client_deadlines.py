@@ -257,7 +257,7 @@ def never_read(server: HostileServer, conn: Connection) -> None:
 
 def test_a_request_the_server_does_not_read_ends_in_call_timeout_and_closes_the_connection(hostile):
     server = hostile(never_read)
-    with rpc.connect(server.address, authkey=AUTHKEY) as client:
+    with rpc.connect(server.address, authkey=AUTHKEY, reconnect=False) as client:
         outcome = bounded(lambda: client.call("swallow", BIG, timeout=0.5))
         assert isinstance(outcome.error, rpc.CallTimeout), outcome.error
         assert str(outcome.error) == "call 'swallow' could not be sent within its timeout of 0.5 s (the server is not reading)"

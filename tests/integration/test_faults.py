@@ -207,7 +207,7 @@ def test_a_full_queue_answers_server_busy_at_once(rpc_server, tmp_path):
 
 def test_calls_fail_with_connection_closed_when_the_server_goes_away(rpc_server, tmp_path):
     running = rpc_server("services:registry", workers=1)
-    client = running.client()
+    client = running.client(connect_timeout=1)  # (the last call tries to reconnect for this long)
     result = {}
     gate = Gate(tmp_path)  # never opened: the call is cut off
 
