@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from multiprocessing import parent_process
 from collections import deque
 from multiprocessing.connection import Connection, wait
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
 from . import lease, protocol, streams
@@ -267,7 +267,7 @@ def execute_request(
     try:
         result = function(*request.args, **request.kwargs)
         if type(result) is types.CoroutineType:  # an async def: run it to its end here
-            result = _run_coroutine(result)
+            result = run_coroutine(result)
     except BaseException as exc:  # the caller gets every failure, even SystemExit
         return protocol.encode_error(request.id, _error_info("remote_error", exc, settings.tracebacks))
     try:
@@ -289,7 +289,7 @@ def execute_request(
 _loop: Any = None  # the handler's event loop for async functions, made by the first one
 
 
-def _run_coroutine(coroutine: types.CoroutineType[Any, Any, Any]) -> Any:
+def run_coroutine(coroutine: Coroutine[Any, Any, Any]) -> Any:
     """Run an async function's coroutine on the handler's own event loop, to its end.
 
     One loop per handler process, kept across calls, so what a call leaves on it (a

@@ -10,6 +10,10 @@ for the credit the router forwards. A cancel (the client closed the stream or
 went away) closes the generator, so its ``finally`` blocks run, and ends the
 stream: the handler lives on and takes the next call.
 
+An ``async def`` generator streams the same way: each item is awaited on the
+handler's own event loop (the one async functions run on), and closing the
+stream closes it there (``aclose``), so its ``finally`` blocks run too.
+
 Only names registered with a generator function stream (:func:`stream_names`);
 the handler reports them in its hello, so the router never lends a socket for
 them (see :mod:`rpc.lease`).
@@ -18,7 +22,7 @@ them (see :mod:`rpc.lease`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from . import handler, protocol
@@ -37,7 +41,8 @@ def stream_names(registry: Registry) -> frozenset[str]:
     for name in registry:
         function = registry.get(name)
         try:
-            if function is not None and inspect.isgeneratorfunction(inspect.unwrap(function)):
+            unwrapped = inspect.unwrap(function) if function is not None else None
+            if inspect.isgeneratorfunction(unwrapped) or inspect.isasyncgenfunction(unwrapped):
                 names.add(name)
         except ValueError:  # a wrapper chain that loops
             continue
@@ -73,7 +78,9 @@ def execute(
         result = function(*request.args, **request.kwargs)
     except BaseException as exc:  # a bad argument list, or a wrapper that raised
         return protocol.encode_error(request.id, handler._error_info("remote_error", exc, settings.tracebacks))
-    if not inspect.isgenerator(result):  # a wrapper that did not return the generator: a plain answer
+    if inspect.isasyncgen(result):
+        result = _driven(result)
+    elif not inspect.isgenerator(result):  # a wrapper that did not return the generator: a plain answer
         return _plain_answer(request, result, settings)
     conn.send_bytes(protocol.encode_stream_start(request.id))
     conn.send_bytes(_run(result, request, settings, conn, pipe))
@@ -122,6 +129,24 @@ def _run(
                 generator.close()  # its finally blocks run now
             except BaseException:  # noqa: S110 - what its finally raised: the stream ends anyway
                 pass
+
+
+def _driven(agen: AsyncGenerator[Any, Any]) -> Generator[Any, None, None]:
+    """An async generator as a generator: each item awaited on the handler's loop; closing
+    this one (or an error) closes the async generator there, so its ``finally`` runs."""
+    try:
+        while True:
+            try:
+                item = handler.run_coroutine(_next_item(agen))
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        handler.run_coroutine(agen.aclose())
+
+
+async def _next_item(agen: AsyncGenerator[Any, Any]) -> Any:
+    return await agen.__anext__()
 
 
 def _closes(message: Any, window: protocol.StreamWindow, request_id: int) -> bool:

@@ -94,3 +94,24 @@ def tracked(n, size, folder, every=1, near=None):
             scratch.write_text(str(i))
             os.replace(scratch, produced)  # a reader never sees it half written
         yield [i, payload]
+
+
+@registry.expose
+async def count_async(n, folder=None):
+    """An async generator: yields 0 .. n-1, awaiting between items; a file says its finally ran."""
+    import asyncio
+
+    try:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+    finally:
+        if folder is not None:
+            (Path(folder) / "finally").write_text(str(os.getpid()))
+
+
+@registry.expose
+async def fail_async_after(n):
+    for i in range(n):
+        yield i
+    raise KeyError("async broken")

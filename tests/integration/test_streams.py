@@ -211,3 +211,13 @@ def test_server_shutdown_ends_a_stream_with_an_error(rpc_server, tmp_path):
             next(stream)
     closing.join(60)
     assert (tmp_path / "finally").exists()
+
+
+def test_an_async_generator_streams_and_closing_it_runs_its_finally(client, server, tmp_path):
+    assert list(client.count_async(200)) == list(range(200))
+    with client.count_async(1_000_000, str(tmp_path)) as stream:
+        assert [next(stream) for _ in range(5)] == list(range(5))
+    assert wait_for((tmp_path / "finally").exists, timeout=30)  # aclose() ran in the handler
+    with pytest.raises(KeyError, match="async broken"):
+        list(client.fail_async_after(3))
+    assert client.add(1, 2) == 3
