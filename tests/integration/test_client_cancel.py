@@ -13,8 +13,13 @@ import pytest
 from helpers import Gate, log_has, wait_for
 
 
-def test_cancelling_a_queued_call_means_it_never_runs(rpc_server, tmp_path):
-    server = rpc_server("services:registry", workers=1)
+
+@pytest.fixture(params=["unix", "tcp"])
+def transport(request) -> str:
+    return request.param
+
+def test_cancelling_a_queued_call_means_it_never_runs(rpc_server, transport, tmp_path):
+    server = rpc_server("services:registry", transport=transport, workers=1)
     gate, marker = Gate(tmp_path), tmp_path / "ran"
     with server.client(timeout=30) as client:
         running = client.submit("hold", *gate.args())
@@ -32,8 +37,8 @@ def test_cancelling_a_queued_call_means_it_never_runs(rpc_server, tmp_path):
     assert not marker.exists()
 
 
-def test_cancelling_a_running_call_stops_its_handler(rpc_server, tmp_path):
-    server = rpc_server("services:registry", workers=1)
+def test_cancelling_a_running_call_stops_its_handler(rpc_server, transport, tmp_path):
+    server = rpc_server("services:registry", transport=transport, workers=1)
     gate = Gate(tmp_path)  # never opened: only the cancel ends the call
     with server.client(timeout=30) as client:
         [pid] = server.handler_pids()
@@ -47,8 +52,8 @@ def test_cancelling_a_running_call_stops_its_handler(rpc_server, tmp_path):
     assert log_has(server, "was cancelled by its caller")
 
 
-def test_a_cancelled_future_is_never_completed_by_a_late_answer(rpc_server, tmp_path):
-    server = rpc_server("services:registry", workers=2)
+def test_a_cancelled_future_is_never_completed_by_a_late_answer(rpc_server, transport, tmp_path):
+    server = rpc_server("services:registry", transport=transport, workers=2)
     with server.client(timeout=30) as client:
         futures = [client.submit("add", i, 1) for i in range(200)]
         cancelled = [f for f in futures[::2] if f.cancel()]
@@ -58,8 +63,8 @@ def test_a_cancelled_future_is_never_completed_by_a_late_answer(rpc_server, tmp_
         assert client.add(1, 1) == 2
 
 
-def test_ctrl_c_during_a_call_stops_it_on_the_server(rpc_server, tmp_path):
-    server = rpc_server("services:registry", workers=2)
+def test_ctrl_c_during_a_call_stops_it_on_the_server(rpc_server, transport, tmp_path):
+    server = rpc_server("services:registry", transport=transport, workers=2)
     gate = Gate(tmp_path)  # never opened
     script = textwrap.dedent(
         f"""

@@ -3,9 +3,16 @@ is stopped and replaced; on both event loops, on routed and lent calls."""
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import Gate, framed, log_has, raw_connection, request, wait_for, write
 from rpc import protocol
 
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def transport(request) -> str:
+    return request.param
 
 def cancel(request_id: int) -> bytes:
     return framed(protocol.encode_cancel(request_id))
@@ -20,8 +27,8 @@ def replaced(server, pid: int) -> bool:
     return bool(wait_for(lambda: pid not in server.handler_pids() and len(server.handler_pids()) >= 1, timeout=30))
 
 
-def test_a_cancelled_queued_call_never_runs(rpc_server, loop_name, tmp_path):
-    server = rpc_server("services:registry", workers=1, event_loop=loop_name, lease=False)
+def test_a_cancelled_queued_call_never_runs(rpc_server, transport, loop_name, tmp_path):
+    server = rpc_server("services:registry", transport=transport, workers=1, event_loop=loop_name, lease=False)
     gate, marker = Gate(tmp_path), tmp_path / "ran"
     conn = raw_connection(server)
     write(conn, request(1, "hold", *gate.args()) + request(2, "touch", str(marker)))
@@ -38,8 +45,8 @@ def test_a_cancelled_queued_call_never_runs(rpc_server, loop_name, tmp_path):
     conn.close()
 
 
-def test_a_cancelled_running_call_stops_its_handler_which_is_replaced(rpc_server, loop_name, tmp_path):
-    server = rpc_server("services:registry", workers=1, event_loop=loop_name)
+def test_a_cancelled_running_call_stops_its_handler_which_is_replaced(rpc_server, transport, loop_name, tmp_path):
+    server = rpc_server("services:registry", transport=transport, workers=1, event_loop=loop_name)
     gate = Gate(tmp_path)
     conn = raw_connection(server)
     write(conn, request(1, "hold", *gate.args()))
@@ -55,8 +62,8 @@ def test_a_cancelled_running_call_stops_its_handler_which_is_replaced(rpc_server
     conn.close()
 
 
-def test_a_cancelled_call_on_a_lent_socket_stops_its_handler(rpc_server, loop_name, tmp_path):
-    server = rpc_server("services:registry", workers=2, event_loop=loop_name, access_log=True)
+def test_a_cancelled_call_on_a_lent_socket_stops_its_handler(rpc_server, transport, loop_name, tmp_path):
+    server = rpc_server("services:registry", transport=transport, workers=2, event_loop=loop_name, access_log=True)
     gate = Gate(tmp_path)
     conn = raw_connection(server)
     write(conn, request(1, "add", 1, 1))  # a connection's first call is not lent; the next are
@@ -72,8 +79,8 @@ def test_a_cancelled_call_on_a_lent_socket_stops_its_handler(rpc_server, loop_na
     conn.close()
 
 
-def test_a_client_that_goes_away_cancels_its_running_call(rpc_server, loop_name, tmp_path):
-    server = rpc_server("services:registry", workers=1, event_loop=loop_name)
+def test_a_client_that_goes_away_cancels_its_running_call(rpc_server, transport, loop_name, tmp_path):
+    server = rpc_server("services:registry", transport=transport, workers=1, event_loop=loop_name)
     gate = Gate(tmp_path)
     conn = raw_connection(server)
     write(conn, request(1, "hold", *gate.args()))
@@ -84,8 +91,8 @@ def test_a_client_that_goes_away_cancels_its_running_call(rpc_server, loop_name,
     assert log_has(server, "by its client going away")
 
 
-def test_a_client_that_goes_away_cancels_its_call_on_a_lent_socket(rpc_server, loop_name, tmp_path):
-    server = rpc_server("services:registry", workers=2, event_loop=loop_name)
+def test_a_client_that_goes_away_cancels_its_call_on_a_lent_socket(rpc_server, transport, loop_name, tmp_path):
+    server = rpc_server("services:registry", transport=transport, workers=2, event_loop=loop_name)
     gate = Gate(tmp_path)
     conn = raw_connection(server)
     write(conn, request(1, "add", 1, 1))
@@ -98,8 +105,8 @@ def test_a_client_that_goes_away_cancels_its_call_on_a_lent_socket(rpc_server, l
     assert log_has(server, "by its client going away")
 
 
-def test_a_cancel_for_a_call_already_answered_or_unknown_changes_nothing(rpc_server, loop_name):
-    server = rpc_server("services:registry", workers=1, event_loop=loop_name)
+def test_a_cancel_for_a_call_already_answered_or_unknown_changes_nothing(rpc_server, transport, loop_name):
+    server = rpc_server("services:registry", transport=transport, workers=1, event_loop=loop_name)
     conn = raw_connection(server)
     write(conn, request(1, "add", 1, 1))
     assert answers(conn, 1)[1].result == 2
