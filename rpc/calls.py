@@ -239,8 +239,11 @@ class CallTable:
         A scan: only a cancel asks, so no call pays for an index.
         """
         for call in self.running:
+            # (an answered one may still hold its slot, its handler being stopped: the same id,
+            # reused since by the client, may run or wait elsewhere)
             if call is not None and call.id == request_id and call.connection is connection:
-                return None if call.answered or call.lease else call
+                if not (call.answered or call.lease):
+                    return call
         if connection in self.queued_by:
             for call in self.queue:
                 if call.id == request_id and call.connection is connection and not call.answered:
