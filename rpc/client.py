@@ -130,8 +130,10 @@ class _CallFuture(Future[Any]):
         """Cancel the call: True if it had not finished (then it never finishes here, and
         the server drops it from its queue or stops the handler running it)."""
         request_id = self._request_id
-        if request_id is None or not self._calls._withdraw(request_id):
-            return super().cancel() if request_id is None else False
+        if request_id is None:
+            return super().cancel()
+        if not self._calls._withdraw(request_id):
+            return self.cancelled()  # answered (or failed) already; True if an earlier cancel() won
         super().cancel()
         self._calls._send_cancel(request_id)
         return True
@@ -460,6 +462,11 @@ class _Calls:
             error = ConnectionClosed(f"connection lost while sending: {exc}")
             self._fail_all(error)
             raise error from None
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, say) while the frame went out: part of it may be
+            # sent, and a stream mid-message cannot carry another.
+            self._fail_all(ConnectionClosed("connection closed: sending a message was interrupted"))
+            raise
         finally:
             lock.release()
 
@@ -486,6 +493,9 @@ class _Calls:
                 self._fail_all(ConnectionClosed("connection closed: a cancel message was cut off"))
         except OSError:
             pass  # the connection is gone: the server cancels the calls of a client that goes away
+        except BaseException:
+            self._fail_all(ConnectionClosed("connection closed: sending a cancel message was interrupted"))
+            raise
         finally:
             lock.release()
 

@@ -6,13 +6,18 @@ Raw connections count the answers per request id; real servers, real handler pro
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
 
+import rpc
 from conftest import still_serves
-from helpers import Gate, framed, log_has, raw_connection, request, router_state, wait_for, write
+from helpers import Gate, framed, log_has, raw_connection, request, router_state, sigint_as_by_default, wait_for, write
 from rpc import protocol
 
 
@@ -250,3 +255,227 @@ def test_a_duplicate_id_behind_the_lent_call_then_a_cancel(rpc_server, loop_name
         if inside:
             break
     conn.close()
+
+
+# -- races: the answer, the handler's death, the server's close and reload -------------------------
+
+
+def test_cancels_racing_their_answers_on_routed_and_lent_calls(rpc_server, loop_name):
+    """Each call is cancelled right after it is sent, while it runs, answers or is lent: it is
+    answered once, with its result or call_cancelled, and nothing else comes."""
+    server = rpc_server("services:registry", workers=3, event_loop=loop_name)
+    conn = raw_connection(server)
+    answers = Answers(conn)
+    for i in range(1, 121):
+        write(conn, request(i, "add", i, 0))
+        write(conn, cancel(i))
+        answers.read(1)
+        assert answers.by_id[i] in ([i], ["call_cancelled"])
+    ping_after(conn, answers)
+    assert settled(server)
+    still_serves(server)
+    conn.close()
+
+
+def test_a_cancel_and_the_handler_dying_at_once_answer_the_call_once(rpc_server, loop_name):
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name, lease=False)
+    conn = raw_connection(server)
+    answers = Answers(conn)
+    ids = range(1, 21)
+    for i in ids:
+        write(conn, request(i, "crash", "kill") + cancel(i))
+    answers.read(len(ids))
+    got = answers.once_each(ids)
+    assert set(got.values()) <= {"call_cancelled", "worker_crashed"}
+    assert settled(server)
+    ping_after(conn, answers)
+    conn.close()
+
+
+def test_a_cancel_while_the_server_closes(rpc_server, loop_name, tmp_path):
+    server = rpc_server("services:registry", workers=1, event_loop=loop_name, lease=False, shutdown_grace=30.0)
+    gate = Gate(tmp_path)
+    conn = raw_connection(server)
+    write(conn, request(1, "hold", *gate.args()) + request(2, "add", 1, 1))
+    gate.wait_started()
+    closer = threading.Thread(target=server.server.close)
+    closer.start()
+    try:
+        answers = Answers(conn).read(1)  # the queued call fails at once: the close is under way
+        assert answers.by_id == {2: ["server_shutting_down"]}
+        write(conn, cancel(1) + cancel(2))
+        answers.read(1)
+        assert answers.by_id[1] == ["call_cancelled"]
+        closer.join(60)
+        assert not closer.is_alive(), "the close waited on, its last call cancelled"
+    finally:
+        gate.open()
+        closer.join(60)
+    assert server.handler_pids() == []
+    conn.close()
+
+
+def test_a_cancel_while_the_server_reloads(rpc_server, loop_name, tmp_path):
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name, lease=False)
+    gate = Gate(tmp_path)
+    conn = raw_connection(server)
+    write(conn, request(1, "hold", *gate.args()))
+    gate.wait_started()
+    old = set(server.handler_pids())
+    reloader = threading.Thread(target=server.server.reload)
+    reloader.start()
+    try:
+        # The idle handler is replaced first or second; the held one waits for its call to end.
+        assert wait_for(lambda: len(old - set(server.handler_pids())) >= 1, timeout=30)
+        write(conn, cancel(1))
+        answers = Answers(conn).read(1)
+        assert answers.by_id == {1: ["call_cancelled"]}
+        reloader.join(60)
+        assert not reloader.is_alive()
+    finally:
+        gate.open()
+        reloader.join(60)
+    assert log_has(server, "reload_finished")
+    assert wait_for(lambda: not (old & set(server.handler_pids())) and len(server.handler_pids()) == 2, timeout=30)
+    assert settled(server)
+    ping_after(conn, answers)
+    still_serves(server)
+    conn.close()
+
+
+def test_a_new_call_with_the_id_just_cancelled_is_answered(rpc_server, loop_name, tmp_path):
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name, lease=False)
+    gate = Gate(tmp_path)
+    conn = raw_connection(server)
+    write(conn, request(3, "hold", *gate.args()))
+    gate.wait_started()
+    write(conn, cancel(3) + request(3, "add", 2, 2))
+    answers = Answers(conn).read(2)
+    assert answers.by_id == {3: ["call_cancelled", 4]}
+    assert settled(server)
+    ping_after(conn, answers)
+    conn.close()
+
+
+def test_cancels_of_notifications_and_of_ids_never_sent(rpc_server, loop_name, tmp_path):
+    server = rpc_server("services:registry", workers=1, event_loop=loop_name, lease=False)
+    gate, marker = Gate(tmp_path), tmp_path / "notified"
+    conn = raw_connection(server)
+    notify = framed(protocol.encode_notification("touch", (str(marker),), {}))
+    write(conn, request(1, "hold", *gate.args()) + notify + cancel(0) + cancel(2))
+    gate.wait_started()
+    gate.open()
+    answers = Answers(conn).read(1)
+    assert answers.by_id == {1: [None]}
+    assert wait_for(marker.exists, timeout=20)  # the queued notification ran: no cancel reaches it
+    ping_after(conn, answers)
+    conn.close()
+
+
+# -- the sync client: future.cancel() and Ctrl-C -----------------------------------------------------
+
+
+def test_future_cancel_racing_the_answer_leaves_every_future_done(rpc_server, loop_name):
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name)
+    with server.client(timeout=30) as client:
+        for i in range(300):
+            future = client.submit("add", i, 1)
+            cancelled = future.cancel()
+            assert cancelled == future.cancelled()
+            if not cancelled:
+                assert future.result(30) == i + 1
+        assert client.add(2, 3) == 5
+        assert client.submit("add", 3, 3).result(30) == 6
+    assert settled(server)
+
+
+def test_a_future_cancelled_twice_still_says_it_is_cancelled(rpc_server, tmp_path):
+    """concurrent.futures: cancel() on a cancelled future returns True."""
+    server = rpc_server("services:registry", workers=1)
+    gate = Gate(tmp_path)
+    with server.client(timeout=30) as client:
+        future = client.submit("hold", *gate.args())
+        gate.wait_started()
+        assert future.cancel() is True
+        assert future.cancel() is True
+        assert future.cancelled()
+
+
+def test_many_futures_cancelled_from_threads_while_the_reader_delivers(rpc_server, loop_name):
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name, max_pending=4096)
+    with server.client(timeout=60) as client:
+        futures = [client.submit("add", i, 0) for i in range(600)]
+        start = threading.Barrier(4)
+
+        def cancel_some(part: int) -> None:
+            start.wait()
+            for future in futures[part::4]:
+                future.cancel()
+
+        threads = [threading.Thread(target=cancel_some, args=(part,)) for part in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        for i, future in enumerate(futures):
+            assert future.cancelled() or future.result(60) == i  # every future ends, one way or the other
+        assert client.add(4, 4) == 8
+    assert settled(server)
+    still_serves(server)
+
+
+def test_cancel_after_the_connection_failed(rpc_server, tmp_path):
+    server = rpc_server("services:registry", workers=1)
+    gate = Gate(tmp_path)
+    client = server.client(timeout=30)
+    future = client.submit("hold", *gate.args())
+    gate.wait_started()
+    client.close()
+    assert future.cancel() is False  # it failed already: ConnectionClosed is its outcome
+    with pytest.raises(rpc.ConnectionClosed):
+        future.result(10)
+    gate.open()
+    assert settled(server)
+
+
+def test_ctrl_c_while_a_large_request_is_half_sent_does_not_corrupt_the_next_call(rpc_server, tmp_path):
+    """The server has read the header of a large request (and starves it for room in the receive
+    budget) when Ctrl-C interrupts the send: the stream is mid-frame, so the next call must not be
+    sent as the rest of it (it would never be answered)."""
+    server = rpc_server("services:registry", workers=1, transport="tcp", max_receive_bytes=1 << 20)
+    staller = raw_connection(server)  # takes the whole budget with a large request it never finishes
+    big = protocol.encode_request(1, "echo", (b"x" * (1 << 20),), {}, None)
+    write(staller, framed(big)[: 1 << 16])
+    assert wait_for(lambda: router_state(server, lambda r: r.receive_budget.used) > 0, timeout=20)
+    script = textwrap.dedent(
+        f"""
+        import rpc
+        client = rpc.connect({server.address!r}, authkey={server.authkey!r}, timeout=60)
+        print(client.add(1, 1), flush=True)
+        try:
+            client.echo(b"y" * (32 << 20))
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        try:
+            print(client.call("add", 2, 3, timeout=10), flush=True)
+        except Exception as exc:
+            print(type(exc).__name__, flush=True)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_by_default
+    )
+    try:
+        assert child.stdout.readline().strip() == "2"
+        # Its large request's header is read, and it waits for room: the rest is unsent.
+        assert wait_for(lambda: router_state(server, lambda r: len(r.starved)) == 1, timeout=30)
+        child.send_signal(signal.SIGINT)
+        assert child.stdout.readline().strip() == "interrupted"
+        staller.close()  # room again: the server reads on
+        out = child.stdout.readline()  # (readline throughout: communicate() would miss what it buffered)
+    finally:
+        child.kill()
+        child.wait()
+    assert out.strip() in ("5", "ConnectionClosed"), child.stderr.read()
+    assert wait_for(lambda: router_state(server, lambda r: r.receive_budget.used) == 0, timeout=20)
+    still_serves(server)
