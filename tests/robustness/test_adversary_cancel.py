@@ -6,6 +6,7 @@ Raw connections count the answers per request id; real servers, real handler pro
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import threading
 import pytest
 
 import rpc
+import rpc.aio
 from conftest import still_serves
 from helpers import Gate, framed, log_has, raw_connection, request, router_state, sigint_as_by_default, wait_for, write
 from rpc import protocol
@@ -479,3 +481,128 @@ def test_ctrl_c_while_a_large_request_is_half_sent_does_not_corrupt_the_next_cal
     assert out.strip() in ("5", "ConnectionClosed"), child.stderr.read()
     assert wait_for(lambda: router_state(server, lambda r: r.receive_budget.used) == 0, timeout=20)
     still_serves(server)
+
+
+# -- rpc.aio: task cancellation ---------------------------------------------------------------------
+
+
+def run_on(loop_name: str, coroutine) -> object:
+    """Run ``coroutine`` on a fresh loop of the kind named (the server's kind), bounded against a hang."""
+    factory = None
+    if loop_name == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(asyncio.wait_for(coroutine, 120))
+
+
+async def until(predicate, what: str, timeout: float = 30.0) -> None:
+    """Wait (without blocking the loop) until ``predicate()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.01)
+
+
+def aio_connect(server):
+    return rpc.aio.connect(server.address, authkey=server.authkey, timeout=60)
+
+
+def test_many_tasks_cancelled_at_once(rpc_server, loop_name):
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name, max_pending=256)
+    count = 60
+
+    async def body() -> None:
+        async with aio_connect(server) as client:
+            tasks = [asyncio.ensure_future(client.sleep(30, i)) for i in range(count)]
+            await until(lambda: router_state(server, lambda r: r.table.unanswered) == count, "all calls taken")
+            for task in tasks:
+                task.cancel()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
+            await until(lambda: server.log_text().count("call_cancelled") == count, "every call cancelled")
+            assert await client.add(1, 2) == 3
+
+    run_on(loop_name, body())
+    assert settled(server)
+
+
+def test_tasks_cancelled_in_the_turn_their_requests_are_written(rpc_server, loop_name):
+    """The requests still wait in the client's outbox when their tasks are cancelled: request and
+    cancel reach the server together, and every call is cancelled."""
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name, max_pending=256)
+    count = 40
+
+    async def body() -> None:
+        async with aio_connect(server) as client:
+            tasks = [asyncio.ensure_future(client.sleep(30, i)) for i in range(count)]
+            await asyncio.sleep(0)  # each task registers its call and queues its request
+            for task in tasks:
+                task.cancel()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
+            await until(lambda: server.log_text().count("call_cancelled") == count, "every call cancelled")
+            assert await client.add(1, 2) == 3
+
+    run_on(loop_name, body())
+    assert settled(server)
+
+
+def test_task_cancels_racing_their_answers(rpc_server, loop_name):
+    server = rpc_server("services:registry", workers=3, event_loop=loop_name)
+
+    async def body() -> None:
+        async with aio_connect(server) as client:
+            for i in range(300):
+                task = asyncio.ensure_future(client.add(i, 0))
+                for _ in range(i % 5):
+                    await asyncio.sleep(0)
+                task.cancel()
+                [outcome] = await asyncio.gather(task, return_exceptions=True)
+                assert outcome == i or isinstance(outcome, asyncio.CancelledError)
+            assert await client.add(2, 2) == 4
+            assert await asyncio.gather(*(client.add(i, 1) for i in range(50))) == [i + 1 for i in range(50)]
+
+    run_on(loop_name, body())
+    assert settled(server)
+    still_serves(server)
+
+
+def test_a_timeout_around_an_aio_call_stops_it_on_the_server(rpc_server, loop_name, tmp_path):
+    server = rpc_server("services:registry", workers=1, event_loop=loop_name)
+    gate = Gate(tmp_path)  # never opened: only the cancel ends the call
+
+    async def body() -> None:
+        async with aio_connect(server) as client:
+            [pid] = server.handler_pids()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(60) as bound:
+                    call = asyncio.ensure_future(client.hold(*gate.args()))
+                    await until(gate.started.exists, "the call runs")
+                    bound.reschedule(asyncio.get_running_loop().time())
+                    await call
+            await until(lambda: server.handler_pids() not in ([], [pid]), "the stopped handler is replaced")
+            assert await client.add(1, 2) == 3
+
+    run_on(loop_name, body())
+    assert settled(server)
+
+
+def test_a_task_cancelled_after_its_connection_failed(rpc_server, loop_name, tmp_path):
+    server = rpc_server("services:registry", workers=1, event_loop=loop_name)
+    gate = Gate(tmp_path)
+
+    async def body() -> None:
+        client = await aio_connect(server)
+        call = asyncio.ensure_future(client.hold(*gate.args()))
+        await until(gate.started.exists, "the call runs")
+        await client.close()
+        call.cancel()  # too late: it failed with the connection
+        [outcome] = await asyncio.gather(call, return_exceptions=True)
+        assert isinstance(outcome, rpc.ConnectionClosed)
+
+    run_on(loop_name, body())
+    assert wait_for(lambda: "by its client going away" in server.log_text(), timeout=30)
+    assert settled(server)
