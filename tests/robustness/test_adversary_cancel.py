@@ -184,10 +184,11 @@ def lent_call(server, conn, gate: Gate, request_id: int = 2) -> None:
     assert router_state(server, lambda r: len(r.lent)) == 1
 
 
-def test_a_cancel_behind_a_pipelined_request_on_a_lent_socket(rpc_server, loop_name, tmp_path):
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_a_cancel_behind_a_pipelined_request_on_a_lent_socket(rpc_server, loop_name, tmp_path, transport):
     """The client sends another request, then cancels the lent call: the cancel is not at the
     head of the socket, but the call must still be stopped."""
-    server = rpc_server("services:registry", workers=3, event_loop=loop_name)
+    server = rpc_server("services:registry", workers=3, event_loop=loop_name, transport=transport)
     gate = Gate(tmp_path)
     conn = raw_connection(server)
     lent_call(server, conn, gate)
@@ -201,10 +202,11 @@ def test_a_cancel_behind_a_pipelined_request_on_a_lent_socket(rpc_server, loop_n
     conn.close()
 
 
-def test_a_client_that_pipelines_then_goes_away_on_a_lent_socket(rpc_server, loop_name, tmp_path):
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_a_client_that_pipelines_then_goes_away_on_a_lent_socket(rpc_server, loop_name, tmp_path, transport):
     """A request behind the running lent call hides the hang-up from a peek: still, the call
     is stopped after the grace, as a routed one is."""
-    server = rpc_server("services:registry", workers=3, event_loop=loop_name)
+    server = rpc_server("services:registry", workers=3, event_loop=loop_name, transport=transport)
     gate = Gate(tmp_path)
     conn = raw_connection(server)
     lent_call(server, conn, gate)
