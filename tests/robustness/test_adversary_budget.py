@@ -227,3 +227,47 @@ def _closed(conn) -> bool:
     except EOFError:
         return True
     return False
+
+
+def hello_of(size: int) -> bytes:
+    """A client hello of exactly ``size`` bytes (the largest the server takes is 64 KiB: a large frame)."""
+    room = size - len(protocol.encode_hello({"pad": ""}))
+    for pad in range(room, room - 8, -1):  # (a longer string takes a longer msgpack header)
+        hello = protocol.encode_hello({"pad": "p" * pad})
+        if len(hello) == size:
+            return hello
+    raise AssertionError("no padding gives that size")
+
+
+def test_a_largest_hello_waits_for_room_and_the_handshake_timer_still_ends_it(rpc_server, loop_name):
+    from multiprocessing.connection import Client as RawClient
+
+    server = rpc_server(
+        "services:registry", workers=2, event_loop=loop_name, max_receive_bytes=LARGE + 1000, handshake_timeout=1.0
+    )
+    staller = Staller(server)
+    conn = RawClient(server.address, authkey=server.authkey)
+    protocol.decode_hello(conn.recv_bytes())
+    conn.send_bytes(hello_of(65536))
+    assert wait_for(lambda: in_line(server) == 1, timeout=30)  # a hello, waiting for room
+    assert wait_for(lambda: "handshake timed out" in server.log_text(), timeout=30)
+    staller.finish()
+    assert drained(server)
+    still_serves(server)
+
+
+def test_a_largest_hello_is_taken_once_there_is_room(rpc_server, loop_name):
+    from multiprocessing.connection import Client as RawClient
+
+    server = rpc_server(
+        "services:registry", workers=2, event_loop=loop_name, max_receive_bytes=LARGE + 1000, handshake_timeout=60.0
+    )
+    staller = Staller(server)
+    conn = RawClient(server.address, authkey=server.authkey)
+    protocol.decode_hello(conn.recv_bytes())
+    conn.send_bytes(hello_of(65536))
+    assert wait_for(lambda: in_line(server) == 1, timeout=30)
+    staller.finish()
+    write(conn, large(3))
+    assert read_answers(conn, 1) == {3: [b"x" * LARGE]}
+    assert drained(server)

@@ -612,3 +612,21 @@ def test_a_task_cancelled_after_its_connection_failed(rpc_server, loop_name, tmp
     run_on(loop_name, body())
     assert wait_for(lambda: "by its client going away" in server.log_text(), timeout=30)
     assert settled(server)
+
+
+def test_a_cancelled_call_whose_handler_ignores_sigterm(rpc_server, loop_name):
+    """Answered call_cancelled at once; its handler, deaf to SIGTERM, is killed and replaced; the
+    other handler serves meanwhile."""
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name, lease=False)
+    conn = raw_connection(server)
+    write(conn, request(1, "spin_ignoring_sigterm", 300))
+    assert wait_for(lambda: router_state(server, lambda r: r.table.busy()) == 1, timeout=20)
+    pids = set(server.handler_pids())
+    write(conn, cancel(1))
+    answers = Answers(conn).read(1)
+    assert answers.by_id == {1: ["call_cancelled"]}
+    still_serves(server)
+    assert wait_for(lambda: len(set(server.handler_pids()) - pids) == 1, timeout=30)
+    assert settled(server)
+    ping_after(conn, answers)
+    conn.close()
