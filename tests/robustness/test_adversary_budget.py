@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from conftest import still_serves
-from helpers import Gate, framed, raw_connection, request, router_state, wait_for, write
+from helpers import Gate, framed, raw_connection, request, router_state, still_serves, wait_for, write
 from rpc import protocol
 
 LARGE = 150_000  # bytes of argument: a request received into a buffer of its own (framing.DIRECT_BYTES)

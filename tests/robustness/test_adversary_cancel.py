@@ -18,8 +18,18 @@ import pytest
 
 import rpc
 import rpc.aio
-from conftest import still_serves
-from helpers import Gate, framed, log_has, raw_connection, request, router_state, sigint_as_by_default, wait_for, write
+from helpers import (
+    Gate,
+    framed,
+    log_has,
+    raw_connection,
+    request,
+    router_state,
+    sigint_as_by_default,
+    still_serves,
+    wait_for,
+    write,
+)
 from rpc import protocol
 
 
@@ -59,7 +69,11 @@ def settled(server) -> bool:
         wait_for(
             lambda: router_state(
                 server,
-                lambda r: r.table.unanswered == 0 and not r.table.queue and all(p is not None for p in r.pipes),
+                lambda r: r.table.unanswered == 0
+                and not r.table.queue
+                and not r.table.queued_ids
+                and not r.table.queued_by
+                and all(p is not None for p in r.pipes),
             ),
             timeout=30,
         )
@@ -112,6 +126,29 @@ def test_duplicate_ids_in_flight_one_cancelled_each_answered_once(rpc_server, lo
     assert settled(server)
     ping_after(conn, answers)
     conn.close()
+
+
+def test_queued_calls_with_the_same_id_are_cancelled_first_come_and_only_on_their_connection(
+    rpc_server, loop_name, tmp_path
+):
+    server = rpc_server("services:registry", workers=1, event_loop=loop_name, lease=False)
+    gate = Gate(tmp_path)
+    first, second = raw_connection(server), raw_connection(server)
+    write(first, request(1, "hold", *gate.args()))
+    gate.wait_started()
+    write(first, request(7, "add", 1, 0) + request(7, "add", 2, 0))
+    write(second, request(7, "add", 3, 0))
+    assert wait_for(lambda: router_state(server, lambda r: len(r.table.queue)) == 3, timeout=20)
+    write(first, cancel(7))
+    ours = Answers(first).read(1)
+    assert ours.by_id == {7: ["call_cancelled"]}
+    gate.open()
+    ours.read(2)
+    assert ours.by_id == {7: ["call_cancelled", 2], 1: [None]}  # the first queued one was cancelled
+    assert Answers(second).read(1).by_id == {7: [3]}
+    assert settled(server)
+    first.close()
+    second.close()
 
 
 def test_a_cancel_storm_for_unknown_and_repeated_ids_changes_nothing(rpc_server, loop_name, tmp_path):
