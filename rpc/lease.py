@@ -50,6 +50,7 @@ PARALLEL_WORTHY_SECONDS = 0.001
 # The largest request lent with its socket (it travels in the lending message).
 MAX_LENT_FRAME = 32 * 1024
 PEEK_BYTES = 65536
+_CANCEL_SCAN_FRAMES = 16  # frames waiting on a lent socket looked through for a cancel
 # A send on a Unix stream socket of at most this many bytes goes out in one kernel
 # buffer: all of it or none, even if the sender is killed during the call.
 _WHOLE_SEND_BYTES = 32 * 1024
@@ -224,9 +225,15 @@ def cancel_waiting(fd: int, request_id: int) -> str | None:
     peeked = _peek(fd)
     if peeked == b"":
         return "by its client going away"
+    if peeked is None:
+        return None
     offset = 0
-    # A client may send more requests before cancelling the running call: look past them.
-    while peeked and (frame := _whole_frame(memoryview(peeked)[offset:], PEEK_BYTES)) is not None:
+    # A client may send more requests before cancelling the running call: look past a few
+    # (not all: the router peeks at every housekeeping tick while the call runs).
+    for _ in range(_CANCEL_SCAN_FRAMES):
+        frame = _whole_frame(memoryview(peeked)[offset:], PEEK_BYTES)
+        if frame is None:
+            break
         offset += len(frame)
         try:
             envelope = protocol.parse_envelope(bytes(frame[4:]))
@@ -236,9 +243,7 @@ def cancel_waiting(fd: int, request_id: int) -> str | None:
             if envelope.kind == protocol.CANCEL:
                 return "by its caller"
             break  # another request with its id: the cancel may be for that one (the router's to read)
-    if peeked and _hung_up(fd):
-        return "by its client going away"
-    return None
+    return "by its client going away" if _hung_up(fd) else None
 
 
 def _hung_up(fd: int) -> bool:

@@ -667,3 +667,37 @@ def test_a_cancelled_call_whose_handler_ignores_sigterm(rpc_server, loop_name):
     assert settled(server)
     ping_after(conn, answers)
     conn.close()
+
+
+def test_many_clients_going_away_with_calls_running_and_queued(rpc_server, loop_name):
+    server = rpc_server("services:registry", workers=2, event_loop=loop_name, max_pending=256)
+    conns = [raw_connection(server) for _ in range(20)]
+    for i, conn in enumerate(conns):
+        write(conn, b"".join(request(j, "sleep", 300, j) for j in range(3)) + cancel(2))
+    assert wait_for(lambda: router_state(server, lambda r: r.table.busy()) == 2, timeout=20)
+    pids = set(server.handler_pids())
+    for conn in conns:
+        conn.close()
+    assert settled(server)
+    # Both running calls' handlers are stopped, and replaced.
+    assert wait_for(lambda: not pids & set(server.handler_pids()) and len(server.handler_pids()) == 2, timeout=30)
+    assert settled(server)
+    assert wait_for(lambda: router_state(server, lambda r: len(r.connections)) == 0, timeout=30)
+    still_serves(server)
+
+
+def test_a_cancel_behind_a_long_pipeline_on_a_lent_socket(rpc_server, loop_name, tmp_path):
+    """Far behind other requests, the cancel may not be seen while the lent call runs (the router
+    looks past a few frames only): either way, every call is answered once."""
+    server = rpc_server("services:registry", workers=3, event_loop=loop_name, max_pending=1024)
+    gate = Gate(tmp_path)
+    conn = raw_connection(server)
+    lent_call(server, conn, gate)
+    write(conn, b"".join(request(i, "add", i, 0) for i in range(3, 300)) + cancel(2))
+    gate.open()
+    answers = Answers(conn).read(298)
+    got = answers.once_each(range(2, 300))
+    assert got[2] in ("held", "call_cancelled") and all(got[i] == i for i in range(3, 300))
+    assert settled(server)
+    ping_after(conn, answers)
+    conn.close()
