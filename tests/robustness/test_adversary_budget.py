@@ -270,3 +270,77 @@ def test_a_largest_hello_is_taken_once_there_is_room(rpc_server, loop_name):
     write(conn, large(3))
     assert read_answers(conn, 1) == {3: [b"x" * LARGE]}
     assert drained(server)
+
+
+def test_random_large_and_small_requests_some_abandoned_midway(rpc_server, loop_name):
+    """A seeded mix on eight connections sharing a small budget: large requests (some larger than
+    the budget), large replies, small calls and cancels, sent in random pieces; a quarter of the
+    connections close partway through a request. The others are answered in full, and the budget
+    comes back to 0."""
+    import random
+    import socket
+
+    rnd = random.Random(6)
+    server = rpc_server(
+        "services:registry",
+        workers=2,
+        event_loop=loop_name,
+        max_pending=4096,
+        max_receive_bytes=300_000,
+        max_outbox_bytes=65536,
+        send_timeout=60.0,
+    )
+    conns = [raw_connection(server) for _ in range(8)]
+    plans = []
+    for c in range(len(conns)):
+        data, ids = b"", []
+        for j in range(rnd.randint(2, 8)):
+            request_id = c * 1000 + j
+            kind = rnd.random()
+            if kind < 0.4:
+                data += request(request_id, "echo", bytes([97 + c]) * rnd.choice([70_000, 150_000, 290_000, 400_000]))
+            elif kind < 0.55:
+                data += request(request_id, "big", rnd.choice([100_000, 1_000_000]))
+            else:
+                data += request(request_id, "add", request_id, 0)
+            ids.append(request_id)
+            if rnd.random() < 0.1:
+                data += framed(protocol.encode_cancel(request_id))
+        abandoned = rnd.random() < 0.25
+        if abandoned:
+            data = data[: rnd.randrange(len(data))]
+        plans.append((data, ids, abandoned, [rnd.randint(1, 200_000) for _ in range(len(data) // 1000 + 1)]))
+
+    def send(c: int) -> None:
+        data, _, abandoned, steps = plans[c]
+        sock = socket.socket(fileno=conns[c].fileno())
+        try:
+            position = 0
+            for step in steps:
+                if position >= len(data):
+                    break
+                sock.sendall(data[position : position + step])
+                position += step
+            sock.sendall(data[position:])
+        finally:
+            sock.detach()
+        if abandoned:
+            conns[c].close()
+
+    results: dict[int, dict] = {}
+
+    def receive(c: int) -> None:
+        results[c] = read_answers(conns[c], len(plans[c][1]), timeout=60)
+
+    senders = [threading.Thread(target=send, args=(c,)) for c in range(len(conns))]
+    readers = [threading.Thread(target=receive, args=(c,)) for c in range(len(conns)) if not plans[c][2]]
+    for thread in senders + readers:
+        thread.start()
+    for thread in senders + readers:
+        thread.join(120)
+    for c, (_, ids, abandoned, _) in enumerate(plans):
+        if not abandoned:
+            assert sorted(results[c]) == ids and all(len(a) == 1 for a in results[c].values()), (c, results.get(c))
+    assert any(plan[2] for plan in plans)  # (the seed abandons some)
+    assert drained(server)
+    still_serves(server)

@@ -701,3 +701,41 @@ def test_a_cancel_behind_a_long_pipeline_on_a_lent_socket(rpc_server, loop_name,
     assert settled(server)
     ping_after(conn, answers)
     conn.close()
+
+
+def test_random_requests_and_cancels_from_several_clients_are_each_answered_once(rpc_server, loop_name):
+    """A seeded mix: calls short and long, cancels of recent, old and unknown ids, frames split
+    anywhere across writes, on three connections (routed, queued and lent calls)."""
+    import random
+
+    rnd = random.Random(11)
+    server = rpc_server("services:registry", workers=3, event_loop=loop_name, max_pending=4096)
+    conns = [raw_connection(server) for _ in range(3)]
+    sent: list[list[int]] = [[], [], []]
+    answers = [Answers(conn) for conn in conns]
+    next_id = 1
+    for _ in range(300):
+        c = rnd.randrange(3)
+        data = b""
+        for _ in range(rnd.randint(1, 4)):
+            if rnd.random() < 0.5 or not sent[c]:
+                if rnd.random() < 0.6:
+                    data += request(next_id, "add", next_id, 0)
+                else:
+                    data += request(next_id, "sleep", rnd.choice([0, 0.001, 0.01, 0.04, 0.06]), next_id)
+                sent[c].append(next_id)
+                next_id += 1
+            else:
+                data += cancel(rnd.choice(sent[c][-5:]) if rnd.random() < 0.9 else rnd.randrange(10**6, 10**7))
+        cut = rnd.randrange(len(data))
+        write(conns[c], data[:cut])
+        write(conns[c], data[cut:])
+        for k in range(3):
+            while conns[k].poll(0):
+                answers[k].read(1)
+    for k in range(3):
+        answers[k].read(len(sent[k]) - answers[k].total())
+        got = answers[k].once_each(sent[k])
+        assert all(got[i] in (i, "call_cancelled") for i in sent[k])
+        ping_after(conns[k], answers[k])
+    assert settled(server)
