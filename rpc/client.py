@@ -131,11 +131,21 @@ class _CallFuture(Future[Any]):
         the server drops it from its queue or stops the handler running it)."""
         request_id = self._request_id
         if request_id is None:
-            return super().cancel()
+            return self._cancel_here()
         if not self._calls._withdraw(request_id):
             return self.cancelled()  # answered (or failed) already; True if an earlier cancel() won
-        super().cancel()
+        self._cancel_here()
         self._calls._send_cancel(request_id)
+        return True
+
+    def _cancel_here(self) -> bool:
+        """Cancel the future itself, and tell concurrent.futures.wait() and as_completed(), which
+        count a cancelled future done only once notified (an executor's worker would do it)."""
+        if self.cancelled():
+            return True  # notified already
+        if not super().cancel():
+            return False
+        self.set_running_or_notify_cancel()  # (False for a cancelled future: it only notifies)
         return True
 
 

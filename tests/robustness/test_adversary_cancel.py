@@ -739,3 +739,28 @@ def test_random_requests_and_cancels_from_several_clients_are_each_answered_once
         assert all(got[i] in (i, "call_cancelled") for i in sent[k])
         ping_after(conns[k], answers[k])
     assert settled(server)
+
+
+def test_a_cancelled_future_counts_as_done_for_wait_and_as_completed(rpc_server, tmp_path):
+    """concurrent.futures.wait() and as_completed() take a cancelled future as done, before and
+    while they wait."""
+    from concurrent.futures import FIRST_COMPLETED, as_completed, wait
+
+    server = rpc_server("services:registry", workers=2)
+    gate = Gate(tmp_path)
+    with server.client(timeout=60) as client:
+        early = client.submit("hold", *gate.args())
+        gate.wait_started()
+        assert early.cancel()
+        done, _ = wait([early], timeout=10)
+        assert early in done
+        assert list(as_completed([early], timeout=10)) == [early]
+        late = client.submit("sleep", 60)
+        waiting = threading.Thread(target=lambda: results.append(wait([late], timeout=10, return_when=FIRST_COMPLETED)))
+        results: list = []
+        waiting.start()
+        assert wait_for(lambda: late._waiters, timeout=10)  # wait() is waiting on it
+        assert late.cancel()
+        waiting.join(30)
+        assert late in results[0].done
+        assert client.add(1, 1) == 2
