@@ -764,3 +764,23 @@ def test_a_cancelled_future_counts_as_done_for_wait_and_as_completed(rpc_server,
         waiting.join(30)
         assert late in results[0].done
         assert client.add(1, 1) == 2
+
+
+def test_a_cancel_of_a_lent_call_while_the_server_closes(rpc_server, loop_name, tmp_path):
+    server = rpc_server("services:registry", workers=3, event_loop=loop_name, shutdown_grace=30.0)
+    gate = Gate(tmp_path)
+    conn = raw_connection(server)
+    lent_call(server, conn, gate)
+    closer = threading.Thread(target=server.server.close)
+    closer.start()
+    try:
+        assert wait_for(lambda: router_state(server, lambda r: r.closing and r.recalled), timeout=20)
+        write(conn, cancel(2))
+        answers = Answers(conn).read(1)
+        assert answers.by_id == {2: ["call_cancelled"]}
+        closer.join(60)
+        assert not closer.is_alive()
+    finally:
+        gate.open()
+        closer.join(60)
+    assert server.handler_pids() == []
