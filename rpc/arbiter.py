@@ -55,7 +55,8 @@ class Handler:
         self.kill_reason: str | None = None  # set when the supervisor stops it
         self.reaping = False  # being collected: signal it no more
         self.retired = False  # replaced by a reload
-        self.cancelled = False  # stopped because the call it ran on a lent socket was cancelled
+        # The id of the call on a lent socket it was stopped to cancel (the kill may land on the next one).
+        self.cancelled: int | None = None
         self.streams: frozenset[str] = frozenset()  # its generator functions' names: never lent (rpc.streams)
         self.end_input: Callable[[], None] = self._shutdown_pipe  # the router's way, once it serves the pipe
 

@@ -76,6 +76,9 @@ class CallTable:
         self.share_calls = max(1, max_pending // 4)
         self.share_bytes = max(1, max_queue_bytes // 4)
         self.queued_by: dict[Any, list[int]] = {}  # connection -> [calls, bytes] in the queue
+        # (connection, request id) -> its queued calls, in order: a cancel finds its call without
+        # a scan of the queue, so a storm of cancels costs little however long the queue is.
+        self.queued_ids: dict[tuple[Any, int], list[Call]] = {}
         self.inflight_by: dict[Any, int] = {}  # connection -> its calls accepted and not settled
 
     # -- calls in -----------------------------------------------------------------------
@@ -235,17 +238,16 @@ class CallTable:
         return dropped
 
     def find(self, connection: Any, request_id: int) -> Call | None:
-        """The unanswered call ``request_id`` of ``connection``, queued or running (not lent), if any.
-
-        A scan: only a cancel asks, so no call pays for an index.
-        """
+        """The unanswered call ``request_id`` of ``connection``, queued or running (not lent), if any."""
         for call in self.running:
+            # (an answered one may still hold its slot, its handler being stopped: the same id,
+            # reused since by the client, may run or wait elsewhere)
             if call is not None and call.id == request_id and call.connection is connection:
-                return None if call.answered or call.lease else call
-        if connection in self.queued_by:
-            for call in self.queue:
-                if call.id == request_id and call.connection is connection and not call.answered:
+                if not (call.answered or call.lease):
                     return call
+        for call in self.queued_ids.get((connection, request_id), ()):
+            if not call.answered:
+                return call
         return None
 
     def unqueue(self, call: Call) -> None:
@@ -280,6 +282,16 @@ class CallTable:
         return call
 
     def _count(self, call: Call, sign: int) -> None:
+        """``call`` joins (``sign`` 1) or leaves (-1) the queue: its connection's share and the index by id."""
+        if call.id is not None and call.connection is not None:
+            key = (call.connection, call.id)
+            if sign > 0:
+                self.queued_ids.setdefault(key, []).append(call)
+            else:
+                same = self.queued_ids[key]
+                same.remove(call)
+                if not same:
+                    del self.queued_ids[key]
         if call.origin is None:
             return
         held = self.queued_by.setdefault(call.origin, [0, 0])
@@ -292,5 +304,6 @@ class CallTable:
         self.queue = waiting
         self.queue_bytes = sum(len(call.frame) for call in waiting)
         self.queued_by = {}
+        self.queued_ids = {}
         for call in waiting:
             self._count(call, 1)

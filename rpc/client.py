@@ -222,10 +222,22 @@ class _CallFuture(Future[Any]):
         """Cancel the call: True if it had not finished (then it never finishes here, and
         the server drops it from its queue or stops the handler running it)."""
         request_id = self._request_id
-        if request_id is None or not self._calls._withdraw(request_id):
-            return super().cancel() if request_id is None else False
-        super().cancel()
+        if request_id is None:
+            return self._cancel_here()
+        if not self._calls._withdraw(request_id):
+            return self.cancelled()  # answered (or failed) already; True if an earlier cancel() won
+        self._cancel_here()
         self._calls._send_cancel(request_id)
+        return True
+
+    def _cancel_here(self) -> bool:
+        """Cancel the future itself, and tell concurrent.futures.wait() and as_completed(), which
+        count a cancelled future done only once notified (an executor's worker would do it)."""
+        if self.cancelled():
+            return True  # notified already
+        if not super().cancel():
+            return False
+        self.set_running_or_notify_cancel()  # (False for a cancelled future: it only notifies)
         return True
 
 
@@ -689,6 +701,11 @@ class _Calls:
             error = ConnectionClosed(f"connection lost while sending: {exc}")
             self._fail_all(error)
             raise error from None
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, say) while the frame went out: part of it may be
+            # sent, and a stream mid-message cannot carry another.
+            self._fail_all(ConnectionClosed("connection closed: sending a message was interrupted"))
+            raise
         finally:
             lock.release()
 
@@ -718,6 +735,9 @@ class _Calls:
                 self._fail_all(ConnectionClosed("connection closed: a cancel message was cut off"))
         except OSError:
             pass  # the connection is gone: the server cancels the calls of a client that goes away
+        except BaseException:
+            self._fail_all(ConnectionClosed("connection closed: sending a cancel message was interrupted"))
+            raise
         finally:
             lock.release()
 

@@ -50,6 +50,7 @@ PARALLEL_WORTHY_SECONDS = 0.001
 # The largest request lent with its socket (it travels in the lending message).
 MAX_LENT_FRAME = 32 * 1024
 PEEK_BYTES = 65536
+_CANCEL_SCAN_FRAMES = 16  # frames waiting on a lent socket looked through for a cancel
 # A send on a Unix stream socket of at most this many bytes goes out in one kernel
 # buffer: all of it or none, even if the sender is killed during the call.
 _WHOLE_SEND_BYTES = 32 * 1024
@@ -206,7 +207,7 @@ def _waiting_envelope(peeked: bytes | None) -> protocol.Envelope | None:
     if frame is None:
         return None
     try:
-        return protocol.parse_envelope(frame[4:])
+        return protocol.parse_envelope(bytes(frame[4:]))
     except ProtocolError:
         return None
 
@@ -219,14 +220,37 @@ def waiting_request_id(fd: int) -> int | None:
 
 def cancel_waiting(fd: int, request_id: int) -> str | None:
     """Whether the call ``request_id``, running on lent socket ``fd``, was cancelled meanwhile:
-    how ("by its caller": a cancel for it waits at the head; "by its client going away"), or None."""
+    how ("by its caller": a cancel for it waits among the whole frames peeked; "by its client
+    going away": it hung up, even behind requests it sent first), or None."""
     peeked = _peek(fd)
     if peeked == b"":
         return "by its client going away"
-    envelope = _waiting_envelope(peeked)
-    if envelope is not None and envelope.kind == protocol.CANCEL and envelope.id == request_id:
-        return "by its caller"
-    return None
+    if peeked is None:
+        return None
+    offset = 0
+    # A client may send more requests before cancelling the running call: look past a few
+    # (not all: the router peeks at every housekeeping tick while the call runs).
+    for _ in range(_CANCEL_SCAN_FRAMES):
+        frame = _whole_frame(memoryview(peeked)[offset:], PEEK_BYTES)
+        if frame is None:
+            break
+        offset += len(frame)
+        try:
+            envelope = protocol.parse_envelope(bytes(frame[4:]))
+        except ProtocolError:
+            break  # the router ends the connection when it reads this
+        if envelope.id == request_id:
+            if envelope.kind == protocol.CANCEL:
+                return "by its caller"
+            break  # another request with its id: the cancel may be for that one (the router's to read)
+    return "by its client going away" if _hung_up(fd) else None
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether the peer of socket ``fd`` closed (or reset) it, even with bytes still unread."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 def send_lease(pipe_fd: int, frame: bytes, client_fd: int) -> None:
@@ -241,7 +265,7 @@ def send_lease(pipe_fd: int, frame: bytes, client_fd: int) -> None:
 # -- the handler's side --------------------------------------------------------------------
 
 
-def _whole_frame(peeked: bytes, max_message_bytes: int) -> bytes | None:
+def _whole_frame(peeked: bytes | memoryview, max_message_bytes: int) -> bytes | memoryview | None:
     """The first frame of ``peeked``, header included, if all of it is there and within the limit."""
     if len(peeked) < 4:
         return None

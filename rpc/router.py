@@ -476,7 +476,7 @@ class Router:
         elif owed is lease.Owed.CRASHED:
             _, deadline, _, _ = state.read()
             error: RPCError
-            if handler.cancelled:
+            if handler.cancelled == request_id:
                 error = CallCancelled("the call was cancelled")
             elif handler.kill_reason is not None and deadline is not None and time.monotonic() >= deadline:
                 error = CallTimeout("the call passed its deadline")
@@ -564,7 +564,7 @@ class Router:
                 if now - since[1] < _GONE_GRACE:
                     continue
             if how is not None:
-                handler.cancelled = True
+                handler.cancelled = request_id
                 self.arbiter.kill(slot, f"its call on a lent socket (id {request_id}) was cancelled {how}")
                 connection.log.info("call_cancelled", id=request_id, was="running", how=how, leased=True)
 
