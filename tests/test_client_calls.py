@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 import rpc
+from helpers import wait_for
 from rpc import protocol, transport
 
 AUTHKEY = b"client-wire-test-key"
@@ -276,8 +278,19 @@ def test_a_call_interrupted_by_ctrl_c_is_cancelled_and_the_next_call_gets_its_ow
     client = server.connect()
     main = threading.get_ident()
 
+    def waiting_for_the_answer() -> bool:
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            if frame.f_code.co_name == "_next_response":
+                return True
+            frame = frame.f_back
+        return False
+
     def interrupt() -> protocol.Request:
-        request = server.request()  # the call is in flight: its thread waits for the answer
+        request = server.request()  # the call is in flight
+        # Interrupted while it waits for the answer, not while its request is still being
+        # sent (that closes the connection: part of a frame may have gone out).
+        assert wait_for(waiting_for_the_answer, timeout=HANG)
         signal.pthread_kill(main, signal.SIGINT)
         return request
 
