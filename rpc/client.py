@@ -732,11 +732,11 @@ class _Calls:
                 framing.send_frame(self._sock, frame, deadline)
         except framing.SendTimeout as exc:
             if exc.sent:
-                self._fail_all(ConnectionClosed("connection closed: a cancel message was cut off"))
+                self._fail_all(ConnectionClosed("connection closed: a cancel or credit message was cut off"))
         except OSError:
             pass  # the connection is gone: the server cancels the calls of a client that goes away
         except BaseException:
-            self._fail_all(ConnectionClosed("connection closed: sending a cancel message was interrupted"))
+            self._fail_all(ConnectionClosed("connection closed: sending a cancel or credit message was interrupted"))
             raise
         finally:
             lock.release()
