@@ -1,7 +1,7 @@
 """Sockets under ``multiprocessing.connection``: listen, accept, connect, authenticate.
 
 rpc keeps the framing and the HMAC challenge of ``multiprocessing.connection``
-but opens its own sockets, because ``Listener.accept()`` runs the handshake on the
+(the challenge in rpc's own code, :mod:`rpc.handshake`) but opens its own sockets, because ``Listener.accept()`` runs the handshake on the
 accepting thread (one silent client would stall every other) and ``Client()``
 has no connect or handshake deadline. Nothing here knows about messages.
 """
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import multiprocessing
 import os
 import socket
 import stat
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Union
 
 from .errors import (
@@ -27,6 +26,7 @@ from .errors import (
     StartupError,
 )
 from .framing import FrameReader, SendTimeout, send_frame
+from .handshake import ClientHandshake
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
@@ -44,10 +44,6 @@ __all__ = [
 
 # (host, port) for TCP; a filesystem path for a Unix socket.
 Address = Union[tuple[str, int], str]
-
-CHALLENGE = b"#CHALLENGE#"
-WELCOME = b"#WELCOME#"
-FAILURE = b"#FAILURE#"
 
 
 def is_unix(address: Address) -> TypeIs[str]:
@@ -250,62 +246,6 @@ def _connect_failure(address: Address, exc: OSError) -> str:
     return f"nothing is listening at {where} ({reason}); is the server running? Start it with `rpc serve`"
 
 
-# The handshake's messages are small: a challenge, a digest, a hello.
-HANDSHAKE_MAX_BYTES = 64 * 1024
-
-
-class _HandshakeStream:
-    """The handshake's frames, read and sent under one deadline for the whole exchange.
-
-    ``answer_challenge``/``deliver_challenge`` call ``recv_bytes``/``send_bytes`` on it;
-    a socket timeout would bound each ``recv()`` only, and a server trickling a byte
-    at a time could hold the client for as long as it liked.
-    """
-
-    def __init__(self, conn: Connection, deadline: float) -> None:
-        self._sock = socket.socket(fileno=conn.fileno())  # borrowed: released by close()
-        self._frames = FrameReader(conn.fileno(), HANDSHAKE_MAX_BYTES)
-        self._deadline = deadline
-        self._first: bytes | None = None  # a message read ahead, handed out again by recv_bytes
-        self.heard = False  # whether the server sent anything at all
-
-    def replay(self, message: bytes) -> None:
-        self._first = message
-
-    def recv_bytes(self, maxlength: int | None = None) -> bytes:
-        if self._first is not None:
-            first, self._first = self._first, None
-            return first
-        self._frames.max_bytes = min(maxlength or HANDSHAKE_MAX_BYTES, HANDSHAKE_MAX_BYTES)
-        try:
-            frame = self._frames.read(self._deadline)
-        finally:
-            self.heard = self.heard or self._frames.buffered > 0
-        if frame is None:
-            raise TimeoutError
-        self.heard = True
-        return frame
-
-    def send_bytes(self, data: bytes) -> None:
-        try:
-            send_frame(self._sock, data, self._deadline)
-        except SendTimeout:
-            raise TimeoutError from None
-
-    @property
-    def limit(self) -> int:
-        return self._frames.max_bytes
-
-    def last(self, message: bytes) -> bytes:
-        """The handshake's last message; bytes read past it would be lost, so refuse them."""
-        if self._frames.buffered:
-            raise ProtocolError("the server sent more than its hello before the client's hello")
-        return message
-
-    def close(self) -> None:
-        self._sock.detach()  # the socket stays open: it belongs to ``conn``
-
-
 def client_handshake(
     conn: Connection,
     authkey: bytes | None,
@@ -315,43 +255,44 @@ def client_handshake(
 ) -> bytes:
     """Authenticate to the server; returns the server's first message after it (its hello).
 
-    The whole exchange must end by ``deadline``. Reads the server's first message
-    before deciding, so a missing or unexpected key gives a clear
-    :class:`AuthenticationError`, never a decode error. ``address`` and ``timeout``
-    only word the errors.
+    rpc's own :class:`~rpc.handshake.ClientHandshake` decides each step; this only
+    moves its frames, all under one ``deadline`` for the whole exchange (a socket
+    timeout would bound each ``recv()`` only, and a server trickling a byte at a
+    time could hold the client for as long as it liked). The server's first
+    message is read before anything is sent, so a missing or unexpected key gives
+    a clear :class:`AuthenticationError`, never a decode error. ``address`` and
+    ``timeout`` only word the errors.
     """
     where = "the server" if address is None else format_address(address)
-    stream = _HandshakeStream(conn, deadline)
+    handshake = ClientHandshake(authkey, where)
+    frames = FrameReader(conn.fileno(), handshake.limit)
+    sock = socket.socket(fileno=conn.fileno())  # borrowed: detached below, it belongs to ``conn``
+    heard = False  # whether the server sent anything at all
     try:
-        first = stream.recv_bytes(HANDSHAKE_MAX_BYTES)
-        if not first.startswith(CHALLENGE):
-            if authkey is not None:
-                raise AuthenticationError("the server did not ask for the authkey: it runs without one")
-            return stream.last(first)
-        if authkey is None:
-            raise AuthenticationError(
-                "the server requires an authkey and none was given: pass authkey=rpc.read_authkey() "
-                "to use the key file `rpc serve` made, or the server's key as bytes"
-            )
-        stream.replay(first)
-        # The type: ignores below: typeshed asks for a Connection, but the challenge
-        # functions only call recv_bytes and send_bytes, which _HandshakeStream has.
-        try:
-            answer_challenge(stream, authkey)  # type: ignore[arg-type]
-        except multiprocessing.AuthenticationError:
-            raise AuthenticationError(
-                f"{where} refused this authkey: it is not the key the server was started with"
-            ) from None
-        try:
-            deliver_challenge(stream, authkey)  # type: ignore[arg-type]
-        except multiprocessing.AuthenticationError:
-            raise AuthenticationError(
-                f"{where} accepted this authkey but could not prove it holds it: is it the server you meant?"
-            ) from None
-        return stream.last(stream.recv_bytes(HANDSHAKE_MAX_BYTES))
-    except TimeoutError:
+        while not handshake.done:
+            frames.max_bytes = handshake.limit
+            try:
+                frame = frames.read(deadline)
+            finally:
+                heard = heard or frames.buffered > 0
+            if frame is None:
+                raise TimeoutError
+            heard = True
+            try:
+                replies = handshake.receive(frame)
+            except AuthenticationError:
+                if handshake.farewell is not None:
+                    send_frame(sock, handshake.farewell, deadline)
+                raise
+            for reply in replies:
+                send_frame(sock, reply, deadline)
+        if frames.buffered:  # bytes read past the hello would be lost
+            raise ProtocolError("the server sent more than its hello before the client's hello")
+        assert handshake.hello is not None
+        return handshake.hello
+    except (TimeoutError, SendTimeout):
         within = "" if timeout is None else f" within {timeout:g} s"
-        if not stream.heard:
+        if not heard:
             raise ConnectTimeout(
                 f"connected to {where}, but nothing answered{within}: is an rpc server listening there?"
             ) from None
@@ -360,9 +301,9 @@ def client_handshake(
         size = getattr(exc, "size", "too many")
         raise MessageTooLarge(
             f"{where} sent a handshake message announcing {size} bytes; at most "
-            f"{stream.limit} are accepted there: is an rpc server listening there?"
+            f"{frames.max_bytes} are accepted there: is an rpc server listening there?"
         ) from None
     except (EOFError, OSError) as exc:
         raise ConnectionClosed(f"the server closed the connection during the handshake: {exc or 'EOF'}") from None
     finally:
-        stream.close()
+        sock.detach()

@@ -591,3 +591,68 @@ def test_client_reads_a_hello_of_up_to_64_kib_after_the_handshake() -> None:
     assert handshake.limit == MAX_HELLO_FRAME
     big = b"h" * MAX_HELLO_FRAME
     assert handshake.receive(big) == [] and handshake.hello == big
+
+
+# -- the sync client's handshake over a real socket -----------------------------------
+
+
+def _run_client_under_optimize(address: object, authkey: bytes, code: str) -> str:
+    """Run ``code`` in ``python -O`` (asserts stripped) with ``client`` connected; its stdout."""
+    import subprocess
+
+    script = (
+        "import rpc, sys\n"
+        f"client = rpc.connect({address!r}, authkey={authkey!r}, connect_timeout=10, reconnect=False)\n"
+        f"{code}\n"
+    )
+    done = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_sync_client_authenticates_under_python_optimize(rpc_server) -> None:
+    """The handshake is rpc's own code, so ``python -O`` (no asserts) changes nothing."""
+    server = rpc_server("services:registry", workers=1, transport="tcp")
+    assert _run_client_under_optimize(server.address, server.authkey, "print(client.add(2, 3))").strip() == "5"
+
+
+def test_the_sync_client_refuses_a_server_without_the_key_under_python_optimize() -> None:
+    """A server that accepts the client's answer but cannot answer the client's challenge is
+    refused with a clear error and told ``#FAILURE#``, asserts or not."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+    told: list[bytes] = []
+
+    def impostor() -> None:
+        sock, _ = listener.accept()
+        sock.setblocking(True)  # Connection reads the file descriptor itself
+        connection = Connection(sock.detach())
+        try:
+            deliver_challenge(connection, KEY)
+            challenge = connection.recv_bytes(MAX_HANDSHAKE_FRAME)
+            assert challenge.startswith(CHALLENGE)
+            connection.send_bytes(b"{sha256}" + b"\0" * 32)  # no proof of the key
+            told.append(connection.recv_bytes(MAX_HANDSHAKE_FRAME))
+        finally:
+            connection.close()
+
+    peer = threading.Thread(target=impostor, daemon=True)
+    peer.start()
+    try:
+        address = listener.getsockname()
+        code = (
+            "import rpc\n"
+            "try:\n"
+            f"    rpc.connect({address!r}, authkey={KEY!r}, connect_timeout=10, reconnect=False)\n"
+            "except rpc.AuthenticationError as exc:\n"
+            "    print(exc)\n"
+        )
+        import subprocess
+
+        done = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60)
+        peer.join(TIMEOUT)
+    finally:
+        listener.close()
+    assert done.returncode == 0, done.stderr
+    assert "could not prove it holds it" in done.stdout
+    assert told == [FAILURE]
