@@ -386,7 +386,8 @@ class Reader {
 
   need(n) {
     // Every length is checked against what is left before anything is allocated.
-    if (n > this.data.length - this.pos) throw new DecodeError("truncated message");
+    const left = this.data.length - this.pos;
+    if (n > left) throw new DecodeError(`truncated message: ${n} bytes wanted, ${left} left`);
   }
 
   u8() {

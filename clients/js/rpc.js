@@ -263,6 +263,17 @@ function describe(address) {
   return address.path !== undefined ? `the server at ${address.path}` : `the server at ${address.host}:${address.port}`;
 }
 
+/** {host, port} or {path}; a string is "HOST:PORT", or a path when it has a "/" or no ":". */
+function parseAddress(address) {
+  if (typeof address === "string") {
+    const colon = address.lastIndexOf(":");
+    if (address.includes("/") || colon < 0) return { path: address };
+    return { host: address.slice(0, colon).replace(/^\[|\]$/g, ""), port: Number(address.slice(colon + 1)) };
+  }
+  if (address?.path !== undefined || (address?.host !== undefined && address?.port !== undefined)) return address;
+  throw new TypeError("address must be {host, port}, {path}, or a string");
+}
+
 function toBuffer(authkey) {
   if (authkey === null || authkey === undefined) return null;
   if (typeof authkey === "string") return Buffer.from(authkey, "utf8");
@@ -280,6 +291,7 @@ function toBuffer(authkey) {
  * server; default 64 MiB), `helloInfo` (the map sent in this client's hello).
  */
 export function connect(address, options = {}) {
+  address = parseAddress(address);
   const authkey = toBuffer(options.authkey);
   const timeout = checkTimeout(options.timeout, "timeout");
   const connectTimeout = checkTimeout(options.connectTimeout ?? 10, "connectTimeout");
@@ -489,8 +501,13 @@ export class Client {
    * (`local` true) and a cancel is sent, so the server stops the call.
    */
   call(method, args = [], kwargs = {}, options = {}) {
-    const timeout = options.timeout === undefined ? this.timeout : checkTimeout(options.timeout, "timeout");
-    const clientTimeout = options.clientTimeout === undefined ? timeout : checkTimeout(options.clientTimeout, "clientTimeout");
+    let timeout, clientTimeout;
+    try {
+      timeout = options.timeout === undefined ? this.timeout : checkTimeout(options.timeout, "timeout");
+      clientTimeout = options.clientTimeout === undefined ? timeout : checkTimeout(options.clientTimeout, "clientTimeout");
+    } catch (err) {
+      return Promise.reject(err);
+    }
     if (typeof method !== "string") return Promise.reject(new TypeError("method must be a string"));
     if (!Array.isArray(args)) return Promise.reject(new TypeError("args must be an array"));
     if (this.nextId > MAX_ID) this.nextId = 1; // (after 2**53 calls: those ids are long answered)

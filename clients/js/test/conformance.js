@@ -169,10 +169,10 @@ const scenarios = {
     return out;
   },
 
-  /** Connect and close (against a peer the test runs itself). */
+  /** Connect and close (against a peer the test runs itself); ARG is the connect timeout. */
   async "connect-only"() {
     try {
-      const client = await open({ connectTimeout: 10 });
+      const client = await open({ connectTimeout: Number(arg ?? 10) });
       await client.close();
       return { connected: true };
     } catch (err) {
@@ -295,11 +295,10 @@ if (run === undefined) {
   process.stderr.write(`unknown scenario ${scenario}; one of: ${Object.keys(scenarios).join(", ")}\n`);
   process.exit(2);
 }
+// Exit once the output is written (a pipe may take it in several writes), whatever is left open.
 try {
   const result = await bounded(run(), 120, scenario);
-  process.stdout.write(`${JSON.stringify(result)}\n`);
-  process.exit(0);
+  process.stdout.write(`${JSON.stringify(result)}\n`, () => process.exit(0));
 } catch (err) {
-  process.stderr.write(`${err?.stack ?? err}\n`);
-  process.exit(1);
+  process.stderr.write(`${err?.stack ?? err}\n`, () => process.exit(1));
 }
