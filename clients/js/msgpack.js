@@ -18,7 +18,7 @@ export class EncodeError extends Error {}
 
 // -- values that plain JS has no type for ------------------------------------------
 
-/** An extension value of a code this codec does not know (a user type, 64-127). */
+/** An extension value this codec does not convert: a user type (64-127), or msgpack's own (negative). */
 export class Ext {
   constructor(type, data) {
     this.type = type;
@@ -609,6 +609,9 @@ function decodeExt(type, data, parent) {
     case 11:
       return new PyTime(text(data));
     default:
+      // Users' types (64-127) and msgpack's own (negative, such as the timestamp) stay
+      // opaque; rpc's codes that it has not assigned (0, 12-63) are malformed.
+      if (type >= 0 && type < 64) throw new DecodeError(`unknown extension type ${type}`);
       return new Ext(type, Uint8Array.from(data));
   }
 }

@@ -9,7 +9,10 @@
 //   await client.close();
 
 import crypto from "node:crypto";
+import fs from "node:fs";
 import net from "node:net";
+import os from "node:os";
+import pathModule from "node:path";
 
 import { DecodeError, EncodeError, decode, encode } from "./msgpack.js";
 
@@ -263,6 +266,16 @@ function describe(address) {
   return address.path !== undefined ? `the server at ${address.path}` : `the server at ${address.host}:${address.port}`;
 }
 
+/**
+ * The key `rpc serve` made: the file's text without surrounding whitespace, as bytes
+ * ($XDG_CONFIG_HOME/rpc/authkey, else ~/.config/rpc/authkey, or `path`).
+ */
+export function readAuthkey(path = undefined) {
+  const folder = process.env.XDG_CONFIG_HOME || pathModule.join(os.homedir(), ".config");
+  const data = fs.readFileSync(path ?? pathModule.join(folder, "rpc", "authkey"));
+  return Buffer.from(data.toString("latin1").trim(), "latin1");
+}
+
 /** {host, port} or {path}; a string is "HOST:PORT", or a path when it has a "/" or no ":". */
 function parseAddress(address) {
   if (typeof address === "string") {
@@ -290,7 +303,7 @@ function toBuffer(authkey) {
  * and the hello; default 10), `maxMessageBytes` (the largest frame accepted from the
  * server; default 64 MiB), `helloInfo` (the map sent in this client's hello).
  */
-export function connect(address, options = {}) {
+export async function connect(address, options = {}) {
   address = parseAddress(address);
   const authkey = toBuffer(options.authkey);
   const timeout = checkTimeout(options.timeout, "timeout");

@@ -1,8 +1,9 @@
 // Conformance scenarios of the JS client against a real rpc server, run by the Python
 // suite (tests/test_js_client.py), which asserts on what this prints.
 //
-//   RPC_ADDRESS='{"path": "/tmp/rpc.sock"}' RPC_AUTHKEY_HEX=... node test/conformance.js SCENARIO [ARG]
+//   RPC_ADDRESS=HOST:PORT|PATH RPC_AUTHKEY_HEX=<the key in hex> node test/conformance.js SCENARIO [ARG]
 //
+// (RPC_AUTHKEY_FILE=<a key file> instead of RPC_AUTHKEY_HEX reads a key as `rpc serve` does.)
 // Prints one line of JSON (values tagged so that Python can tell a tuple from a list,
 // a BigInt from a float: see `plain`), or exits 1 with the reason on stderr.
 
@@ -22,10 +23,12 @@ import {
   connect,
   decode,
   encode,
+  readAuthkey,
 } from "../rpc.js";
 
-const address = JSON.parse(process.env.RPC_ADDRESS ?? "null");
-const authkey = process.env.RPC_AUTHKEY_HEX === undefined ? null : Buffer.from(process.env.RPC_AUTHKEY_HEX, "hex");
+const address = process.env.RPC_ADDRESS;
+const { RPC_AUTHKEY_HEX, RPC_AUTHKEY_FILE } = process.env;
+const authkey = RPC_AUTHKEY_HEX ? Buffer.from(RPC_AUTHKEY_HEX, "hex") : RPC_AUTHKEY_FILE ? readAuthkey(RPC_AUTHKEY_FILE) : null;
 const [scenario, arg] = process.argv.slice(2);
 
 /** A value as JSON, tagged where JSON has no type of its own. */
