@@ -157,8 +157,8 @@ class CallTable:
                 self.inflight_by[connection] = left
             else:
                 del self.inflight_by[connection]
-            if call.id is not None and self.by_id.get(key := (connection, call.id)) is call:
-                del self.by_id[key]
+            if call.id is not None:
+                self.by_id.pop((connection, call.id), None)
         return True
 
     # -- handlers -----------------------------------------------------------------------
