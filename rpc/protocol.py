@@ -802,8 +802,13 @@ def _read_large(frame: bytes | bytearray) -> list[Any]:
         _bad_layout(kind, size)
     request_id = None
     if kind == REQUEST:
-        if frame[unpacker.tell()] > 0x7F and frame[unpacker.tell()] not in _UINT_WIDTHS:
-            _bad_id(unpacker.unpack())
+        position = unpacker.tell()
+        if frame[position] > 0x7F and frame[position] not in _UINT_WIDTHS:
+            try:
+                bad = unpacker.unpack()
+            except Exception:  # too long to read here (a string of kilobytes, say): named by its type
+                raise ProtocolError(f"malformed message: request id must be an unsigned 64-bit int, got {_type_at(frame, position)}") from None
+            _bad_id(bad)
         request_id = unpacker.unpack()
     try:
         if frame[unpacker.tell()] not in _STR_MARKERS:
