@@ -11,12 +11,15 @@ the frame (the ping's answer only).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import os
 import socket
 import struct
+import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 from multiprocessing.connection import Client as StdlibClient
 
 import msgpack
@@ -24,7 +27,8 @@ import pytest
 
 import rpc
 import rpc.aio
-from helpers import Gate, log_has, still_serves, wait_for
+from rpc import protocol
+from helpers import Gate, still_serves
 
 CHALLENGE, WELCOME, FAILURE = b"#CHALLENGE#", b"#WELCOME#", b"#FAILURE#"
 PING_ID = 999_999  # the id of the ping sent after each case
@@ -593,4 +597,35 @@ def test_a_stream_end_error_has_the_qualified_type(stream_server):
         if message[0] == 7:
             break
     assert (message[2]["code"], message[2]["type"]) == ("call_timeout", "rpc.errors.CallTimeout")
+    peer.close()
+
+
+# -- values: the examples of docs/protocol.md, both ways -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, hex_bytes",
+    [
+        ((1, 2), "c7 03 01 92 01 02"),
+        ({3}, "d5 02 91 03"),
+        (dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc),
+         "c7 19 04" + b"2024-05-06T07:08:09+00:00".hex()),
+        (dt.date(2024, 5, 6), "c7 0a 05" + b"2024-05-06".hex()),
+        (Decimal("1.50"), "d6 06" + b"1.50".hex()),
+        (uuid.UUID(int=1), "d8 07" + "00" * 15 + "01"),
+        (1 + 2j, "d8 08 3ff0000000000000 4000000000000000"),
+        (2**70, "c7 09 09 40" + "00" * 8),
+        (-(2**64), "c7 09 09 ff" + "00" * 8),
+        (dt.timedelta(days=1, seconds=2, microseconds=3), "d6 0a 93 01 02 03"),
+        (dt.time(7, 8, 9), "d7 0b" + b"07:08:09".hex()),
+    ],
+    ids=["tuple", "set", "datetime", "date", "decimal", "uuid", "complex", "big-int", "big-negative", "timedelta", "time"],
+)
+def test_the_extension_examples_of_the_spec(server, value, hex_bytes):
+    data = bytes.fromhex(hex_bytes.replace(" ", ""))
+    assert protocol.encode_value(value) == data
+    # And the server reads them so: echo sends the value back as it decoded it.
+    peer = Peer.admitted(server)
+    peer.send(framed(b"\x96\x00\x05\xa4echo\x91" + data + b"\x80\x80"))
+    assert peer.frame() == b"\x94\x01\x05\xc0" + data
     peer.close()
