@@ -80,6 +80,9 @@ class CallTable:
         # a scan of the queue, so a storm of cancels costs little however long the queue is.
         self.queued_ids: dict[tuple[Any, int], list[Call]] = {}
         self.inflight_by: dict[Any, int] = {}  # connection -> its calls accepted and not settled
+        # (connection, request id) -> its call accepted and not settled: a request reusing the id
+        # of a call in flight would have its answers misrouted (the router refuses it).
+        self.by_id: dict[tuple[Any, int], Call] = {}
 
     # -- calls in -----------------------------------------------------------------------
 
@@ -133,6 +136,8 @@ class CallTable:
         self.unanswered += 1
         if call.connection is not None:
             self.inflight_by[call.connection] = self.inflight_by.get(call.connection, 0) + 1
+            if call.id is not None:
+                self.by_id[(call.connection, call.id)] = call
 
     def over_share(self, connection: Any) -> bool:
         """Whether ``connection`` holds its full share of the queue (in calls or in bytes)."""
@@ -152,6 +157,8 @@ class CallTable:
                 self.inflight_by[connection] = left
             else:
                 del self.inflight_by[connection]
+            if call.id is not None:
+                self.by_id.pop((connection, call.id), None)
         return True
 
     # -- handlers -----------------------------------------------------------------------

@@ -32,6 +32,7 @@ __all__ = [
     "ServerShuttingDown",
     "error_for_code",
     "remote_error_class",
+    "wire_type_name",
 ]
 
 
@@ -210,6 +211,18 @@ _BY_CODE: dict[str, type[RPCError]] = {
         RemoteError,
     )
 }
+
+
+def wire_type_name(cls: type) -> str:
+    """The ``type`` an exception class travels under: ``module.QualName``, bare for builtins.
+
+    The name Python's traceback prints (which also leaves ``__main__`` bare; here a
+    bare name always means a builtin, so clients can map it to their own class).
+    """
+    module = cls.__module__
+    if module == "builtins":
+        return cls.__qualname__
+    return f"{module if isinstance(module, str) else '<unknown>'}.{cls.__qualname__}"
 
 
 def error_for_code(code: str) -> type[RPCError]:

@@ -31,7 +31,7 @@ from . import lease, protocol, streams
 from .framing import Frame, FrameDecoder
 from .handler_output import OutputRouter
 from .logs import Logger, make_logger, open_log_file, report_dropped, resolve_format
-from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, SerializationError
+from .errors import MessageTooLarge, MethodNotFound, ProtocolError, RPCError, SerializationError, wire_type_name
 from .protocol import ErrorInfo
 from .registry import Registry, load_registry
 
@@ -325,7 +325,7 @@ def _id_of(frame: bytes | bytearray) -> int | None:
 def _error_info(code: str, exc: BaseException, with_traceback: bool) -> ErrorInfo:
     """The failure as it travels; never raises, whatever the exception's str, args or traceback do."""
     cls = type(exc)
-    type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    type_name = wire_type_name(cls)
     try:
         message = exc.message if isinstance(exc, RPCError) else str(exc)
     except BaseException:

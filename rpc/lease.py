@@ -13,7 +13,10 @@ socket, so the router resumes at a frame boundary with nothing to hand back.
 
 The router lends only with nothing of this client in flight and its send buffer
 empty, so a handler's reply can never land in the middle of another; the
-handler checks every frame's envelope as the router does.
+handler checks every frame's envelope as the router does. It answers each call
+before it reads the next, so it never holds two calls of its client at once: a
+request id reused while in flight, which the router refuses with a
+connection-level error, cannot be in flight twice here (docs/protocol.md).
 
 A handler may be killed at any moment, so the state of the call it runs on a lent
 socket is posted in memory it shares with the router (:class:`CallState`, 64-bit

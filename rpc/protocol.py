@@ -1,147 +1,27 @@
 """The rpc wire format: message kinds, msgpack encoding of values, and limits.
 
-Pure functions, bytes in and messages out; no sockets here. Everything below is
-what a client in another language needs to implement.
+Pure functions, bytes in and messages out; no sockets here. The specification,
+complete enough to write a client in another language from, is
+``docs/protocol.md``; this is its summary, and the code below follows it.
 
-Transport
----------
-A stream socket (TCP or Unix) framed as in Python's ``multiprocessing.connection``:
-each frame is a 4-byte big-endian signed length followed by that many bytes; a
-length of ``-1`` is followed by an 8-byte big-endian unsigned length (frames over
-2 GiB). Receivers refuse frames over their ``max_message_bytes`` (default 64 MiB)
-and close the connection, since the rest of the stream cannot be trusted.
-
-Handshake
----------
-When the server has an authkey, the ``multiprocessing.connection`` HMAC challenge
-runs both ways first: the server sends ``#CHALLENGE#`` + random bytes, the client
-answers with the HMAC of the random bytes under the authkey, the server replies
-``#WELCOME#`` or ``#FAILURE#``; then the client challenges the server the same
-way. Then the server sends a hello; the client sends its own hello without
-waiting for it. A server without an authkey sends its hello at once.
-
-Messages
---------
-Every message is one msgpack array (msgpack-rpc layout, plus kwargs and meta):
-
-=============  ==============================================  ===================
-kind           layout                                          direction
-=============  ==============================================  ===================
-0 request      ``[0, id, method, args, kwargs, meta]``          client -> server
-1 response     ``[1, id, error, result]``                       server -> client
-2 notification ``[2, method, args, kwargs]``                    client -> server
-3 cancel       ``[3, id]``                                      client -> server
-4 hello        ``[4, protocol_version, info]``                  both ways, once
-5 stream start ``[5, id]``                                      server -> client
-6 stream item  ``[6, id, value]``                               server -> client
-7 stream end   ``[7, id, error]``                               server -> client
-8 credit       ``[8, id, count]``                               client -> server
-=============  ==============================================  ===================
-
-- ``id``: unsigned integer chosen by the client, unique among its calls in flight
-  on the connection. Responses may come in any order; match them by ``id``.
-- ``method``: UTF-8 string, a registered name such as ``"add"`` or ``"math.hypot"``.
-- ``args``: array; ``kwargs``: map of string keys; ``meta``: map, with the optional
-  key ``"timeout"`` (seconds, float or int, relative to the moment the server
-  reads the request). Unknown meta keys are ignored.
-- ``error``: nil on success, else a map ``{"code": str, "type": str,
-  "message": str}`` with optional ``"traceback": str`` and ``"args": array``.
-  ``code`` names the failure (``remote_error``, ``method_not_found``,
-  ``call_timeout``, ``call_cancelled``, ``worker_crashed``, ``server_busy``, ``server_shutting_down``,
-  ``serialization_error``, ``protocol_error``, ``message_too_large``); ``type`` is
-  the remote exception's class name for ``remote_error``.
-  A response with a nil ``id`` reports a connection-level error; the server closes
-  the connection after sending it.
-- ``info`` in hello: a map; the server sends ``{"server": "rpc", "version": str,
-  "max_message_bytes": int}``.
-- Notifications run like requests but are never answered.
-- Cancel asks the server to stop the call ``id`` of this connection: a queued
-  call never runs; a running one's handler process is stopped (and replaced).
-  Either way the call is answered with the error ``call_cancelled``. A cancel for
-  a call already answered, or never sent, is ignored: its answer may already be
-  on its way, so a client that cancels must discard a late answer. A client that
-  closes its connection cancels every call of it: queued ones never run, and
-  running ones still running 0.1 s later are stopped.
-
-Streams
--------
-A call of a generator function is answered by a stream instead of a response:
-the first message answering a call is either a response or a stream start
-``[5, id]``. Then come items ``[6, id, value]``, one per value the generator
-yields, in order, and one stream end ``[7, id, error]``: ``error`` is nil when
-the generator finished, else an error map as in a response (the generator
-raised, an item could not be encoded or was over ``max_message_bytes``, the
-wait for an item passed the call's ``timeout``, the handler crashed, the server
-is shutting down). Nothing follows the end.
-
-Flow control: the server sends at most ``STREAM_WINDOW`` (64) items, and while
-the items not yet credited hold ``STREAM_WINDOW_BYTES`` (1 MiB, counting each
-item message's encoded size) or more it sends no further item, so a slow
-consumer holds at most a window of items on their way. The client grants
-credit ``[8, id, count]``: ``count`` items it has consumed (the oldest not yet
-credited). A client must credit at the latest once the items it consumed and
-has not credited reach half the window in count (32) or in bytes (512 KiB),
-else the stream may stall. A credit for a call that is not a stream is ignored.
-
-The meta ``timeout`` of a stream's request bounds the wait for each item (from
-the previous item, or from a credit that reopened the window), not the whole
-stream. A cancel ``[3, id]`` of a stream closes it: the generator is closed
-(its ``finally`` blocks run) and the stream ends; items already on their way
-still arrive, and the client should drop them and the end. A client that
-closes its connection closes its streams.
-
-Values
-------
-msgpack's own types (nil, bool, int up to 64 bits, float64, str, bin, array, map)
-plus these extension types; the ext payload is given in the right column:
-
-====  ===========  =====================================================
-code  Python type  payload
-====  ===========  =====================================================
-1     tuple        msgpack array of the items
-2     set          msgpack array of the items
-3     frozenset    msgpack array of the items
-4     datetime     UTF-8 ISO 8601 text (``isoformat()``); naive if no offset
-5     date         UTF-8 ISO 8601 text ``YYYY-MM-DD``
-6     Decimal      UTF-8 text of the decimal (``str()``)
-7     UUID         16 bytes, big-endian
-8     complex      two big-endian float64: real, imaginary
-9     int          big-endian two's complement bytes (for ints beyond 64 bits)
-10    timedelta    msgpack array ``[days, seconds, microseconds]``
-11    time         UTF-8 ISO 8601 text
-====  ===========  =====================================================
-
-Codes 0-63 are rpc's; 64-127 are for users (see :func:`register_type`). Lists
-arrive as lists, dicts as dicts; bytearray and memoryview arrive as bytes; a
-subclass of a supported type (an IntEnum, an OrderedDict, a namedtuple) arrives as
-its base type. A timezone-aware datetime keeps its UTC offset, not its zone name.
-
-Limits
-------
-Every peer (server, handler, client) applies these, so that one small frame can
-never cost a large amount of memory, CPU or stack:
-
-- frames over ``max_message_bytes`` are refused before they are read;
-- extension values nest at most ``MAX_EXT_DEPTH`` (32) deep, counting each tuple,
-  set, frozenset, timedelta or user type inside another; a deeper value is refused
-  by the encoder (``SerializationError``) and by every decoder (``ProtocolError``);
-  arrays and maps nest at most 1024 deep within one extension level (msgpack's limit);
-- a hello decodes no extension types at all;
-- a method name is at most ``MAX_METHOD_BYTES`` (1024) bytes of UTF-8;
-- the server decodes only the envelope of a request: in a frame over 4 KiB it
-  checks the first byte of kind, id and method before reading them, skips
-  ``args`` and ``kwargs`` without decoding them, and refuses a ``meta`` that is
-  not a map of at most ``MAX_META_BYTES`` (4096) bytes; only requests and
-  notifications may be over 4 KiB;
-- an error's ``message`` and ``traceback`` are each at most
-  ``MAX_ERROR_TEXT_BYTES`` (64 KiB) of UTF-8: a longer text keeps its head and its
-  tail around a ``[N bytes cut]`` marker; ``type`` is at most 256 bytes; ``args``
-  are sent only when they encode to at most 64 KiB;
-- error texts and log lines quote at most 200 characters of what a peer sent.
-
-A broken request whose id can be read is answered with a ``protocol_error`` for
-that id and the connection goes on; one whose id cannot be read gets a response
-with a nil id and the connection is closed.
+- Frames: ``multiprocessing.connection``'s (a 4-byte big-endian length, or -1 and
+  an 8-byte one), each at most ``max_message_bytes``; the authkey handshake is
+  :mod:`rpc.handshake`'s.
+- Messages: one msgpack array per frame, its first element the kind: request
+  ``[0, id, method, args, kwargs, meta]``, response ``[1, id, error, result]``,
+  notification ``[2, method, args, kwargs]``, cancel ``[3, id]``, hello
+  ``[4, 1, info]`` (both ways, first, no extension values), stream start ``[5, id]``,
+  item ``[6, id, value]`` and end ``[7, id, error]``, credit ``[8, id, count]``;
+  kind 9 is reserved for go-away; 16-18 never leave the server (handler pipes).
+- Values: msgpack's types and extension codes 1-11 (tuple, set, frozenset,
+  datetime, date, Decimal, UUID, complex, big int, timedelta, time); 64-127 are
+  the users' (:func:`register_type`).
+- Errors: a map ``{"code", "type", "message"[, "traceback", "args"]}``; ``type`` is
+  ``module.QualName`` (bare for builtins); a response with a nil id is a
+  connection-level error, after which the server closes.
+- Limits: ``MAX_EXT_DEPTH``, ``MAX_METHOD_BYTES``, ``MAX_META_BYTES``,
+  ``MAX_ERROR_TEXT_BYTES`` below, and streams' ``STREAM_WINDOW`` (items) and
+  ``STREAM_WINDOW_BYTES``.
 """
 
 from __future__ import annotations
@@ -154,11 +34,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import msgpack
 
-from .errors import MessageTooLarge, ProtocolError, RPCError, SerializationError
+from .errors import MessageTooLarge, ProtocolError, RPCError, SerializationError, wire_type_name
 
 __all__ = [
     "REQUEST",
@@ -221,7 +101,7 @@ STREAM_ITEM = 6
 STREAM_END = 7
 CREDIT = 8
 
-# A stream's window (see "Streams" above): items on their way and not yet credited.
+# A stream's window (see "Streams" in docs/protocol.md): items on their way and not yet credited.
 STREAM_WINDOW = 64
 STREAM_WINDOW_BYTES = 1 << 20
 
@@ -242,7 +122,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 USER_CODES = range(64, 128)
 
 # Limits every peer applies, so a small frame can never cost a large amount of memory,
-# CPU or C stack (see "Limits" above).
+# CPU or C stack (see "Limits" in docs/protocol.md).
 MAX_EXT_DEPTH = 32  # extension values inside extension values
 MAX_METHOD_BYTES = 1024
 MAX_META_BYTES = 4096
@@ -332,7 +212,7 @@ def _unpack_nested(data: bytes) -> Any:
 
 
 def _no_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"extension type {code} is not allowed here")
+    raise ValueError(f"extension type {code} is not allowed in a hello")
 
 
 def _big_int_bytes(n: int) -> bytes:
@@ -455,7 +335,7 @@ def decode_value(data: bytes | bytearray | memoryview) -> Any:
     try:
         return _unpack(data)
     except Exception as exc:  # msgpack raises a zoo of types for bad input
-        raise ProtocolError(f"cannot decode value: {brief(exc)}") from None
+        raise ProtocolError(f"cannot decode value: {undecodable(exc, data)}") from None
 
 
 _QUOTE_CHARS = 200
@@ -489,6 +369,35 @@ def quote(value: object, limit: int = _QUOTE_CHARS) -> str:
         return brief(repr(value), limit)
     except Exception:  # ValueError for a 5000-digit int, InvalidOperation, ...
         return f"a value of type {type(value).__name__}"
+
+
+def undecodable(exc: BaseException, data: bytes | bytearray | memoryview | None = None) -> str:
+    """What was wrong with bytes msgpack could not decode, in words: msgpack's own
+    texts are often empty ("FormatError") or about its internals ("exceeds max_array_len")."""
+    if data is not None and len(data) == 0:
+        return "an empty frame"
+    if isinstance(exc, msgpack.ExtraData):
+        return "trailing bytes after the message (one msgpack value per frame)"
+    if isinstance(exc, msgpack.FormatError):
+        return "not valid msgpack (a byte that starts no msgpack type, such as 0xc1)"
+    if isinstance(exc, msgpack.StackError):
+        return "arrays and maps nested more than 1024 deep"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a string is not valid UTF-8 ({exc.reason} at byte {exc.start} of it)"
+    text = str(exc)
+    if text.startswith("Unpack failed: incomplete input") or "exceeds max_" in text:
+        # (unpackb caps each length at the size of the data: a larger one cannot be there)
+        return "truncated: the frame ends inside a msgpack value"
+    return brief(exc)
+
+
+def shown(value: object) -> str:
+    """A peer's value named for an error text in the wire's terms: nil, a map, an array, 'text', 12."""
+    if value is None:
+        return "nil"
+    if isinstance(value, (bytes, bytearray)):
+        return f"binary of {len(value)} bytes"
+    return quote(value)
 
 
 def _text(value: object, default: str) -> str:
@@ -651,7 +560,7 @@ def encode_error(id: int | None, error: ErrorInfo) -> bytes:
 
 def error_frame(id: int | None, error: RPCError) -> bytes:
     """The error response that carries one of rpc's own errors (CallTimeout, ServerBusy, ...)."""
-    return encode_error(id, ErrorInfo(error.code, type(error).__name__, error.message))
+    return encode_error(id, ErrorInfo(error.code, wire_type_name(type(error)), error.message))
 
 
 def encode_hello(info: dict[str, Any]) -> bytes:
@@ -681,7 +590,7 @@ def encode_stream_end(id: int | None, error: ErrorInfo | None = None) -> bytes:
 
 def stream_end_frame(id: int | None, error: RPCError) -> bytes:
     """The end of a stream that failed with one of rpc's own errors (CallTimeout, ...)."""
-    return encode_stream_end(id, ErrorInfo(error.code, type(error).__name__, error.message))
+    return encode_stream_end(id, ErrorInfo(error.code, wire_type_name(type(error)), error.message))
 
 
 def encode_credit(id: int, count: int) -> bytes:
@@ -744,8 +653,20 @@ _STR_MARKERS = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
 _MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
 
 
-def _ignore_ext(code: int, data: bytes) -> None:
-    return None
+class _Skipped:
+    """What the router reads in place of an extension value: it never decodes them."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "an extension value"
+
+
+_SKIPPED = _Skipped()
+
+
+def _ignore_ext(code: int, data: bytes) -> _Skipped:
+    return _SKIPPED
 
 
 def parse_envelope(frame: bytes | bytearray) -> Envelope:
@@ -762,28 +683,24 @@ def parse_envelope(frame: bytes | bytearray) -> Envelope:
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises a zoo of types for bad input
-        what = "trailing bytes after the message" if isinstance(exc, msgpack.ExtraData) else brief(exc)
-        error = ProtocolError(f"malformed message: {what}")
+        error = ProtocolError(f"malformed message: {undecodable(exc, frame)}")
         error.request_id = _readable_id(frame)
         raise error from None
-    if type(message) is not list or not message:
-        raise ProtocolError("malformed message: not a non-empty array")
+    if type(message) is not list or not message or type(message[0]) is not int:
+        _not_a_message(message)
     kind = message[0]
-    if type(kind) is not int:
-        raise ProtocolError(f"malformed message: kind {quote(kind)} is not an int")
     if kind == REQUEST and len(message) == 6:
         request_id = message[1]
         if type(request_id) is not int or not 0 <= request_id < 2**64:
-            raise ProtocolError("malformed message: request id must be an unsigned 64-bit int")
+            _bad_id(request_id)
         method, meta = message[2], message[5]
         try:
             _check_method(method)
-            _expect(type(meta) is dict, "meta must be a map")
+            if type(meta) is not dict:
+                _bad_meta(meta)
             timeout = meta.get("timeout")
-            _expect(
-                timeout is None or (type(timeout) in (int, float) and 0 <= timeout < 1e9),
-                "timeout must be a number of seconds >= 0",
-            )
+            if timeout is not None and not (type(timeout) in (int, float) and 0 <= timeout < 1e9):
+                _bad_timeout(timeout)
         except ProtocolError as exc:
             exc.request_id = request_id
             raise
@@ -792,22 +709,72 @@ def parse_envelope(frame: bytes | bytearray) -> Envelope:
         _check_method(message[1])
         return Envelope(NOTIFICATION, None, message[1], None)
     if kind == CANCEL and len(message) == 2:
-        _expect(type(message[1]) is int, "request id must be an int")
+        _expect(type(message[1]) is int, f"the id of a cancel must be an int, got {shown(message[1])}")
         return Envelope(CANCEL, message[1], "", None)
     if kind == HELLO and len(message) == 3:
         return Envelope(HELLO, None, "", None)
     if kind == CREDIT and len(message) == 3:
-        _expect(type(message[1]) is int, "request id must be an int")
-        _expect(type(message[2]) is int and 0 <= message[2] < 2**32, "credit must be a count >= 0")
+        _expect(type(message[1]) is int, f"the id of a credit must be an int, got {shown(message[1])}")
+        _expect(
+            type(message[2]) is int and 0 <= message[2] < 2**32,
+            f"a credit's count must be an int from 0 to 2^32-1, got {shown(message[2])}",
+        )
         return Envelope(CREDIT, message[1], "", None)
-    raise ProtocolError(f"malformed message: kind {quote(kind)} with {len(message)} fields")
+    _bad_layout(kind, len(message))
+
+
+# What a client may send, and the number of fields of each (for the error texts).
+_CLIENT_KINDS = {REQUEST: ("a request", 6), NOTIFICATION: ("a notification", 4), CANCEL: ("a cancel", 2),
+                 HELLO: ("a hello", 3), CREDIT: ("a credit", 3)}
+
+
+def _bad_layout(kind: int, fields: int) -> NoReturn:
+    known = _CLIENT_KINDS.get(kind)
+    if known is not None:
+        name, size = known
+        raise ProtocolError(
+            f"malformed message: {name} (kind {kind}) is an array of {size}, got {fields} field{'' if fields == 1 else 's'}"
+        )
+    raise ProtocolError(
+        f"malformed message: kind {quote(kind)} is not one a client sends "
+        "(0 request, 2 notification, 3 cancel, 4 hello, 8 credit)"
+    )
+
+
+def _not_a_message(message: object) -> NoReturn:
+    if type(message) is list and message:
+        raise ProtocolError(f"malformed message: the kind must be an int, got {shown(message[0])}")
+    raise ProtocolError(f"malformed message: not an array starting with an int kind, got {shown(message)}")
+
+
+def _bad_id(value: object) -> NoReturn:
+    raise ProtocolError(f"malformed message: request id must be an unsigned 64-bit int, got {shown(value)}")
+
+
+def _bad_meta(value: object) -> NoReturn:
+    raise ProtocolError(f"malformed message: meta must be a map (an empty map when there are no options), got {shown(value)}")
+
+
+def _bad_timeout(value: object) -> NoReturn:
+    raise ProtocolError(f"malformed message: timeout must be a number of seconds >= 0 and < 1e9, got {shown(value)}")
+
+
+def _bad_args(value: object) -> NoReturn:
+    raise ProtocolError(f"malformed message: args must be an array (an empty one when there are none), got {shown(value)}")
+
+
+def _bad_kwargs(value: object) -> NoReturn:
+    if type(value) is dict:
+        key = next(k for k in value if type(k) is not str)
+        raise ProtocolError(f"malformed message: kwargs must be a map with string keys, got the key {shown(key)}")
+    raise ProtocolError(f"malformed message: kwargs must be a map of strings (an empty map when there are none), got {shown(value)}")
 
 
 def _check_method(method: object) -> None:
     if type(method) is not str:
-        raise ProtocolError("malformed message: method must be a string")
+        raise ProtocolError(f"malformed message: method must be a string, got {shown(method)}")
     if len(method) > MAX_METHOD_BYTES // 4 and len(method.encode("utf-8")) > MAX_METHOD_BYTES:
-        raise ProtocolError(f"malformed message: a method name is at most {MAX_METHOD_BYTES} bytes")
+        raise ProtocolError(f"malformed message: a method name is at most {MAX_METHOD_BYTES} bytes of UTF-8")
 
 
 def _read_large(frame: bytes | bytearray) -> list[Any]:
@@ -832,34 +799,64 @@ def _read_large(frame: bytes | bytearray) -> list[Any]:
         raise ProtocolError(f"malformed message: only a request or a notification may exceed {_SMALL_FRAME} bytes")
     kind = unpacker.unpack()
     if (kind, size) not in ((REQUEST, 6), (NOTIFICATION, 4)):
-        raise ProtocolError(f"malformed message: kind {kind} with {size} fields")
+        _bad_layout(kind, size)
     request_id = None
     if kind == REQUEST:
-        if frame[unpacker.tell()] > 0x7F and frame[unpacker.tell()] not in _UINT_WIDTHS:
-            raise ProtocolError("malformed message: request id must be an unsigned 64-bit int")
+        position = unpacker.tell()
+        if frame[position] > 0x7F and frame[position] not in _UINT_WIDTHS:
+            try:
+                bad = unpacker.unpack()
+            except Exception:  # too long to read here (a string of kilobytes, say): named by its type
+                raise ProtocolError(f"malformed message: request id must be an unsigned 64-bit int, got {_type_at(frame, position)}") from None
+            _bad_id(bad)
         request_id = unpacker.unpack()
     try:
-        _expect(frame[unpacker.tell()] in _STR_MARKERS, "method must be a string")
+        if frame[unpacker.tell()] not in _STR_MARKERS:
+            raise ProtocolError(f"malformed message: method must be a string, got {_type_at(frame, unpacker.tell())}")
         try:
             method = unpacker.unpack()
         except ValueError:  # over max_str_len
-            raise ProtocolError(f"malformed message: a method name is at most {MAX_METHOD_BYTES} bytes") from None
+            raise ProtocolError(f"malformed message: a method name is at most {MAX_METHOD_BYTES} bytes of UTF-8") from None
         unpacker.skip()  # args
         unpacker.skip()  # kwargs
         if kind == NOTIFICATION:
-            _expect(unpacker.tell() == len(frame), "trailing bytes after the message")
+            _expect(unpacker.tell() == len(frame), undecodable(msgpack.ExtraData(None, None)))
             return [kind, method, None, None]
         meta_bytes = len(frame) - unpacker.tell()
-        _expect(0 < meta_bytes and frame[unpacker.tell()] in _MAP_MARKERS, "meta must be a map")
+        if not meta_bytes:
+            raise ProtocolError("malformed message: truncated: the frame ends before meta")
+        if frame[unpacker.tell()] not in _MAP_MARKERS:
+            raise ProtocolError(
+                f"malformed message: meta must be a map (an empty map when there are no options), got {_type_at(frame, unpacker.tell())}"
+            )
         _expect(meta_bytes <= MAX_META_BYTES, f"meta is {meta_bytes} bytes; the limit is {MAX_META_BYTES}")
         try:
             meta = msgpack.unpackb(frame[unpacker.tell() :], raw=False, strict_map_key=False, ext_hook=_ignore_ext)
         except msgpack.ExtraData:
-            raise ProtocolError("malformed message: trailing bytes after the message") from None
+            raise ProtocolError(f"malformed message: {undecodable(msgpack.ExtraData(None, None))}") from None
     except ProtocolError as exc:
         exc.request_id = request_id
         raise
     return [kind, request_id, method, None, None, meta]
+
+
+def _type_at(frame: bytes | bytearray, position: int) -> str:
+    """The msgpack type of the value starting at ``position``, named from its first byte."""
+    marker = frame[position]
+    if marker <= 0x7F or marker >= 0xE0 or 0xCC <= marker <= 0xD3:
+        return "an int"
+    if marker in _STR_MARKERS:
+        return "a string"
+    if marker in _MAP_MARKERS:
+        return "a map"
+    if 0x90 <= marker <= 0x9F or marker in (0xDC, 0xDD):
+        return "an array"
+    names = {0xC0: "nil", 0xC2: "false", 0xC3: "true", 0xCA: "a float", 0xCB: "a float"}
+    if marker in names:
+        return names[marker]
+    if 0xC4 <= marker <= 0xC6:
+        return "binary"
+    return "an extension value" if marker != 0xC1 else "the byte 0xc1 (not msgpack)"
 
 
 def _readable_id(frame: bytes | bytearray) -> int | None:
@@ -891,30 +888,36 @@ def decode_request(frame: bytes | bytearray) -> Request:
     except ProtocolError:
         raise
     except Exception as exc:  # whatever a hostile value makes a check raise: never the handler's end
-        raise ProtocolError(f"malformed message: {brief(exc)}") from None
+        raise ProtocolError(f"malformed message: {undecodable(exc)}") from None
 
 
 def _decode_request(frame: bytes | bytearray) -> Request:
-    message = decode_value(frame)
-    _expect(type(message) is list and len(message) > 0, "not a message array")
+    try:
+        message = _unpack(frame)
+    except Exception as exc:  # msgpack raises a zoo of types for bad input
+        raise ProtocolError(f"malformed message: {undecodable(exc, frame)}") from None
+    if type(message) is not list or not message or type(message[0]) is not int:
+        _not_a_message(message)  # (kind checked before comparing: Decimal('sNaN') == 0 raises)
     kind = message[0]
-    _expect(type(kind) is int, "kind must be an int")  # before comparing: Decimal('sNaN') == 0 raises
-    if kind == REQUEST:
-        _expect(len(message) == 6, "a request is an array of 6")
+    if kind == REQUEST and len(message) == 6:
         _, request_id, method, args, kwargs, meta = message
-        _expect(type(request_id) is int and 0 <= request_id < 2**64, "request id must be an unsigned 64-bit int")
-        _expect(type(meta) is dict, "meta must be a map")
+        if type(request_id) is not int or not 0 <= request_id < 2**64:
+            _bad_id(request_id)
+        if type(meta) is not dict:
+            _bad_meta(meta)
         timeout = meta.get("timeout")
-        _expect(timeout is None or (type(timeout) in (int, float) and timeout >= 0), "timeout must be >= 0")
-    elif kind == NOTIFICATION:
-        _expect(len(message) == 4, "a notification is an array of 4")
+        if timeout is not None and not (type(timeout) in (int, float) and timeout >= 0):
+            _bad_timeout(timeout)
+    elif kind == NOTIFICATION and len(message) == 4:
         _, method, args, kwargs = message
         request_id = timeout = None
     else:
-        raise ProtocolError(f"malformed message: kind {quote(kind)} is not a call")
+        _bad_layout(kind, len(message))
     _check_method(method)
-    _expect(type(args) is list, "args must be an array")
-    _expect(type(kwargs) is dict and all(type(k) is str for k in kwargs), "kwargs must be a map of strings")
+    if type(args) is not list:
+        _bad_args(args)
+    if type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+        _bad_kwargs(kwargs)
     return Request(request_id, method, args, kwargs, None if timeout is None else float(timeout))
 
 
@@ -941,14 +944,14 @@ def decode_call(frame: bytes | bytearray | memoryview) -> Request:
         except _HasExtension:
             pass
         except Exception as exc:  # msgpack raises a zoo of types for bad input
-            raise ProtocolError(f"malformed message: {brief(exc)}") from None
+            raise ProtocolError(f"malformed message: {undecodable(exc, frame)}") from None
         else:
             try:
                 return _checked_call(message)
             except ProtocolError:
                 raise
             except Exception as exc:  # as in decode_request: whatever a hostile value makes a check raise
-                raise ProtocolError(f"malformed message: {brief(exc)}") from None
+                raise ProtocolError(f"malformed message: {undecodable(exc)}") from None
     whole = bytes(frame) if isinstance(frame, memoryview) else frame
     parse_envelope(whole)
     return decode_request(whole)
@@ -957,31 +960,31 @@ def decode_call(frame: bytes | bytearray | memoryview) -> Request:
 def _checked_call(message: Any) -> Request:
     """The checks of parse_envelope and _decode_request together, on a message with no extension values."""
     if type(message) is not list or not message or type(message[0]) is not int:
-        raise ProtocolError("malformed message: not an array starting with an int kind")
+        _not_a_message(message)
     kind = message[0]
     if kind == REQUEST and len(message) == 6:
         _, request_id, method, args, kwargs, meta = message
         if type(request_id) is not int or not 0 <= request_id < 2**64:
-            raise ProtocolError("malformed message: request id must be an unsigned 64-bit int")
+            _bad_id(request_id)
         if type(method) is not str or len(method) > MAX_METHOD_BYTES // 4:
             _check_method(method)
         if type(meta) is not dict:
-            raise ProtocolError("malformed message: meta must be a map")
+            _bad_meta(meta)
         timeout = meta.get("timeout")
         if timeout is not None:
             if type(timeout) not in (int, float) or not 0 <= timeout < 1e9:
-                raise ProtocolError("malformed message: timeout must be a number of seconds >= 0")
+                _bad_timeout(timeout)
             timeout = float(timeout)
     elif kind == NOTIFICATION and len(message) == 4:
         _, method, args, kwargs = message
         _check_method(method)
         request_id = timeout = None
     else:
-        raise ProtocolError(f"malformed message: kind {quote(kind)} with {len(message)} fields is not a call")
+        _bad_layout(kind, len(message))
     if type(args) is not list:
-        raise ProtocolError("malformed message: args must be an array")
+        _bad_args(args)
     if type(kwargs) is not dict or (kwargs and not all(type(k) is str for k in kwargs)):
-        raise ProtocolError("malformed message: kwargs must be a map of strings")
+        _bad_kwargs(kwargs)
     return tuple.__new__(Request, (request_id, method, args, kwargs, timeout))  # Request(...) without its Python-level __new__
 
 
@@ -990,7 +993,7 @@ def decode_response(frame: bytes | memoryview) -> Response:
     try:
         message = _unpack(frame)
     except Exception as exc:  # as decode_value, one call less on the per-call path
-        raise ProtocolError(f"cannot decode value: {brief(exc)}") from None
+        raise ProtocolError(f"cannot decode value: {undecodable(exc, frame)}") from None
     if type(message) is list and len(message) == 4 and type(message[0]) is int and message[0] == RESPONSE:
         _, response_id, error, result = message
         if error is None and type(response_id) is int:  # the usual answer, checked in one go
@@ -1003,7 +1006,7 @@ def decode_answer(frame: bytes | memoryview) -> Response | StreamMessage:
     try:
         message = _unpack(frame)
     except Exception as exc:
-        raise ProtocolError(f"cannot decode value: {brief(exc)}") from None
+        raise ProtocolError(f"cannot decode value: {undecodable(exc, frame)}") from None
     if type(message) is list and message and type(message[0]) is int:
         kind = message[0]
         if kind == RESPONSE and len(message) == 4 and message[2] is None and type(message[1]) is int:
@@ -1052,13 +1055,26 @@ def _is_kind(value: object, kind: int) -> bool:
     return type(value) is int and value == kind
 
 
+_HELLO_LAYOUT = f"[4, {PROTOCOL_VERSION}, {{info}}]"
+
+
 def decode_hello(frame: bytes) -> Hello:
-    """Decode a hello. It arrives before anything is known of the peer: no extension types."""
+    """Decode a hello. It arrives before anything is known of the peer: no extension types.
+
+    Any version number is accepted here (the caller compares it); every other fault
+    raises ProtocolError saying what was wrong and what a hello is.
+    """
     try:
         message = msgpack.unpackb(frame, ext_hook=_no_ext, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises a zoo of types for bad input
-        raise ProtocolError(f"malformed hello: {brief(exc)}") from None
-    _expect(type(message) is list and len(message) == 3 and _is_kind(message[0], HELLO), "expected a hello")
+        raise ProtocolError(f"malformed hello: {undecodable(exc, frame)}; a hello is {_HELLO_LAYOUT}") from None
+    if type(message) is list and message and type(message[0]) is int and message[0] != HELLO:
+        raise ProtocolError(f"expected a hello {_HELLO_LAYOUT} first, got a message of kind {message[0]}")
+    if not (type(message) is list and len(message) == 3 and _is_kind(message[0], HELLO)):
+        raise ProtocolError(f"malformed hello: expected an array {_HELLO_LAYOUT}, got {shown(message)}")
     _, version, info = message
-    _expect(type(version) is int and type(info) is dict, "malformed hello")
+    if type(version) is not int:
+        raise ProtocolError(f"malformed hello: protocol_version must be the int {PROTOCOL_VERSION}, got {shown(version)}")
+    if type(info) is not dict:
+        raise ProtocolError(f"malformed hello: info must be a map (an empty one will do), got {shown(info)}")
     return Hello(version, info)

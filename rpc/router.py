@@ -857,8 +857,11 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self._starve()
         except MessageTooLarge as exc:
             self._too_large(exc)
-        except ProtocolError as exc:
-            self._fail(None, exc, exc.message)
+        except ProtocolError as exc:  # a frame header the stream cannot go on from
+            if self.state == _HANDSHAKE:
+                self._end(exc.message, "warning", linger=True)  # not authenticated: told nothing
+            else:
+                self._fail(None, exc, exc.message)
 
     def eof_received(self) -> bool:
         return False
@@ -1003,17 +1006,15 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._write_framed(self.router.hello)
 
     def _hello(self, frame: Frame) -> None:
+        """The client's first frame after the handshake: its hello, or an error reply and the end."""
         try:
             hello = protocol.decode_hello(bytes(frame))
+            if hello.version != protocol.PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"protocol version {hello.version} is not supported; this server speaks {protocol.PROTOCOL_VERSION}"
+                )
         except ProtocolError as exc:
-            self._end(exc.message, "warning", linger=True)
-            return
-        if hello.version != protocol.PROTOCOL_VERSION:
-            error = ProtocolError(
-                f"protocol version {hello.version} is not supported; this server speaks {protocol.PROTOCOL_VERSION}"
-            )
-            self.write_frame(protocol.error_frame(None, error))
-            self._end(error.message, "warning", linger=True)
+            self._fail(None, exc, exc.message)
             return
         self._cancel_timers()
         self.state = _SERVING
@@ -1025,7 +1026,16 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
-        if self.state in (_HANDSHAKE, _HELLO) and not self.closed:
+        if self.closed:
+            return
+        if self.state == _HELLO:  # authenticated (or no authkey): it may be told why
+            timeout = self.router.config.handshake_timeout
+            error = ProtocolError(
+                f"no hello within handshake_timeout ({timeout:g} s): a client sends its hello "
+                f"[4, {protocol.PROTOCOL_VERSION}, {{info}}] first"
+            )
+            self._fail(None, error, "handshake timed out")
+        elif self.state == _HANDSHAKE:
             self._end("handshake timed out", "warning")
 
     # -- requests -----------------------------------------------------------------------
@@ -1042,6 +1052,14 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         kind = envelope.kind
         if kind == protocol.REQUEST:
+            if (self, envelope.id) in router.table.by_id:
+                # Two calls with one id: their answers could not be told apart (a client bug).
+                error = ProtocolError(
+                    f"request id {envelope.id} is already in flight on this connection: "
+                    "an id must be unique among the calls not yet answered"
+                )
+                self._fail(None, error, f"request id {envelope.id} reused while in flight")
+                return
             if envelope.method == protocol.PING:
                 self.write_frame(protocol.encode_response(envelope.id, "pong"))
                 return
@@ -1077,8 +1095,13 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def _too_large(self, exc: MessageTooLarge) -> None:
         limit = self.decoder.max_bytes
-        if self.state != _SERVING:
-            self._end(f"a handshake message of {getattr(exc, 'size', '?')} bytes (at most {limit})", "warning", linger=True)
+        size = getattr(exc, "size", "?")
+        if self.state == _HANDSHAKE:  # not authenticated: told nothing
+            self._end(f"a handshake message of {size} bytes (at most {limit})", "warning", linger=True)
+            return
+        if self.state == _HELLO:
+            error = MessageTooLarge(f"a hello of {size} bytes; at most {limit}")
+            self._fail(None, error, f"a hello of {size} bytes (at most {limit})")
             return
         error = MessageTooLarge(f"message exceeds the server's limit of {limit} bytes")
         self.write_frame(protocol.error_frame(None, error))

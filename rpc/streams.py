@@ -2,7 +2,7 @@
 
 A registered generator function streams: the handler sends a stream start, then
 one item message per value the generator yields, then the end (see "Streams" in
-:mod:`rpc.protocol`). It sends an item only while the stream's window is open
+docs/protocol.md). It sends an item only while the stream's window is open
 (:class:`~rpc.protocol.StreamWindow`: fewer than STREAM_WINDOW items, and under
 STREAM_WINDOW_BYTES, not yet credited by the client), so a generator runs at
 most a window ahead of its consumer; with the window shut it waits on its pipe

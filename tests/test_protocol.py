@@ -474,3 +474,41 @@ def test_odd_error_fields_from_a_server_decode_to_text():
     error = protocol.decode_response(frame).error
     assert error.message == "a value of type int" and error.type_name == "a value of type int"
     assert error.traceback == "an array of 1"
+
+
+# -- decode failures say what was wrong (docs/protocol.md, "What the server does with malformed input")
+
+
+@pytest.mark.parametrize(
+    "frame, words",
+    [
+        (b"", "an empty frame"),
+        (b"\xc1", "not valid msgpack"),
+        (b"\x96\x00", "truncated: the frame ends inside a msgpack value"),
+        (b"\x91" * 2000 + b"\xc0", "nested more than 1024 deep"),
+        (msgpack.packb([0, 1, "add", [], {}, {}]) + b"\x00", "trailing bytes after the message"),
+        (msgpack.packb([0, 1, "add", [], {}, {}]).replace(b"\xa3add", b"\xa3\xff\xfe\xfd"), "not valid UTF-8"),
+        (msgpack.packb([0, "x" * 3000, "add", ["y" * 5000], {}, {}]), "request id must be an unsigned 64-bit int, got a string"),
+        (msgpack.packb([0, -5, "add", ["y" * 5000], {}, {}]), "request id must be an unsigned 64-bit int, got -5"),
+        (msgpack.packb([0, 1, 5, ["y" * 5000], {}, {}]), "method must be a string, got an int"),
+        (msgpack.packb([0, 1, "add", ["y" * 5000], {}, None]), "meta must be a map (an empty map when there are no options), got nil"),
+        (msgpack.packb([0, 1, "add", [], {}, {"timeout": msgpack.ExtType(6, b"5")}]), "timeout must be a number of seconds >= 0 and < 1e9, got "),
+    ],
+    ids=["empty", "c1", "truncated", "deep", "trailing", "utf8", "large-str-id", "large-negative-id",
+         "large-int-method", "large-nil-meta", "ext-timeout"],
+)
+def test_every_decode_failure_says_what_was_wrong(frame, words):
+    for decode in (protocol.parse_envelope, protocol.decode_request, protocol.decode_call):
+        if decode is protocol.decode_request and words.startswith(("request id", "method", "meta")) and len(frame) > 4096:
+            continue  # (the handler decodes only what the router let through)
+        with pytest.raises(ProtocolError) as caught:
+            decode(frame)
+        message = caught.value.message
+        assert words in message, (decode.__name__, message)
+        assert message.startswith("malformed message: ") and message[len("malformed message: "):].strip()
+
+
+def test_the_router_names_an_extension_value_it_does_not_decode():
+    frame = msgpack.packb([0, 1, "add", [], {}, {"timeout": msgpack.ExtType(6, b"5")}])
+    with pytest.raises(ProtocolError, match="got an extension value"):
+        protocol.parse_envelope(frame)

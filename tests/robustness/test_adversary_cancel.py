@@ -73,6 +73,7 @@ def settled(server) -> bool:
                 and not r.table.queue
                 and not r.table.queued_ids
                 and not r.table.queued_by
+                and not r.table.by_id
                 and all(p is not None for p in r.pipes),
             ),
             timeout=30,
@@ -109,34 +110,34 @@ def test_a_reused_id_is_cancelled_again_while_the_first_handler_is_replaced(rpc_
     conn.close()
 
 
-def test_duplicate_ids_in_flight_one_cancelled_each_answered_once(rpc_server, loop_name, tmp_path):
+def test_a_duplicate_id_in_flight_closes_the_connection_naming_it_and_never_runs(rpc_server, loop_name, tmp_path):
+    """Two calls with one id could not be told apart by their answers: the second is refused with
+    a connection-level error naming the id, and the first, left without a caller, is cancelled."""
     server = rpc_server("services:registry", workers=2, event_loop=loop_name, lease=False)
-    first, second = Gate(tmp_path, "first"), Gate(tmp_path, "second")
+    gate, marker = Gate(tmp_path), tmp_path / "ran"
     conn = raw_connection(server)
-    write(conn, request(7, "hold", *first.args(), "one") + request(7, "hold", *second.args(), "two"))
-    first.wait_started()
-    second.wait_started()
-    write(conn, cancel(7))
-    answers = Answers(conn).read(1)
-    assert answers.by_id == {7: ["call_cancelled"]}
-    first.open()
-    second.open()
-    answers.read(1)
-    assert sorted(answers.by_id[7], key=str) in (["call_cancelled", "one"], ["call_cancelled", "two"])
+    write(conn, request(7, "hold", *gate.args(), "one"))
+    gate.wait_started()
+    write(conn, request(7, "touch", str(marker)))
+    assert conn.poll(20)
+    response = protocol.decode_response(conn.recv_bytes())
+    assert response.id is None and response.error.code == "protocol_error"
+    assert "request id 7 is already in flight on this connection" in response.error.message
+    assert eof(conn)
+    assert log_has(server, "by its client going away")  # the held call, stopped: nobody waits for it
     assert settled(server)
-    ping_after(conn, answers)
-    conn.close()
+    assert not marker.exists()
+    still_serves(server)
 
 
-def test_queued_calls_with_the_same_id_are_cancelled_first_come_and_only_on_their_connection(
-    rpc_server, loop_name, tmp_path
-):
+def test_a_cancel_reaches_only_the_call_of_that_id_on_its_own_connection(rpc_server, loop_name, tmp_path):
+    """Ids are per connection: two connections' queued calls 7, one cancelled."""
     server = rpc_server("services:registry", workers=1, event_loop=loop_name, lease=False)
     gate = Gate(tmp_path)
     first, second = raw_connection(server), raw_connection(server)
     write(first, request(1, "hold", *gate.args()))
     gate.wait_started()
-    write(first, request(7, "add", 1, 0) + request(7, "add", 2, 0))
+    write(first, request(7, "add", 1, 0) + request(8, "add", 2, 0))
     write(second, request(7, "add", 3, 0))
     assert wait_for(lambda: router_state(server, lambda r: len(r.table.queue)) == 3, timeout=20)
     write(first, cancel(7))
@@ -144,11 +145,23 @@ def test_queued_calls_with_the_same_id_are_cancelled_first_come_and_only_on_thei
     assert ours.by_id == {7: ["call_cancelled"]}
     gate.open()
     ours.read(2)
-    assert ours.by_id == {7: ["call_cancelled", 2], 1: [None]}  # the first queued one was cancelled
+    assert ours.by_id == {7: ["call_cancelled"], 8: [2], 1: [None]}
     assert Answers(second).read(1).by_id == {7: [3]}
     assert settled(server)
     first.close()
     second.close()
+
+
+def eof(conn, timeout: float = 20.0) -> bool:
+    """The server closed ``conn`` (anything still arriving before the end is dropped)."""
+    for _ in range(100):
+        if not conn.poll(timeout):
+            return False
+        try:
+            conn.recv_bytes()
+        except (EOFError, OSError):
+            return True
+    return False
 
 
 def test_a_cancel_storm_for_unknown_and_repeated_ids_changes_nothing(rpc_server, loop_name, tmp_path):
@@ -271,7 +284,9 @@ def lent_answered(server) -> int:
 
 def test_a_duplicate_id_behind_the_lent_call_then_a_cancel(rpc_server, loop_name, tmp_path):
     """The lent handler runs call 2 (not the first of its lease); the client sends another call
-    with id 2, then cancels id 2: both calls with that id are answered, once each."""
+    with id 2, then cancels id 2. A lent socket serves one call at a time, so the server never
+    has both in flight: both are answered, once each. Routed instead (the lease had ended), the
+    second call 2 is a duplicate in flight: the connection is closed with an error naming it."""
     server = rpc_server("services:registry", workers=3, event_loop=loop_name)
     conn = raw_connection(server)
     write(conn, request(1, "add", 1, 1))
@@ -289,7 +304,18 @@ def test_a_duplicate_id_behind_the_lent_call_then_a_cancel(rpc_server, loop_name
         # later (then it applies to the second call 2, or to none): give it the chance, then go on.
         wait_for(lambda: "call_cancelled" in server.log_text(since), timeout=2)
         gate.open()
-        answers = Answers(conn).read(2, timeout=15)
+        assert conn.poll(15)
+        first = protocol.decode_response(conn.recv_bytes())
+        if first.id is None:  # it was routed: refused as a duplicate
+            assert not inside, "a lent socket saw a duplicate id in flight"
+            assert first.error.code == "protocol_error" and "request id 2 is already in flight" in first.error.message
+            assert eof(conn)
+            assert settled(server)
+            conn = raw_connection(server)
+            continue
+        answers = Answers(conn)
+        answers.by_id[first.id] = [first.error.code if first.error else first.result]
+        answers.read(1, timeout=15)
         assert sorted(answers.by_id[2], key=str) in (["call_cancelled", 10], ["call_cancelled", "held"], [10, "held"])
         assert settled(server)
         ping_after(conn, answers)

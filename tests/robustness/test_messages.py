@@ -177,7 +177,11 @@ def test_a_hello_of_nested_tuples_is_refused_and_the_server_lives(server, baseli
     try:
         protocol.decode_hello(conn.recv_bytes())
         conn.send_bytes(b"\x93\x04\x01\x81\xa1x" + _nested_tuples(300)[1:])
-        assert not conn.poll(10) or _eof(conn)  # closed, without an answer
+        assert conn.poll(10)
+        response = protocol.decode_response(conn.recv_bytes())  # an error for the connection, then the end
+        assert response.id is None and response.error.code == "protocol_error"
+        assert "extension type 1 is not allowed in a hello" in response.error.message
+        assert not conn.poll(10) or _eof(conn)
     finally:
         conn.close()
     assert "client_rejected" in server.log_text()
