@@ -309,6 +309,15 @@ def serve_lease(
         while True:
             if body is not None:
                 request = _servable(body, streams)
+                if request is None and not waiting:
+                    # The lent request, already off the socket: its envelope passed the
+                    # router's checks but the rest did not (args not an array, ...).
+                    if not _refuse(fd, state, bytes(body), whole_bytes, send_timeout):
+                        reason = EndReason.BROKEN
+                        break
+                    body = None
+                    served += 1
+                    continue
                 if request is None:
                     reason = EndReason.FRAME  # left on the socket, for the router
                     break
@@ -375,6 +384,19 @@ def _servable(body: bytes | memoryview, streams: frozenset[str]) -> protocol.Req
     if request.id is None or request.method == protocol.PING or request.method in streams:
         return None
     return request
+
+
+def _refuse(fd: int, state: CallState, frame: bytes, whole_bytes: int, send_timeout: float | None) -> bool:
+    """Answer a lent request the handler cannot run with the ProtocolError saying why."""
+    envelope = protocol.parse_envelope(frame)  # the router read it, so it reads
+    assert envelope.id is not None
+    try:
+        protocol.decode_call(frame)
+        error = ProtocolError("this request cannot be served on a lent socket")  # not reached: the router checks it
+    except ProtocolError as exc:
+        error = exc
+    state.running(envelope.id, None)
+    return _send_reply(fd, state, protocol.error_frame(envelope.id, error), whole_bytes, send_timeout)
 
 
 def _send_reply(fd: int, state: CallState, reply: bytes, whole_bytes: int, send_timeout: float | None) -> bool:

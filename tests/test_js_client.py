@@ -323,13 +323,6 @@ def test_a_request_the_server_cannot_run_fails_only_that_call(call_failures, cas
     assert result["then"] == {"result": 5} and result["ended"] is False
 
 
-@pytest.mark.xfail(
-    reason="server bug on main: a request that passes the router's envelope check but not the handler's "
-    "(args not an array, kwargs keys not strings), lent with the connection's socket to a handler "
-    "(the lease fast path, from the second call on), is never answered: lease.serve ends the lease "
-    "with reason FRAME ('left on the socket') though the lent request was already read off it",
-    strict=False,  # whether the call is lent depends on two handlers being idle at that moment
-)
 def test_a_request_the_server_cannot_run_fails_only_that_call_after_a_call(server):
     result = run_against(server, "malformed-after-call", "args_not_an_array")
     assert result["first"] == {"result": 2}

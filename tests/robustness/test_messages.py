@@ -290,3 +290,27 @@ def test_a_string_id_on_a_lent_socket_costs_no_handler(rpc_server):
     assert "leased=True" in server.log_text()
     assert set(server.handler_pids()) == pids
     still_serves(server)
+
+
+def test_a_lent_request_the_handler_cannot_run_is_answered(rpc_server):
+    """A request whose envelope passes the router's checks but whose args do not (args not an
+    array) may be the very request the router lends with the socket: the handler answers it
+    with a protocol_error for its id (it was answered by no one, and the call hung)."""
+    server = rpc_server("services:registry", workers=2, transport="tcp", access_log=True)
+    conn = raw_connection(server)
+    try:
+        # Sequential calls with pauses the lease ends on: each bad request arrives at the
+        # router, which lends it with the socket once both handlers are idle.
+        for request_id in range(1, 41, 2):
+            conn.send_bytes(protocol.encode_request(request_id, "add", (request_id, 1), {}, None))
+            assert conn.poll(30), "no answer to a good call"
+            assert protocol.decode_response(conn.recv_bytes()).result == request_id + 1
+            conn.send_bytes(msgpack.packb([0, request_id + 1, "add", {"a": 1}, {}, {}]))
+            assert conn.poll(30), f"no answer to the bad request {request_id + 1}"
+            response = protocol.decode_response(conn.recv_bytes())
+            assert response.id == request_id + 1 and response.error.code == "protocol_error"
+            assert "args" in response.error.message
+    finally:
+        conn.close()
+    assert "leased=True" in server.log_text()
+    still_serves(server)
