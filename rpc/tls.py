@@ -47,6 +47,9 @@ __all__ = [
     "client_error",
     "server_context",
     "server_hostname",
+    "server_reason",
+    "speaks_tls",
+    "tls_server_error",
 ]
 
 #: what ``tls=`` takes on the clients: True (the system's CAs), a CA file, or a context
@@ -210,7 +213,23 @@ def _words(exc: ssl.SSLError) -> str:
     return text.rsplit(" (_ssl.c:", 1)[0]
 
 
+# -- where ciphertext is read ---------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _raw_buffer() -> memoryview:
+    """Where a thread reads ciphertext off any TLS socket: one buffer per thread, shared by its
+    connections, since each read is copied into its connection's TLS state before the next (as
+    the router's own scratch buffer is): a thousand idle connections hold no buffer of their own."""
+    view: memoryview | None = getattr(_local, "raw", None)
+    if view is None:
+        view = _local.raw = memoryview(bytearray(_RAW_BYTES))
+    return view
+
+
 # -- the server's layer ------------------------------------------------------------------------
+
 
 
 class _Above(Protocol):
@@ -244,7 +263,7 @@ class ServerTLS(asyncio.BufferedProtocol):
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._transport: asyncio.Transport | None = None
-        self._view = memoryview(bytearray(_RAW_BYTES))
+        self._view = _raw_buffer()  # (made in the loop's thread, which alone reads into it)
         self._secure = False  # the handshake is done
         self._early: list[bytes] = []  # plaintext written before it was
         self._early_bytes = 0
@@ -490,7 +509,6 @@ class ClientTLS:
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_hostname=hostname)
         self._lock = threading.Lock()
-        self._raw = memoryview(bytearray(_RAW_BYTES))  # used by the reading thread only
         self.first = b""  # the first bytes the server sent, to tell a server without TLS
 
     def handshake(self, deadline: float) -> None:
@@ -523,7 +541,7 @@ class ClientTLS:
 
     def receive(self, block: bool = False) -> bool:
         """Read the ciphertext the socket holds (waiting for some if ``block``); False at its end."""
-        view = self._raw
+        view = _raw_buffer()  # (the reading thread's: copied into the TLS state at once)
         try:
             count = self._sock.recv_into(view, 0, 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:

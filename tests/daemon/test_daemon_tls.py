@@ -26,7 +26,7 @@ def _address(daemon) -> str:
 
 def test_serve_with_tls_flags_then_call_with_tls(daemon, certs):
     ca, server = certs
-    daemon.env["RPC_HANDSHAKE_TIMEOUT"] = "1"
+    daemon.env["RPC_HANDSHAKE_TIMEOUT"] = "3"  # how long the call without TLS waits to be told
     daemon.start("--address", "127.0.0.1:0", "--tls-cert", str(server.cert), "--tls-key", str(server.key), "services:registry")
     address = _address(daemon)
 
