@@ -36,6 +36,11 @@ Reconnecting: a call made once the connection has ended first opens a new one
 nobody reads the socket, so before such a call one ``poll()`` tells whether the
 server closed it meanwhile (then what came is read: late answers, the end). A
 call that was in flight when the connection ended has failed and is never resent.
+
+TLS (``tls=``): the connection's frames go through :class:`rpc.tls.ClientTLS`, read
+and sent under the same deadlines; a request not sent whole by its deadline then
+closes the connection even if none of it reached the socket, since once encrypted
+it is part of the TLS stream.
 """
 
 from __future__ import annotations
