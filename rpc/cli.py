@@ -32,7 +32,7 @@ from .config import (
     load_settings,
     resolve_authkey,
 )
-from .errors import AuthenticationError, ConfigError, ConnectionClosed, RemoteError, RPCError, StartupError
+from .errors import AuthenticationError, ConfigError, ConnectionClosed, RemoteError, RPCError, StartupError, TLSError
 from .logs import LOG_FORMATS, LOG_LEVELS, make_logger
 
 __all__ = ["main", "format_result"]
@@ -353,12 +353,26 @@ def _client(args: argparse.Namespace, environ: Mapping[str, str], timeout: float
     settings = _settings(args, environ, "tls", "tls_ca_file")
     address = settings.address()
     authkey, key_file, _ = resolve_authkey(settings, environ, create=False)
+    tls = settings.client_tls()
     try:
-        return connect(address, authkey=authkey, timeout=timeout, tls=settings.client_tls())
+        return connect(address, authkey=authkey, timeout=timeout, tls=tls)
     except ConnectionClosed as exc:
         raise _CannotConnect(str(exc)) from None
     except AuthenticationError as exc:
         raise AuthenticationError(f"{exc} (the key came from {_key_source(settings, key_file)})") from None
+    except TLSError as exc:
+        raise TLSError(f"{exc}{_tls_hint(str(exc), tls)}") from None
+
+
+def _tls_hint(message: str, tls: bool | str) -> str:
+    """What to change on the command line (or in the config) for a TLS failure."""
+    if not tls:
+        return " (here: --tls-ca FILE or --tls, or the tls_ca_file or tls key)"
+    if "does not speak TLS" in message:
+        return " (here: leave out --tls and --tls-ca, or set tls = false)"
+    if "certificate verify failed" in message:
+        return " (here: --tls-ca FILE names the CA to trust)"
+    return ""
 
 
 def _key_source(settings: Settings, key_file: Path | None) -> str:
