@@ -37,8 +37,10 @@ def test_serve_with_tls_flags_then_call_with_tls(daemon, certs):
 
     plain = daemon.rpc("call", "--address", address, "add", "2", "3")
     assert plain.returncode == 1 and "speaks TLS: connect with tls=" in plain.stderr, plain.stderr
+    assert "(here: --tls-ca FILE or --tls" in plain.stderr
     untrusted = daemon.rpc("call", "--address", address, "--tls", "add", "2", "3")  # the system's CAs
     assert untrusted.returncode == 1 and "TLSError" in untrusted.stderr and "certificate verify failed" in untrusted.stderr
+    assert "(here: --tls-ca FILE names the CA to trust)" in untrusted.stderr
     assert "client_rejected" in daemon.log() and "the client sent nothing" in daemon.log()
 
 
