@@ -27,14 +27,14 @@ class Caller:
         self.close = close
 
 
-def connect(kind: str, address: Any, method: str = "add", args: tuple[Any, ...] = (1, 2)) -> Caller:
+def connect(kind: str, address: Any, method: str = "add", args: tuple[Any, ...] = (1, 2), tls: Any = None) -> Caller:
     """Connect to a server of ``kind`` ("rpc", "raw", "msgpack" or "managers") at ``address``.
 
     "raw" is the echo server: it sends back the bytes of the rpc request frame the
-    call would send, so it moves as many bytes as rpc does.
+    call would send, so it moves as many bytes as rpc does. ``tls``: rpc's ``tls=``.
     """
     if kind == "rpc":
-        client = rpc.connect(address, authkey=AUTHKEY)
+        client = rpc.connect(address, authkey=AUTHKEY, tls=tls)
         fn = getattr(client, method)  # as users write it: client.add(1, 2)
         return Caller(lambda: fn(*args), client.close)
     if kind == "managers":

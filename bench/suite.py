@@ -28,6 +28,7 @@ import rpc
 from . import services
 from .aio import aio
 from .streams import streams
+from .tls import tls
 from .callers import Caller, connect
 from .load import IdleConnections, Load, run_clients
 from .machine import calibrate_burn
@@ -477,6 +478,7 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "event_loop": event_loop,  # 8
     "aio": aio,  # issue 11: the asyncio client
     "streams": streams,  # issue 11: streamed results
+    "tls": tls,  # issue 12: the cost of TLS
     "connect": connect_time,
     "startup": startup,
 }

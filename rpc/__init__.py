@@ -25,6 +25,7 @@ from .errors import (
     ServerBusy,
     ServerShuttingDown,
     StartupError,
+    TLSError,
     TransportError,
     WorkerCrashed,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "AuthenticationError",
     "ConnectionClosed",
     "ConnectTimeout",
+    "TLSError",
     "ProtocolError",
     "MessageTooLarge",
     "CallError",

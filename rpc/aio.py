@@ -25,13 +25,14 @@ import asyncio
 import itertools
 import random
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Coroutine, Generator
 from typing import Any, cast
 
 from . import __version__, framing, protocol, transport
-from .client import _BACKOFF_FIRST_SECONDS, _BACKOFF_MAX_SECONDS, _check_authkey, _check_timeout, _exception
+from .client import _BACKOFF_FIRST_SECONDS, _BACKOFF_MAX_SECONDS, _check_authkey, _check_timeout, _exception, _tls_context
 from .errors import (
     AuthenticationError,
     CallTimeout,
@@ -44,6 +45,7 @@ from .errors import (
 )
 from .handshake import ClientHandshake
 from .registry import MethodInfo
+from .tls import TLSOption, client_error, server_hostname, speaks_tls, tls_server_error
 
 __all__ = ["Client", "Stream", "connect"]
 
@@ -122,6 +124,9 @@ class _Connection(asyncio.BufferedProtocol):
         except MessageTooLarge as exc:
             if self._handshake is not None:
                 size = getattr(exc, "size", "too many")
+                if speaks_tls(size) and self._transport is not None and self._transport.get_extra_info("ssl_object") is None:
+                    self._fail(tls_server_error(self._where))
+                    return
                 exc = MessageTooLarge(
                     f"{self._where} sent a handshake message announcing {size} bytes; at most "
                     f"{decoder.max_bytes} are accepted there: is an rpc server listening there?"
@@ -134,7 +139,10 @@ class _Connection(asyncio.BufferedProtocol):
         return False  # close: the server will send nothing more
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._handshake is not None:
+        error: RPCError
+        if isinstance(exc, ssl.SSLError):  # an alert from the server (a client certificate it requires, say)
+            error = client_error(exc, self._where)
+        elif self._handshake is not None:
             error = ConnectionClosed(f"the server closed the connection during the handshake: {exc or 'EOF'}")
         elif exc is None:
             error = ConnectionClosed("the server closed the connection")
@@ -467,6 +475,7 @@ class Client:
         connect_timeout: float = 10.0,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
         reconnect: bool = True,
+        tls: TLSOption = None,
     ) -> None:
         self._authkey = _check_authkey(authkey)
         self._timeout = _check_timeout(timeout)
@@ -476,6 +485,7 @@ class Client:
             raise TypeError(f"reconnect must be True or False, not {reconnect!r}")
         self._connect_timeout = connect_timeout
         self.address = transport._check_address(address)
+        self._tls = _tls_context(tls, self.address)
         self._max_message_bytes = max_message_bytes
         self._reconnect = reconnect
         self._conn: _Connection | None = None
@@ -499,6 +509,7 @@ class Client:
         sock.setblocking(False)
         conn: _Connection | None = None
         connected = False
+        context = self._tls
         try:
             async with asyncio.timeout_at(deadline):
                 try:
@@ -508,7 +519,9 @@ class Client:
                 transport.set_stream_options(sock)
                 conn = _Connection(loop, self._authkey, where, self._max_message_bytes)
                 opened = conn  # (a name mypy knows is not None, for the factory)
-                if transport.is_unix(address):
+                if context is not None:
+                    await self._start_tls(loop, opened, sock, context, deadline)
+                elif transport.is_unix(address):
                     await loop.create_unix_connection(lambda: opened, sock=sock)
                 else:
                     await loop.create_connection(lambda: opened, sock=sock)
@@ -517,9 +530,15 @@ class Client:
         except TimeoutError:
             if conn is None:
                 raise ConnectTimeout(f"connecting to {where} took longer than {timeout:g} s") from None
+            if conn._transport is None and context is not None:
+                raise ConnectTimeout(
+                    f"connected to {where}, but it did not complete the TLS handshake within {timeout:g} s: "
+                    "is an rpc server with TLS listening there?"
+                ) from None
             if not conn.heard:
                 raise ConnectTimeout(
-                    f"connected to {where}, but nothing answered within {timeout:g} s: is an rpc server listening there?"
+                    f"connected to {where}, but nothing answered within {timeout:g} s: is an rpc server listening there? "
+                    f"({transport.TLS_HINT})"
                 ) from None
             raise ConnectTimeout(f"{where} did not complete the handshake within {timeout:g} s") from None
         finally:
@@ -530,6 +549,27 @@ class Client:
                     sock.close()
         assert conn is not None
         return conn, hello.info
+
+    async def _start_tls(
+        self, loop: asyncio.AbstractEventLoop, conn: _Connection, sock: socket.socket, context: ssl.SSLContext, deadline: float
+    ) -> None:
+        """The connection over TLS (asyncio's): the TLS handshake, under the connect deadline."""
+        address, where = self.address, conn._where
+        hostname = server_hostname(address, context) or ""  # ("": no name to send or check)
+        within = max(deadline - loop.time(), 0.001) + 1.0  # (the deadline ends it first, with its own error)
+        try:
+            if transport.is_unix(address):
+                await loop.create_unix_connection(
+                    lambda: conn, sock=sock, ssl=context, server_hostname=hostname, ssl_handshake_timeout=within
+                )
+            else:
+                await loop.create_connection(
+                    lambda: conn, sock=sock, ssl=context, server_hostname=hostname, ssl_handshake_timeout=within
+                )
+        except ssl.SSLError as exc:
+            raise client_error(exc, where) from None
+        except OSError as exc:
+            raise ConnectionClosed(f"{where} closed the connection during the TLS handshake: {exc}") from None
 
     async def _reopen(self) -> None:
         """Connect again within ``connect_timeout``, retrying with backoff while nothing listens
@@ -684,6 +724,7 @@ def connect(
     connect_timeout: float = 10.0,
     max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     reconnect: bool = True,
+    tls: TLSOption = None,
 ) -> _Connecting:
     """Connect and authenticate to the server at ``address``, from a running event loop.
 
@@ -694,7 +735,8 @@ def connect(
     server's key as bytes; ``timeout`` each call's default deadline in seconds
     (None: no deadline); ``connect_timeout`` bounds connecting and the whole handshake;
     ``reconnect`` (default True): a call made after the connection ended first opens a
-    new one, within ``connect_timeout``.
+    new one, within ``connect_timeout``; ``tls`` connects with TLS, as for :func:`rpc.connect`
+    (True, a CA file's path, or an :class:`ssl.SSLContext`).
     """
     return _Connecting(
         Client(
@@ -704,5 +746,6 @@ def connect(
             connect_timeout=connect_timeout,
             max_message_bytes=max_message_bytes,
             reconnect=reconnect,
+            tls=tls,
         )
     )

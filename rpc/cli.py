@@ -32,7 +32,7 @@ from .config import (
     load_settings,
     resolve_authkey,
 )
-from .errors import AuthenticationError, ConfigError, ConnectionClosed, RemoteError, RPCError, StartupError
+from .errors import AuthenticationError, ConfigError, ConnectionClosed, RemoteError, RPCError, StartupError, TLSError
 from .logs import LOG_FORMATS, LOG_LEVELS, make_logger
 
 __all__ = ["main", "format_result"]
@@ -115,6 +115,29 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
         help="log lines for people (console) or programs (json) (default: auto: console on a terminal, else json)",
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS, dest="log_level", help="least severe events logged (default: info)")
+    serve.add_argument(
+        "--tls-cert",
+        "--tls-cert-file",
+        dest="tls_cert_file",
+        metavar="FILE",
+        help="serve over TLS with this certificate (chain), PEM; needs --tls-key (default: $RPC_TLS_CERT_FILE, "
+        "else the config's tls_cert_file, else no TLS)",
+    )
+    serve.add_argument(
+        "--tls-key",
+        "--tls-key-file",
+        dest="tls_key_file",
+        metavar="FILE",
+        help="the private key of --tls-cert, PEM (default: $RPC_TLS_KEY_FILE, else the config's tls_key_file)",
+    )
+    serve.add_argument(
+        "--tls-client-ca",
+        "--tls-client-ca-file",
+        dest="tls_client_ca_file",
+        metavar="FILE",
+        help="require client certificates signed by a CA in this PEM file (default: $RPC_TLS_CLIENT_CA_FILE, "
+        "else the config's tls_client_ca_file, else none required)",
+    )
 
     call = command(
         "call", "call a method and print its result", epilog=CALL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,6 +166,22 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     ping.add_argument(
         "--count", type=_positive(int, "a whole number"), default=3, metavar="N", help="round trips (default: 3)"
     )
+    for client in (call, methods, ping):
+        client.add_argument(
+            "--tls",
+            action="store_const",
+            const=True,
+            help="connect with TLS, trusting the system's CAs (default: $RPC_TLS, else the config's tls; on "
+            "if the config names tls_ca_file or tls_cert_file)",
+        )
+        client.add_argument(
+            "--tls-ca",
+            "--tls-ca-file",
+            dest="tls_ca_file",
+            metavar="FILE",
+            help="connect with TLS, trusting the CA certificate(s) in this PEM file (default: $RPC_TLS_CA_FILE, "
+            "else the config's tls_ca_file)",
+        )
     return parser, dict(commands.choices)
 
 
@@ -221,7 +260,9 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from . import daemon
     from .server import Server
 
-    settings = _settings(args, environ, "registry", "workers", "log_format", "log_level")
+    settings = _settings(
+        args, environ, "registry", "workers", "log_format", "log_level", "tls_cert_file", "tls_key_file", "tls_client_ca_file"
+    )
     settings.server_config(b"\0" * 32)  # every setting is valid before anything is created
     shadow = _add_current_folder()
     _check_importable(check_registry_spec(settings.registry), shadow)
@@ -309,15 +350,29 @@ class _CannotConnect(RPCError):
 
 
 def _client(args: argparse.Namespace, environ: Mapping[str, str], timeout: float | None = None) -> Any:
-    settings = _settings(args, environ)
+    settings = _settings(args, environ, "tls", "tls_ca_file")
     address = settings.address()
     authkey, key_file, _ = resolve_authkey(settings, environ, create=False)
+    tls = settings.client_tls()
     try:
-        return connect(address, authkey=authkey, timeout=timeout)
+        return connect(address, authkey=authkey, timeout=timeout, tls=tls)
     except ConnectionClosed as exc:
         raise _CannotConnect(str(exc)) from None
     except AuthenticationError as exc:
         raise AuthenticationError(f"{exc} (the key came from {_key_source(settings, key_file)})") from None
+    except TLSError as exc:
+        raise TLSError(f"{exc}{_tls_hint(str(exc), tls)}") from None
+
+
+def _tls_hint(message: str, tls: bool | str) -> str:
+    """What to change on the command line (or in the config) for a TLS failure."""
+    if not tls:
+        return " (here: --tls-ca FILE or --tls, or the tls_ca_file or tls key)"
+    if "does not speak TLS" in message:
+        return " (here: leave out --tls and --tls-ca, or set tls = false)"
+    if "certificate verify failed" in message:
+        return " (here: --tls-ca FILE names the CA to trust)"
+    return ""
 
 
 def _key_source(settings: Settings, key_file: Path | None) -> str:

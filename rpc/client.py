@@ -36,6 +36,11 @@ Reconnecting: a call made once the connection has ended first opens a new one
 nobody reads the socket, so before such a call one ``poll()`` tells whether the
 server closed it meanwhile (then what came is read: late answers, the end). A
 call that was in flight when the connection ended has failed and is never resent.
+
+TLS (``tls=``): the connection's frames go through :class:`rpc.tls.ClientTLS`, read
+and sent under the same deadlines; a request not sent whole by its deadline then
+closes the connection even if none of it reached the socket, since once encrypted
+it is part of the TLS stream.
 """
 
 from __future__ import annotations
@@ -48,14 +53,16 @@ import os
 import random
 import select
 import socket
+import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from multiprocessing.connection import Connection
 from typing import Any
 
-from . import __version__, framing, protocol, transport
+from . import __version__, framing, protocol, tls, transport
 from .config import MAX_SECONDS
 from .errors import (
     CallTimeout,
@@ -64,11 +71,13 @@ from .errors import (
     ProtocolError,
     RemoteError,
     RPCError,
+    TLSError,
     TransportError,
     error_for_code,
     remote_error_class,
 )
 from .registry import MethodInfo
+from .tls import TLSOption
 
 __all__ = ["Client", "Stream", "connect"]
 
@@ -81,6 +90,9 @@ _BACKOFF_FIRST_SECONDS = 0.05
 _BACKOFF_MAX_SECONDS = 1.0
 _IDLE_READ_SECONDS = 0.01  # how long the check before a call waits for the rest of a frame it found
 _IDLE_READ_FRAMES = 64  # the most frames that check reads (late answers) before the call goes on
+
+# An open connection: its socket, the server's hello info, and its TLS session (None without TLS).
+_Link = tuple[socket.socket, dict[str, Any], "tls.ClientTLS | None"]
 
 
 def _check_timeout(value: object, name: str = "timeout") -> float | None:
@@ -270,7 +282,7 @@ class Client:
     with a ``/`` or without a ``:``) a Unix socket. ``timeout`` is the default
     deadline of each call in seconds (None: wait as long as it takes);
     ``connect_timeout`` bounds connecting and the whole handshake. Timeouts must
-    be finite numbers > 0 (or None, for ``timeout``).
+    be finite numbers > 0 (or None, for ``timeout``). ``tls``: see :func:`connect`.
     """
 
     def __init__(
@@ -281,6 +293,7 @@ class Client:
         connect_timeout: float = 10.0,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
         reconnect: bool = True,
+        tls: TLSOption = None,
     ) -> None:
         authkey = _check_authkey(authkey)
         checked_timeout = _check_timeout(timeout)
@@ -289,10 +302,11 @@ class Client:
         if type(reconnect) is not bool:
             raise TypeError(f"reconnect must be True or False, not {reconnect!r}")
         self.address = address = transport._check_address(address)
-        sock, info = _open(address, authkey, connect_timeout, time.monotonic() + connect_timeout)
+        context = _tls_context(tls, address)
+        link = _open(address, authkey, connect_timeout, time.monotonic() + connect_timeout, context)
         # (a partial, not a method: the connection's object must not hold the client)
-        reopen = functools.partial(_reopen, address, authkey, connect_timeout) if reconnect else None
-        self._calls = _Calls(sock, max_message_bytes, info, checked_timeout, reopen)
+        reopen = functools.partial(_reopen, address, authkey, connect_timeout, context) if reconnect else None
+        self._calls = _Calls(link, max_message_bytes, checked_timeout, reopen)
 
     # -- public API --------------------------------------------------------------------
 
@@ -425,18 +439,17 @@ class _Calls:
 
     def __init__(
         self,
-        sock: socket.socket,
+        link: _Link,
         max_message_bytes: int,
-        info: dict[str, Any],
         timeout: float | None,
-        reopen: Callable[[], tuple[socket.socket, dict[str, Any]]] | None = None,
+        reopen: Callable[[], _Link] | None = None,
     ) -> None:
         self.timeout = timeout  # the default deadline of calls, checked by Client
         self._max_message_bytes = max_message_bytes
         self._reopen = reopen  # opens a new connection (None: the client does not reconnect)
         self._closed = False  # closed by the user: final
         self._checking = False  # whether a thread reads what came while nothing was in flight
-        self._use(sock, info)
+        self._use(link)
         self._ids = itertools.count(1)
         # The plain lock guards the state; the condition (on the same lock) is only for
         # threads that must wait, and is notified only when there are some.
@@ -457,13 +470,19 @@ class _Calls:
         self._streams: dict[int, _StreamState] = {}  # open streams by request id
         self._abandoned: list[int] = []  # streams collected while the socket was busy: their close waits
 
-    def _use(self, sock: socket.socket, info: dict[str, Any]) -> None:
-        """Take ``sock`` (authenticated, past the hello) as the connection."""
+    def _use(self, link: _Link) -> None:
+        """Take the socket of ``link`` (authenticated, past the hello) as the connection."""
+        sock, info, session = link
         self.server_info = info
         limit = info.get("max_message_bytes")
         self.server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
         self._sock = sock
-        self._frames = framing.FrameReader(sock.fileno(), self._max_message_bytes)  # used by the reading thread only
+        self.tls = session  # the TLS session, or None
+        # Sends one frame by a deadline (the caller holds the send lock).
+        self._send_frame: Callable[[bytes, float | None], None] = (
+            functools.partial(framing.send_frame, sock) if session is None else session.send_frame
+        )
+        self._frames = framing.FrameReader(sock.fileno(), self._max_message_bytes, session)  # used by the reading thread only
         # Polled before a call when nothing is in flight: did the server close meanwhile?
         self._input = select.poll()
         self._input.register(sock.fileno(), select.POLLIN)
@@ -568,12 +587,12 @@ class _Calls:
                         continue  # a call that took the reading role before the end: let it leave first
                     if self._closed:
                         raise ConnectionClosed("the client was closed")
-                sock, info = self._reopen()
+                link = self._reopen()
                 with self._lock:
                     if self._closed:  # by the user, meanwhile
-                        sock.close()
+                        link[0].close()
                         raise ConnectionClosed("the client was closed")
-                    self._use(sock, info)
+                    self._use(link)
                     if self._wake is not None:  # closed with the old socket; a reader may still use it
                         self._wake = _wake_pair()
                     self._failure = None
@@ -691,7 +710,7 @@ class _Calls:
         try:
             if self._failure is not None:
                 raise self._failure
-            framing.send_frame(self._sock, frame, deadline)
+            self._send_frame(frame, deadline)
             if self._abandoned:
                 self._close_abandoned(deadline)
         except framing.SendTimeout as exc:
@@ -729,7 +748,7 @@ class _Calls:
             return  # another frame holds the socket: the call runs on, its answer unread
         try:
             if self._failure is None:
-                framing.send_frame(self._sock, frame, deadline)
+                self._send_frame(frame, deadline)
         except framing.SendTimeout as exc:
             if exc.sent:
                 self._fail_all(ConnectionClosed("connection closed: a cancel or credit message was cut off"))
@@ -888,7 +907,7 @@ class _Calls:
         except EOFError:
             self._fail_all(ConnectionClosed("the server closed the connection"))
             return None
-        except ProtocolError as exc:  # an oversized or malformed length: the stream is lost
+        except (ProtocolError, TLSError) as exc:  # an oversized or malformed length, a TLS alert: the stream is lost
             self._fail_all(exc)
             return None
         except OSError as exc:
@@ -1070,7 +1089,7 @@ class _Calls:
             if self._failure is not None:
                 self._abandoned.clear()
                 return
-            framing.send_frame(self._sock, protocol.encode_cancel(self._abandoned.pop()), deadline)
+            self._send_frame(protocol.encode_cancel(self._abandoned.pop()), deadline)
 
     def _close_transport(self) -> None:
         """Under the lock, once no thread reads: release the socket and the wake-up pair."""
@@ -1087,9 +1106,26 @@ def _wake_pair() -> tuple[socket.socket, socket.socket]:
     return pair
 
 
-def _open(address: transport.Address, authkey: bytes | None, connect_timeout: float, deadline: float) -> tuple[socket.socket, dict[str, Any]]:
-    """Connect, authenticate and exchange hellos by ``deadline``: the socket and the server's hello."""
+def _tls_context(option: TLSOption, address: transport.Address) -> ssl.SSLContext | None:
+    """The context for ``tls=``, checked against the address before anything connects."""
+    context = tls.client_context(option)
+    if context is not None:
+        tls.server_hostname(address, context)  # a Unix socket has no hostname to check
+    return context
+
+
+def _open(
+    address: transport.Address,
+    authkey: bytes | None,
+    connect_timeout: float,
+    deadline: float,
+    context: ssl.SSLContext | None = None,
+) -> _Link:
+    """Connect, authenticate and exchange hellos by ``deadline``: the socket, the server's hello
+    and the TLS session (with ``context``)."""
     conn = transport.connect(address, max(deadline - time.monotonic(), 0.001), connect_timeout)
+    if context is not None:
+        return _open_tls(conn, address, authkey, connect_timeout, deadline, context)
     try:
         first = transport.client_handshake(conn, authkey, deadline, address, connect_timeout)
         conn.send_bytes(protocol.encode_hello({"client": "rpc", "version": __version__}))
@@ -1111,10 +1147,42 @@ def _open(address: transport.Address, authkey: bytes | None, connect_timeout: fl
     sock = socket.socket(fileno=os.dup(conn.fileno()))
     conn.close()
     sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout() says
-    return sock, hello.info
+    return sock, hello.info, None
 
 
-def _reopen(address: transport.Address, authkey: bytes | None, connect_timeout: float) -> tuple[socket.socket, dict[str, Any]]:
+def _open_tls(
+    conn: Connection,
+    address: transport.Address,
+    authkey: bytes | None,
+    connect_timeout: float,
+    deadline: float,
+    context: ssl.SSLContext,
+) -> _Link:
+    """:func:`_open`'s steps inside TLS, on the socket the connection keeps from then on."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    sock.settimeout(None)  # blocking: rpc.tls waits with poll() under the deadline
+    try:
+        session = transport.start_tls(sock, context, address, deadline, connect_timeout)
+        first = transport.client_handshake(sock, authkey, deadline, address, connect_timeout, session)
+        session.send_frame(protocol.encode_hello({"client": "rpc", "version": __version__}), deadline)
+        hello = protocol.decode_hello(first)
+        if hello.version != protocol.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"the server speaks protocol version {hello.version}; this client speaks {protocol.PROTOCOL_VERSION}"
+            )
+    except TransportError:
+        sock.close()
+        raise
+    except (OSError, framing.SendTimeout) as exc:
+        sock.close()
+        raise ConnectionClosed(f"connection lost during the handshake: {exc}") from None
+    return sock, hello.info, session
+
+
+def _reopen(
+    address: transport.Address, authkey: bytes | None, connect_timeout: float, context: ssl.SSLContext | None = None
+) -> _Link:
     """Connect again within ``connect_timeout``, retrying with backoff while nothing listens yet.
 
     Only ConnectionClosed is retried (nothing listening, or the server went away during
@@ -1125,7 +1193,7 @@ def _reopen(address: transport.Address, authkey: bytes | None, connect_timeout: 
     wait = _BACKOFF_FIRST_SECONDS
     while True:
         try:
-            return _open(address, authkey, connect_timeout, deadline)
+            return _open(address, authkey, connect_timeout, deadline, context)
         except ConnectionClosed:
             pause = wait * random.uniform(0.5, 1.0)
             if time.monotonic() + pause >= deadline:
@@ -1153,6 +1221,7 @@ def connect(
     connect_timeout: float = 10.0,
     max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
     reconnect: bool = True,
+    tls: TLSOption = None,
 ) -> Client:
     """Connect and authenticate to the server at ``address``; returns a :class:`Client`.
 
@@ -1163,6 +1232,14 @@ def connect(
     whole handshake. A timeout that is not a finite number > 0 raises ValueError.
     ``reconnect`` (default True): a call made after the connection ended (the server
     closed it, or restarted) first opens a new one, within ``connect_timeout``.
+
+    ``tls`` connects with TLS (the server's ``tls_cert_file``): True trusts the
+    system's CAs; a path names a CA file (PEM) to trust instead; an
+    :class:`ssl.SSLContext` is used as given (for a client certificate, or other
+    settings). The server's certificate must hold the address's host (a name, or an
+    IP address), unless a given context has ``check_hostname`` off. The authkey
+    handshake then runs inside TLS. A certificate that does not verify, or a server
+    without TLS, raises :class:`TLSError` saying which.
     """
     return Client(
         address,
@@ -1171,4 +1248,5 @@ def connect(
         connect_timeout=connect_timeout,
         max_message_bytes=max_message_bytes,
         reconnect=reconnect,
+        tls=tls,
     )

@@ -34,6 +34,7 @@ __all__ = [
     "FILE_KEYS",
     "ENV_VARIABLES",
     "RESERVED_VARIABLES",
+    "TLS_FILE_KEYS",
 ]
 
 START_METHODS = ("spawn", "forkserver")
@@ -102,6 +103,16 @@ class ServerConfig:
     lease: bool = True
     #: the router's event loop: "auto" (uvloop where installed, else asyncio's own), "uvloop" or "asyncio"
     event_loop: str = "auto"
+    #: TLS: the server's certificate (chain) and its private key, PEM files; both or neither
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    #: TLS: require a client certificate signed by a CA in this PEM file
+    tls_client_ca_file: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether clients connect with TLS."""
+        return self.tls_cert_file is not None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", _check_address(self.address))
@@ -135,6 +146,20 @@ class ServerConfig:
         for name, allowed in (("start_method", START_METHODS), ("event_loop", EVENT_LOOPS), ("log_level", LOG_LEVELS), ("log_format", LOG_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise _invalid(name, f"must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """Certificate and key come together, and every TLS file can be read (its content is
+        checked as the server starts: rpc.tls.server_context)."""
+        for name in TLS_FILE_KEYS:
+            _readable_file(self, name)
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = ("tls_cert_file", "tls_key_file") if self.tls_key_file is None else ("tls_key_file", "tls_cert_file")
+            raise _invalid(missing, f"is not set, but {given} is: TLS needs both the certificate and its key")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise _invalid(
+                "tls_client_ca_file", "requires TLS: set tls_cert_file and tls_key_file too (client certificates are checked in TLS)"
+            )
 
     @classmethod
     def names(cls) -> list[str]:
@@ -169,6 +194,22 @@ def _non_negative_int(config: ServerConfig, name: str) -> None:
         raise _invalid(name, f"must be a whole number >= 0, not {value!r}")
 
 
+def _readable_file(config: ServerConfig, name: str) -> None:
+    """A file setting: None, or the path of a file that can be read (kept as text)."""
+    value = getattr(config, name)
+    if value is None:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _invalid(name, f"must be a file's path, not {value!r}")
+    path = str(os.fspath(value))
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise _invalid(name, f"{path} cannot be read: {exc.strerror or exc}") from None
+    object.__setattr__(config, name, path)
+
+
 def _non_negative_number(config: ServerConfig, name: str) -> None:
     """A duration in seconds: finite, >= 0 and at most :data:`MAX_SECONDS`."""
     value = getattr(config, name)
@@ -182,6 +223,11 @@ DEFAULT_ADDRESS = "127.0.0.1:8765"
 DEFAULT_REGISTRY = "rpc.demo:registry"
 MIN_AUTHKEY_BYTES = 32
 ENV_PREFIX = "RPC_"
+
+# The server's TLS files (paths in a config file are relative to its folder).
+TLS_FILE_KEYS = ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+# The clients' TLS keys: not server settings.
+CLIENT_KEYS = ("tls", "tls_ca_file")
 
 # Keys of a config file (and RPC_<KEY> variables), with the type each takes.
 FILE_KEYS: dict[str, type] = {
@@ -210,6 +256,11 @@ FILE_KEYS: dict[str, type] = {
     "log_level": str,
     "log_format": str,
     "log_file": str,
+    "tls_cert_file": str,
+    "tls_key_file": str,
+    "tls_client_ca_file": str,
+    "tls": bool,
+    "tls_ca_file": str,
 }
 _TYPE_WORDS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}
 
@@ -294,10 +345,19 @@ class Settings:
 
     def server_config(self, authkey: bytes) -> ServerConfig:
         """The frozen server config; a bad value raises ConfigError naming key and source."""
-        options = {k: v for k, v in self.values.items() if k not in ("address", "registry", "authkey_file")}
+        options = {k: v for k, v in self.values.items() if k not in ("address", "registry", "authkey_file", *CLIENT_KEYS)}
         for name in ("max_call_seconds", "idle_timeout", "handler_memory_limit"):
             if options.get(name) == 0:
                 options[name] = None  # 0 in a file means "no limit"
+        for name in TLS_FILE_KEYS:
+            if name in options:
+                options[name] = str(self._relative_to_source(name, os.path.expanduser(str(options[name]))))
+        if self.values.get("tls") and "tls_cert_file" not in options:
+            raise self._error(
+                "tls",
+                "tls = true is the clients' key; the server speaks TLS with tls_cert_file and tls_key_file, "
+                "which are not set",
+            )
         try:
             return ServerConfig(address=self.address(), authkey=authkey, **options)
         except ConfigError as exc:
@@ -305,6 +365,19 @@ class Settings:
             if isinstance(key, str) and key in self.sources:
                 raise self._error(key, exc.message) from None
             raise
+
+    def client_tls(self) -> bool | str:
+        """What a client connects with (``tls=`` of :func:`rpc.connect`): False (no TLS), True
+        (the system's CAs), or the path of the CA file to trust.
+
+        ``tls_ca_file`` turns TLS on; so does ``tls_cert_file`` (the server of this config
+        speaks TLS); ``tls = false`` turns it off, ``tls = true`` on.
+        """
+        if self.values.get("tls") is False:
+            return False
+        if "tls_ca_file" in self.values:
+            return str(self._relative_to_source("tls_ca_file", os.path.expanduser(str(self.values["tls_ca_file"]))))
+        return bool(self.values.get("tls")) or "tls_cert_file" in self.values
 
     def _error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.sources.get(key, 'default')}: {message}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import multiprocessing
+import ssl
 
 __all__ = [
     "RPCError",
@@ -19,6 +20,7 @@ __all__ = [
     "AuthenticationError",
     "ConnectionClosed",
     "ConnectTimeout",
+    "TLSError",
     "ProtocolError",
     "MessageTooLarge",
     "CallError",
@@ -86,6 +88,16 @@ class ConnectTimeout(TransportError, TimeoutError):
     """Connecting, or the handshake after it, did not finish within the connect timeout."""
 
     code = "connect_timeout"
+
+
+class TLSError(TransportError, ssl.SSLError):
+    """TLS failed: the server's certificate did not verify, one side does not speak TLS, or
+    the peer refused the handshake (a client certificate missing, say). The message says which;
+    ``reason`` is OpenSSL's name for the failure, as on :class:`ssl.SSLError`."""
+
+    code = "tls_error"
+    reason = ""
+    library = ""
 
 
 class ProtocolError(TransportError):
@@ -198,6 +210,7 @@ _BY_CODE: dict[str, type[RPCError]] = {
         AuthenticationError,
         ConnectionClosed,
         ConnectTimeout,
+        TLSError,
         ProtocolError,
         MessageTooLarge,
         CallError,

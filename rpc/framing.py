@@ -20,7 +20,7 @@ import select
 import socket
 import struct
 import time
-from typing import Any, Callable, Union
+from typing import Any, Callable, Protocol, Union
 
 from .errors import MessageTooLarge, ProtocolError
 
@@ -255,6 +255,16 @@ def too_large(size: int, limit: int) -> MessageTooLarge:
     return error
 
 
+class Decrypting(Protocol):
+    """TLS under a :class:`FrameReader` (:class:`rpc.tls.ClientTLS`): plaintext out, ciphertext in."""
+
+    def decrypt_into(self, buffer: memoryview) -> int | None:
+        """Plaintext into ``buffer``: its size, 0 at the end, None until more ciphertext is received."""
+
+    def receive(self, block: bool = False) -> bool:
+        """Take the ciphertext the socket holds (waiting for some if ``block``); False at its end."""
+
+
 class FrameReader:
     """Frames from the socket ``fd``, each at most ``max_bytes`` long.
 
@@ -263,10 +273,13 @@ class FrameReader:
     with ``readv`` into one preallocated buffer, reused for every frame that fits
     in it; a larger frame gets a buffer of exactly its size, so it comes off the
     socket in as few reads as the kernel allows and is never copied on the way.
+    With ``tls``, the socket's bytes are ciphertext: ``tls`` takes them and
+    decrypts into the same buffers, under the same deadlines.
     """
 
-    def __init__(self, fd: int, max_bytes: int) -> None:
+    def __init__(self, fd: int, max_bytes: int, tls: Decrypting | None = None) -> None:
         self._fd = fd
+        self._tls = tls
         self.max_bytes = max_bytes
         self._standard = memoryview(bytearray(_BUFFER_BYTES))
         self._buffer = self._standard  # the standard buffer, or a large frame's own
@@ -296,7 +309,7 @@ class FrameReader:
 
     def read_view(self, deadline: float | None, wake: socket.socket | None = None) -> memoryview | None:
         """As :meth:`read`, but the payload is a view of the reader's buffer, valid until the next read."""
-        if deadline is None and wake is None and not self._end and self._buffer is self._standard:
+        if deadline is None and wake is None and not self._end and self._buffer is self._standard and self._tls is None:
             # The usual case: nothing buffered, nothing bounds the wait. One blocking read,
             # which usually brings exactly one frame.
             count = os.readv(self._fd, self._whole)
@@ -325,6 +338,8 @@ class FrameReader:
             frame = self._take()
             if frame is not None:
                 return frame
+        if self._tls is not None:
+            return self._read_tls(self._tls, deadline, wake)
         bounded = deadline is not None or wake is not None
         while True:
             if bounded:
@@ -351,6 +366,40 @@ class FrameReader:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
+
+    def _read_tls(self, tls: Decrypting, deadline: float | None, wake: socket.socket | None) -> memoryview | None:
+        """:meth:`read_view`'s loop over TLS: decrypt what is there, else wait for ciphertext."""
+        bounded = deadline is not None or wake is not None
+        while True:
+            count = tls.decrypt_into(self._buffer[self._end :])
+            if count is not None:
+                if not count:
+                    raise EOFError("the peer closed the connection")
+                self._end += count
+                frame = self._take()
+                if frame is not None:
+                    return frame
+                continue
+            if bounded:
+                remaining = 0.0
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                ready = woken = False
+                for fd, _ in self._poller.poll(-1 if deadline is None else math.ceil(remaining * 1000)):
+                    if fd == self._fd:
+                        ready = True
+                    else:
+                        woken = True
+                if woken:
+                    self._drain_wake()
+                    if wake is not None:
+                        return None
+                if not ready:
+                    continue  # (the deadline is checked above)
+            if not tls.receive(block=not bounded):
+                raise EOFError("the peer closed the connection")
 
     def _take(self) -> memoryview | None:
         """Return the first whole frame in the buffer; if there is none, make room for the rest of it.

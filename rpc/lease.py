@@ -24,6 +24,10 @@ integers, so any request id fits exactly), in an order that tells the router
 what the client has and has not received (see :func:`what_is_owed`): a request
 is posted as running before it is taken off the socket, and each send's progress
 is posted after it.
+
+Never over TLS (:func:`enabled`): the session's keys and record counters live in
+the router's process, and a socket handed to another process carries only its
+bytes, so a TLS server routes every call.
 """
 
 from __future__ import annotations
@@ -36,15 +40,18 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .errors import ProtocolError
 from .framing import Frame, frame_header
 
+if TYPE_CHECKING:
+    from .config import ServerConfig
+
 _SHORT = struct.Struct("!i")  # a frame's length, as framing reads it
 
-__all__ = ["IDLE_SECONDS", "CallState", "EndReason", "LeaseEnd", "Owed", "serve_lease", "what_is_owed"]
+__all__ = ["IDLE_SECONDS", "CallState", "EndReason", "LeaseEnd", "Owed", "enabled", "serve_lease", "what_is_owed"]
 
 # A lent socket goes back after this long without a request.
 IDLE_SECONDS = 0.005
@@ -167,6 +174,12 @@ class Owed(enum.Enum):
     RUN_LENT = "run_lent"  # it died before starting the request it was lent with: the router runs it
     CRASHED = "crashed"  # a call was taken and not answered: it fails (WorkerCrashed or CallTimeout)
     CUT = "cut"  # a reply was cut partway: the stream is mid-frame, so the connection must go
+
+
+def enabled(config: ServerConfig) -> bool:
+    """Whether the server lends sockets: if its ``lease`` setting says so, and never with TLS
+    (a TLS session cannot follow its socket to a handler)."""
+    return config.lease and not config.tls
 
 
 def what_is_owed(state: CallState, waiting_id: Callable[[], int | None]) -> tuple[Owed, int]:

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from typing import Any, cast
 
-from . import lease, protocol
+from . import lease, protocol, tls
 from .arbiter import Arbiter, ArbiterSettings, Handler
 from .calls import Call, CallTable
 from .config import ServerConfig
@@ -106,6 +106,13 @@ class Router:
         self._accept_backoff = _ACCEPT_BACKOFF
         self._housekeeping: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.lending = lease.enabled(config)
+        # With TLS, each connection's protocol sits on a rpc.tls.ServerTLS layer.
+        self.tls = (
+            tls.server_context(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+            if config.tls_cert_file is not None and config.tls_key_file is not None
+            else None
+        )
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -376,7 +383,7 @@ class Router:
             return False  # checked first: under load, the usual answer
         transport = connection.transport
         if (
-            not self.config.lease
+            not self.lending
             or self.closing
             or transport is None
             or connection.held
@@ -680,8 +687,12 @@ class Router:
 
     async def _adopt(self, sock: socket.socket) -> None:
         assert self.loop is not None
+        context = self.tls
         try:
-            await self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock)
+            if context is None:
+                await self.loop.connect_accepted_socket(lambda: ClientConnection(self), sock)
+            else:
+                await self.loop.connect_accepted_socket(lambda: tls.ServerTLS(ClientConnection(self), context), sock)
         except OSError as exc:
             sock.close()
             self.log.warning("accept_failed", error=str(exc))
@@ -1036,7 +1047,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             )
             self._fail(None, error, "handshake timed out")
         elif self.state == _HANDSHAKE:
-            self._end("handshake timed out", "warning")
+            stalled = self.transport.handshake_timed_out() if isinstance(self.transport, tls.ServerTLS) else None
+            self._end(stalled or "handshake timed out", "warning")
 
     # -- requests -----------------------------------------------------------------------
 
@@ -1096,6 +1108,9 @@ class ClientConnection(asyncio.BufferedProtocol):
     def _too_large(self, exc: MessageTooLarge) -> None:
         limit = self.decoder.max_bytes
         size = getattr(exc, "size", "?")
+        if self.state != _SERVING and tls.speaks_tls(size) and self.router.tls is None:
+            self._end("the client speaks TLS, and this server has none (no tls_cert_file)", "warning", linger=True)
+            return
         if self.state == _HANDSHAKE:  # not authenticated: told nothing
             self._end(f"a handshake message of {size} bytes (at most {limit})", "warning", linger=True)
             return

@@ -145,8 +145,16 @@ class Server:
             workers=config.workers,
             registry=self.registry_spec,
             authenticated=config.authkey is not None,
+            tls=config.tls,
             event_loop=loop_name,
         )
+        if not config.tls and not transport.is_loopback(self.address):
+            self._log.warning(
+                "listening_without_tls",
+                address=transport.format_address(self.address),
+                note="traffic (arguments and results) is readable on the network: "
+                "set tls_cert_file and tls_key_file to encrypt it",
+            )
         return self
 
     def serve_forever(self) -> None:

@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import os
 import socket
+import ssl
 import stat
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Union
@@ -24,9 +25,11 @@ from .errors import (
     MessageTooLarge,
     ProtocolError,
     StartupError,
+    TLSError,
 )
 from .framing import FrameReader, SendTimeout, send_frame
 from .handshake import ClientHandshake
+from .tls import ClientTLS, client_error, server_hostname, speaks_tls, tls_server_error
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
@@ -40,7 +43,15 @@ __all__ = [
     "parse_address",
     "shutdown",
     "client_handshake",
+    "start_tls",
+    "TLS_HINT",
 ]
+
+# What a client without TLS is told when the server says nothing, or closes without a word.
+TLS_HINT = (
+    "a server with TLS waits for the client to begin and closes it after its handshake_timeout: "
+    "if it has TLS, connect with tls=True (the system's CAs) or tls='ca.pem'"
+)
 
 # (host, port) for TCP; a filesystem path for a Unix socket.
 Address = Union[tuple[str, int], str]
@@ -246,12 +257,37 @@ def _connect_failure(address: Address, exc: OSError) -> str:
     return f"nothing is listening at {where} ({reason}); is the server running? Start it with `rpc serve`"
 
 
+def start_tls(sock: socket.socket, context: ssl.SSLContext, address: Address, deadline: float, timeout: float) -> ClientTLS:
+    """The TLS handshake on the connected ``sock`` by ``deadline``; ``timeout`` only words the errors."""
+    where = format_address(address)
+    tls = ClientTLS(sock, context, server_hostname(address, context))
+    try:
+        tls.handshake(deadline)
+    except (TimeoutError, SendTimeout):
+        if not tls.first:
+            raise ConnectTimeout(
+                f"connected to {where}, but it did not answer the TLS handshake within {timeout:g} s: "
+                "is an rpc server with TLS listening there?"
+            ) from None
+        raise ConnectTimeout(f"{where} did not complete the TLS handshake within {timeout:g} s") from None
+    except ssl.SSLError as exc:
+        raise client_error(exc, where, tls.first) from None
+    except (EOFError, OSError) as exc:
+        if not tls.first:
+            raise ConnectionClosed(
+                f"{where} closed the connection at the start of the TLS handshake: is it an rpc server with TLS? ({exc})"
+            ) from None
+        raise ConnectionClosed(f"{where} closed the connection during the TLS handshake: {exc}") from None
+    return tls
+
+
 def client_handshake(
-    conn: Connection,
+    conn: Connection | socket.socket,
     authkey: bytes | None,
     deadline: float,
     address: Address | None = None,
     timeout: float | None = None,
+    tls: ClientTLS | None = None,
 ) -> bytes:
     """Authenticate to the server; returns the server's first message after it (its hello).
 
@@ -261,13 +297,14 @@ def client_handshake(
     time could hold the client for as long as it liked). The server's first
     message is read before anything is sent, so a missing or unexpected key gives
     a clear :class:`AuthenticationError`, never a decode error. ``address`` and
-    ``timeout`` only word the errors.
+    ``timeout`` only word the errors. With ``tls`` (its handshake done), frames go
+    through it.
     """
     where = "the server" if address is None else format_address(address)
     handshake = ClientHandshake(authkey, where)
-    frames = FrameReader(conn.fileno(), handshake.limit)
+    frames = FrameReader(conn.fileno(), handshake.limit, tls)
     sock = socket.socket(fileno=conn.fileno())  # borrowed: detached below, it belongs to ``conn``
-    heard = False  # whether the server sent anything at all
+    heard = tls is not None  # whether the server sent anything at all
     try:
         while not handshake.done:
             frames.max_bytes = handshake.limit
@@ -282,10 +319,10 @@ def client_handshake(
                 replies = handshake.receive(frame)
             except AuthenticationError:
                 if handshake.farewell is not None:
-                    send_frame(sock, handshake.farewell, deadline)
+                    _send(sock, tls, handshake.farewell, deadline)
                 raise
             for reply in replies:
-                send_frame(sock, reply, deadline)
+                _send(sock, tls, reply, deadline)
         if frames.buffered:  # bytes read past the hello would be lost
             raise ProtocolError("the server sent more than its hello before the client's hello")
         assert handshake.hello is not None
@@ -294,16 +331,29 @@ def client_handshake(
         within = "" if timeout is None else f" within {timeout:g} s"
         if not heard:
             raise ConnectTimeout(
-                f"connected to {where}, but nothing answered{within}: is an rpc server listening there?"
+                f"connected to {where}, but nothing answered{within}: is an rpc server listening there? ({TLS_HINT})"
             ) from None
         raise ConnectTimeout(f"{where} did not complete the handshake{within}") from None
     except MessageTooLarge as exc:
         size = getattr(exc, "size", "too many")
+        if tls is None and speaks_tls(size):
+            raise tls_server_error(where) from None
         raise MessageTooLarge(
             f"{where} sent a handshake message announcing {size} bytes; at most "
             f"{frames.max_bytes} are accepted there: is an rpc server listening there?"
         ) from None
+    except TLSError:
+        raise
     except (EOFError, OSError) as exc:
+        if not heard:
+            raise ConnectionClosed(f"{where} closed the connection without a word ({TLS_HINT})") from None
         raise ConnectionClosed(f"the server closed the connection during the handshake: {exc or 'EOF'}") from None
     finally:
         sock.detach()
+
+
+def _send(sock: socket.socket, tls: ClientTLS | None, frame: bytes, deadline: float) -> None:
+    if tls is None:
+        send_frame(sock, frame, deadline)
+    else:
+        tls.send_frame(frame, deadline)

@@ -373,7 +373,9 @@ def test_a_server_that_accepts_and_says_nothing_ends_in_connect_timeout(run):
     async def body() -> None:
         with pytest.raises(rpc.ConnectTimeout) as caught:
             await rpc.aio.connect(silent.getsockname()[:2], authkey=KEY, connect_timeout=0.5)
-        assert str(caught.value) == f"connected to {where}, but nothing answered within 0.5 s: is an rpc server listening there?"
+        assert str(caught.value) == (
+            f"connected to {where}, but nothing answered within 0.5 s: is an rpc server listening there? ({transport.TLS_HINT})"
+        )
 
     try:
         run(body())

@@ -351,7 +351,9 @@ def test_a_server_that_accepts_and_says_nothing_is_named_in_the_connect_timeout(
         where = transport.format_address(silent.getsockname()[:2])
         outcome = bounded(lambda: rpc.connect(silent.getsockname()[:2], authkey=AUTHKEY, connect_timeout=0.5))
         assert isinstance(outcome.error, rpc.ConnectTimeout), outcome.error
-        assert str(outcome.error) == f"connected to {where}, but nothing answered within 0.5 s: is an rpc server listening there?"
+        assert str(outcome.error) == (
+            f"connected to {where}, but nothing answered within 0.5 s: is an rpc server listening there? ({transport.TLS_HINT})"
+        )
     finally:
         silent.close()
 
