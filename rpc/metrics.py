@@ -277,7 +277,7 @@ class _RouterCollector:
 # -- the HTTP endpoint -------------------------------------------------------------------
 
 _REQUEST_SECONDS = 5.0  # a request must arrive, and its answer be taken, within this long
-_MAX_CONNECTIONS = 16  # more at once are closed unanswered: scrapers and health checks need few
+_MAX_CONNECTIONS = 16  # open at once; a new one past that cuts off the oldest (scrapers need few)
 _MAX_HEADER_LINES = 100
 _LINE_LIMIT = 8192
 
@@ -299,7 +299,7 @@ class MetricsEndpoint:
         self.registry.register(_RouterCollector(router))  # (collect() is all it needs)
         ProcessCollector(registry=self.registry)  # the supervisor's CPU, memory and descriptors
         self._server: asyncio.AbstractServer | None = None
-        self._open: set[asyncio.StreamWriter] = set()
+        self._open: dict[asyncio.StreamWriter, None] = {}  # (a dict keeps them oldest first)
 
     async def start(self, sock: Any) -> None:
         """Answer requests on the listening socket ``sock``."""
@@ -314,9 +314,12 @@ class MetricsEndpoint:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._open) >= _MAX_CONNECTIONS:
-            writer.transport.abort()
-            return
-        self._open.add(writer)
+            # A request takes milliseconds: the oldest has had its chance. (Refusing the new one
+            # instead would let a peer that opens connections and sends nothing starve health checks.)
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            oldest.transport.abort()
+        self._open[writer] = None
         try:
             try:
                 method, path, accept = await asyncio.wait_for(_read_request(reader), _REQUEST_SECONDS)
@@ -334,7 +337,7 @@ class MetricsEndpoint:
         except Exception:
             self._log.exception("metrics_request_failed")
         finally:
-            self._open.discard(writer)
+            self._open.pop(writer, None)
             writer.close()
 
     def _answer(self, method: str, path: str, accept: str) -> tuple[str, str, bytes]:
