@@ -221,7 +221,7 @@ def rejection_reason(reason: str) -> str:
 # -- the Prometheus side: only a server with a metrics_address gets here ---------------
 
 
-def collect(router: Router) -> Iterator[Metric]:
+def collect(router: Router, draining: bool) -> Iterator[Metric]:
     """The router's figures as Prometheus metric families, read now (on the router's loop)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -251,7 +251,7 @@ def collect(router: Router) -> Iterator[Metric]:
         ("rpc_queue_calls", "Calls waiting for a free handler.", len(table.queue)),
         ("rpc_queue_bytes", "Bytes of the calls waiting for a free handler.", table.queue_bytes),
         ("rpc_connections", "Client connections open, including those still in their handshake.", len(router.connections)),
-        ("rpc_draining", "1 once the server has begun to shut down, else 0.", int(router.closing)),
+        ("rpc_draining", "1 once the server has begun to shut down (/healthz answers 503), else 0.", int(draining)),
     ):
         yield GaugeMetricFamily(name, text, value=value)
     for name, text, label, values in (
@@ -267,11 +267,12 @@ def collect(router: Router) -> Iterator[Metric]:
 class _RouterCollector:
     """prometheus-client's side of :func:`collect` (a collector without describe(): read at scrape only)."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, draining: Callable[[], bool]) -> None:
         self._router = router
+        self._draining = draining
 
     def collect(self) -> Iterator[Metric]:
-        return collect(self._router)
+        return collect(self._router, self._draining())
 
 
 # -- the HTTP endpoint -------------------------------------------------------------------
@@ -296,7 +297,7 @@ class MetricsEndpoint:
         self._log = log
         # A registry of its own (not prometheus-client's global one): several servers may run in one process.
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_RouterCollector(router))  # (collect() is all it needs)
+        self.registry.register(_RouterCollector(router, draining))  # (collect() is all it needs)
         ProcessCollector(registry=self.registry)  # the supervisor's CPU, memory and descriptors
         self._server: asyncio.AbstractServer | None = None
         self._open: dict[asyncio.StreamWriter, None] = {}  # (a dict keeps them oldest first)

@@ -100,3 +100,15 @@ def test_the_example_configs_metrics_address_works_once_uncommented(tmp_path):
         settings = load_settings(path, {}, {})
         assert settings.metrics_address() == expected
         assert settings.server_config(b"k" * 32).metrics_address == expected
+
+
+def test_a_metrics_port_in_use_suggests_another_metrics_address(daemon):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        result = daemon.rpc("serve", "--workers", "1", "--metrics-address", address)
+    assert result.returncode == 1
+    error = result.stderr.splitlines()[-1]  # (after the line saying the authkey file was created)
+    assert error.startswith(f"rpc: cannot start: cannot listen on {address}")
+    assert "(for /healthz and /metrics)" in error and "choose another with --metrics-address" in error
