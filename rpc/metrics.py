@@ -8,8 +8,10 @@ someone asks. Metric families are built only then, by :func:`collect`.
 
 Calls a handler serves on a lent socket (:mod:`rpc.lease`) never pass the router: the
 handler counts them in a :class:`CallCounts` of its own and sends the tally with the
-end of the lease, and at most every :data:`TALLY_SECONDS` while a lease lasts
-(:func:`tally_message`), which the router adds to its own (:meth:`CallCounts.absorb`).
+end of the lease and, while a lease lasts, every ``rpc.lease.LentCalls.RING`` calls or
+:data:`TALLY_SECONDS`, whichever comes first (:func:`tally_message`); the router adds
+it to its own (:meth:`CallCounts.absorb`). Should the handler die first, the router
+counts the calls it finds posted since in the memory they share (``LentCalls``).
 
 A server with a ``metrics_address`` answers two HTTP requests there
 (:class:`MetricsEndpoint`): ``GET /healthz`` (200 while it takes calls, 503 from the
