@@ -130,10 +130,14 @@ class CallCounts:
     # -- a handler's tally of calls on a lent socket ----------------------------------
 
     def export(self) -> list[Any]:
-        """The call counts as plain data for msgpack: ``[[[method, outcome, n], ...], [[method, [counts..., sum]], ...]]``."""
+        """The call counts as plain data for msgpack, small for a few calls: ``[[[method, outcome, n], ...],
+        [[method, seconds, [bucket, n, bucket, n, ...]], ...]]`` (only the buckets counted)."""
         return [
             [[method, outcome, n] for (method, outcome), n in self.calls.items()],
-            [[method, histogram] for method, histogram in self.durations.items()],
+            [
+                [method, histogram[-1], [x for i, n in enumerate(histogram[:-1]) if n for x in (i, int(n))]]
+                for method, histogram in self.durations.items()
+            ],
         ]
 
     def clear(self) -> None:
@@ -141,7 +145,7 @@ class CallCounts:
         self.durations.clear()
 
     def absorb(self, exported: Any) -> None:
-        """Add a handler's :meth:`export` to these counts (anything malformed in it is skipped)."""
+        """Add a handler's :meth:`export` to these counts (what is malformed in it is skipped)."""
         if type(exported) is not list or len(exported) != 2:
             return
         calls, durations = exported
@@ -152,14 +156,21 @@ class CallCounts:
                 if type(method) is str and outcome in OUTCOMES and type(n) is int and n > 0:
                     key = (method if method in known else UNKNOWN, outcome)
                     mine[key] = mine.get(key, 0) + n
-        size = len(BUCKETS) + 2
+        buckets = len(BUCKETS) + 1
         for entry in durations if type(durations) is list else ():
-            if type(entry) is list and len(entry) == 2 and type(entry[0]) is str and type(entry[1]) is list:
-                method, histogram = entry[0] if entry[0] in known else UNKNOWN, entry[1]
-                if len(histogram) == size and all(type(value) in (int, float) and value >= 0 for value in histogram):
-                    total = self.durations.setdefault(method, [0.0] * size)
-                    for i, value in enumerate(histogram):
-                        total[i] += value
+            if type(entry) is not list or len(entry) != 3:
+                continue
+            method, seconds, counted = entry
+            if type(method) is not str or type(seconds) not in (int, float) or not seconds >= 0 or type(counted) is not list:
+                continue
+            histogram = self.durations.get(method if method in known else UNKNOWN)
+            if histogram is None:
+                histogram = self.durations[method if method in known else UNKNOWN] = [0.0] * (buckets + 1)
+            for i in range(0, len(counted) - 1, 2):
+                index, n = counted[i], counted[i + 1]
+                if type(index) is int and 0 <= index < buckets and type(n) is int and n > 0:
+                    histogram[index] += n
+            histogram[-1] += seconds
 
 
 def tally_message(posted: int, counts: CallCounts) -> bytes:
