@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection, wait
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
-from . import lease, protocol, streams
+from . import lease, metrics, protocol, streams
 from .framing import Frame, FrameDecoder
 from .handler_output import OutputRouter
 from .logs import Logger, make_logger, open_log_file, report_dropped, resolve_format
@@ -55,6 +55,7 @@ class HandlerSettings:
     max_call_seconds: float | None = None
     access_log: bool = False
     send_timeout: float | None = 30.0  # for replies it writes on a lent socket
+    count_lent_calls: bool = False  # post the calls it serves on lent sockets for /metrics (rpc.metrics)
 
 
 def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> None:
@@ -89,11 +90,21 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
         output.install_logging()  # after the import: a module that configures logging keeps its own
     note_method = output.note_method if output is not None else None
     stream_names = streams.stream_names(registry)
-    # The router never lends a socket for a stream (see rpc.streams).
-    conn.send_bytes(protocol.encode_hello({"pid": os.getpid(), "streams": sorted(stream_names)}))
+    names = [protocol.METHODS, *registry]
+    # The router never lends a socket for a stream (see rpc.streams); it counts calls by these
+    # method names (and a call on a lent socket by its number among them: see rpc.metrics).
+    conn.send_bytes(protocol.encode_hello({"pid": os.getpid(), "streams": sorted(stream_names), "methods": names}))
     log.debug("handler_ready", registry=settings.registry, methods=len(registry))
     pipe = PipeReader(conn.fileno(), settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
-    state = lease.CallState(call_state) if call_state is not None else None
+    numbers = {name: i for i, name in enumerate(names)}
+    state = lease.CallState(call_state, numbers) if call_state is not None else None
+    lent_calls = lease.LentCalls(call_state) if call_state is not None else None
+    if lent_calls is not None:
+        lent_calls.reset()
+    # Calls on lent sockets are posted to lent_calls for the router to count; these counts
+    # hold only those served while it was full (the router behind), until they are sent.
+    overflow = metrics.CallCounts(names)
+    asked = False  # the router was asked to catch up since lent_calls filled
 
     def run_call(request: protocol.Request) -> bytes:
         try:
@@ -102,10 +113,25 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
             if output is not None:
                 output.end_call()
 
-    def log_call(request: protocol.Request, reply: bytes, started: float) -> None:
-        outcome = "error" if protocol.response_is_error(reply) else "ok"
-        ms = round((time.monotonic() - started) * 1000, 3)
-        log.info("call", method=request.method, id=request.id, ms=ms, outcome=outcome, leased=True)
+    def lent_call(request: protocol.Request, reply: bytes, started: float) -> None:
+        """A call served on a lent socket: posted for the router to count (it is asked to take
+        them once half the ring waits), and logged."""
+        nonlocal asked
+        seconds = time.monotonic() - started
+        failed = protocol.response_is_error(reply)
+        assert lent_calls is not None
+        waiting = lent_calls.post(numbers.get(request.method, -1), failed, seconds) if settings.count_lent_calls else 0
+        if waiting >= 0:
+            asked, nudge = False, waiting == lease.LentCalls.RING // 2
+        else:  # full: the router is behind; count the call here and ask it, once, to catch up
+            overflow.call(request.method, "error" if failed else "ok", seconds)
+            asked, nudge = True, not asked
+        if nudge:
+            conn.send_bytes(metrics.tally_message(overflow))
+            overflow.clear()
+        if settings.access_log:
+            outcome = "error" if failed else "ok"
+            log.info("call", method=request.method, id=request.id, ms=round(seconds * 1000, 3), outcome=outcome, leased=True)
 
     try:
         while True:
@@ -133,9 +159,11 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
                 sock = socket.socket(fileno=pipe.descriptors.popleft())
                 end = lease.serve_lease(
                     sock, conn.fileno(), lent.frame, run_call, state, settings.max_call_seconds,
-                    log_call if settings.access_log else None, settings.send_timeout, stream_names,
+                    lent_call if settings.access_log or settings.count_lent_calls else None,
+                    settings.send_timeout, stream_names,
                 )
-                conn.send_bytes(end.encode())
+                conn.send_bytes(dataclasses.replace(end, tally=overflow.export() if overflow.calls else None).encode())
+                overflow.clear()
             # a RECALL that arrives after its lease ended needs nothing
     finally:
         if output is not None:

@@ -107,8 +107,9 @@ STREAM_WINDOW_BYTES = 1 << 20
 
 # Between the server and its handler processes only, never on the wire:
 LEASE = 16  # [16, request frame, peer]: serve this client's socket (its descriptor follows)
-LEASE_END = 17  # [17, reason, unserved frame or nil, calls served]: the socket is the server's again
+LEASE_END = 17  # [17, reason, calls served, their counts]: the socket is the server's again
 RECALL = 18  # [18]: end the lease after the current call
+LEASE_TALLY = 19  # [19, counts]: calls served on a lent socket so far (rpc.metrics)
 
 PROTOCOL_VERSION = 1
 
@@ -613,6 +614,8 @@ def stream_kind(frame: bytes | bytearray) -> int | None:
 
 
 _NIL = 0xC0
+# An id's width in bytes by its msgpack marker: uint8/16/32/64 (any other: fixint or nil, 1)
+_ID_WIDTHS = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
 
 
 def response_is_error(frame: bytes | bytearray) -> bool:
@@ -621,21 +624,20 @@ def response_is_error(frame: bytes | bytearray) -> bool:
     The error field follows the id; its first byte is nil (0xc0) on success.
     """
     marker = frame[2] if len(frame) > 2 else _NIL
-    # id width by its msgpack marker: fixint, uint8/16/32/64, or nil
-    width = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}.get(marker, 1)
+    width = _ID_WIDTHS.get(marker, 1)  # (a module constant: this runs for every call's reply)
     position = 2 + width
     return len(frame) > position and frame[position] != _NIL
 
 
 def encode_internal(*fields: Any) -> bytes:
-    """A message between the server and a handler (LEASE, LEASE_END, RECALL)."""
+    """A message between the server and a handler (LEASE, LEASE_END, RECALL, LEASE_TALLY)."""
     return _pack(list(fields))
 
 
 def internal_kind(frame: bytes | bytearray) -> int | None:
     """The kind of a server-handler message, or None for an ordinary request or response."""
     kind = frame[1] if len(frame) > 1 and 0x91 <= frame[0] <= 0x9F else None
-    return kind if kind in (LEASE, LEASE_END, RECALL) else None
+    return kind if kind in (LEASE, LEASE_END, RECALL, LEASE_TALLY) else None
 
 
 def _expect(condition: bool, what: str) -> None:

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from typing import Any, cast
 
-from . import lease, protocol, tls
+from . import lease, metrics, protocol, tls
 from .arbiter import Arbiter, ArbiterSettings, Handler
 from .calls import Call, CallTable
 from .config import ServerConfig
@@ -98,7 +98,12 @@ class Router:
         self._gone_since: dict[int, tuple[int, float]] = {}  # lent slot -> (call id, when its client was seen gone)
         self._waking_starved = False
         self.notification_dropped = Throttle("notification_dropped")
+        self.counts = metrics.CallCounts()  # what /metrics reports (rpc.metrics)
+        # Answered calls are counted only if someone can read the counts: counting costs each
+        # about a microsecond (the few calls refused or lost are counted anyway).
+        self.counting = config.metrics_address is not None
         self.closing = False
+        self._stopping_handlers = False  # handlers that exit from now on are not replaced
         self._hurry = asyncio.Event()
         self._settled = asyncio.Event()  # set whenever no call is left unanswered
         self._listening: socket.socket | None = None
@@ -162,6 +167,7 @@ class Router:
             unfinished = self._unfinished()
             for connection in list(self.connections):
                 connection.drop("the server is shutting down", level="info")
+            self._stopping_handlers = True
             await self.arbiter.stop(0 if self._hurry.is_set() else 2.0)
             for connection in list(self.connections):  # any adopted meanwhile
                 connection.drop("the server is shutting down", level="info")
@@ -199,6 +205,7 @@ class Router:
         )
         self.pipes[handler.slot] = pipe
         handler.end_input = pipe.end_input
+        self.counts.know(handler.methods)
         if handler.retired:
             pipe.end_input()  # a reload began while it started: it may run the old code
         else:
@@ -222,6 +229,9 @@ class Router:
 
     def handler_gone(self, handler: Handler, reason: str) -> None:
         """A handler's process was collected: fail the call it held, if any."""
+        if not self._stopping_handlers:
+            self.counts.replaced(metrics.replacement_reason(handler.kill_reason, reason))
+        self._take_lent_calls(handler)  # those it served on lent sockets and had not been taken
         call = self.table.lost(handler.slot)
         lent = self.lent.pop(handler.slot, None)
         self._gone_since.pop(handler.slot, None)
@@ -241,8 +251,11 @@ class Router:
 
     def handler_replied(self, handler: Handler, reply: Frame) -> None:
         slot = handler.slot
-        if protocol.internal_kind(reply) == protocol.LEASE_END:
-            self._lease_ended(handler, lease.LeaseEnd.decode(reply))
+        if (internal := protocol.internal_kind(reply)) is not None:
+            if internal == protocol.LEASE_END:
+                self._lease_ended(handler, lease.LeaseEnd.decode(reply))
+            elif internal == protocol.LEASE_TALLY:  # it served many calls on a lent socket
+                self._take_lent_calls(handler, metrics.read_tally(reply))
             return
         if reply[0] != 0x94 and (kind := protocol.stream_kind(reply)) is not None:  # (a response is an array of 4)
             self._stream_message(handler, kind, reply)
@@ -261,9 +274,13 @@ class Router:
     def _deliver(self, call: Call, reply: Frame, pid: int | None) -> None:
         if call.connection is not None:
             call.connection.write_frame(reply)
-        if self.config.access_log:
+        if self.counting or self.config.access_log:
             closed = call.stream is not None and call.stream.closing
-            self._log_call(call, pid, "closed" if closed else "error" if protocol.response_is_error(reply) else "ok")
+            outcome = "closed" if closed else "error" if protocol.response_is_error(reply) else "ok"
+            if self.counting:
+                self.counts.call(call.method, outcome, time.monotonic() - call.received)
+            if self.config.access_log:
+                self._log_call(call, pid, outcome)
 
     # -- streams (rpc.streams) -------------------------------------------------------------
 
@@ -439,6 +456,7 @@ class Router:
     def _lease_ended(self, handler: Handler, end: lease.LeaseEnd) -> None:
         """The handler gave the lent socket back: read it again, and free the handler."""
         slot = handler.slot
+        self._take_lent_calls(handler, end.tally)  # the calls it served on the socket
         connection = self.lent.pop(slot, None)
         self._gone_since.pop(slot, None)
         self.recalled.discard(slot)
@@ -455,6 +473,21 @@ class Router:
                 connection.resume_after_lease()
         if handler.kill_reason is None:
             self._release(slot)
+
+    def _take_lent_calls(self, handler: Handler, counted: Any = None) -> None:
+        """Count the calls ``handler`` served on lent sockets and posted since they were last
+        taken (rpc.lease.LentCalls), and any it ``counted`` itself (a CallCounts export)."""
+        if counted is not None:
+            self.counts.absorb(counted)
+        names = handler.methods
+        for number, failed, seconds in lease.LentCalls(handler.call_state).take():
+            self.counts.call(names[number] if 0 <= number < len(names) else metrics.UNKNOWN, "error" if failed else "ok", seconds)
+
+    def take_lent_calls(self) -> None:
+        """Count what every handler has posted of its calls on lent sockets (before /metrics is read)."""
+        for handler in self.arbiter.handlers:
+            if handler is not None:
+                self._take_lent_calls(handler)
 
     def _reap_lease(self, handler: Handler, connection: ClientConnection, call: Call | None, reason: str) -> None:
         """A handler died serving a lent socket: answer what its client is owed, and read it again.
@@ -480,16 +513,20 @@ class Router:
                 self.submit(again)
             except (ServerBusy, ServerShuttingDown) as exc:
                 connection.write_frame(protocol.error_frame(call.id, exc))
+                self.counts.call(call.method, "busy" if isinstance(exc, ServerBusy) else "shutting_down")
         elif owed is lease.Owed.CRASHED:
             _, deadline, _, _ = state.read()
             error: RPCError
             if handler.cancelled == request_id:
-                error = CallCancelled("the call was cancelled")
+                error, outcome = CallCancelled("the call was cancelled"), "cancelled"
             elif handler.kill_reason is not None and deadline is not None and time.monotonic() >= deadline:
-                error = CallTimeout("the call passed its deadline")
+                error, outcome = CallTimeout("the call passed its deadline"), "timeout"
             else:
                 error = WorkerCrashed(f"the handler process (pid {handler.pid}) died during this call: {reason}")
+                outcome = "crashed"
             connection.write_frame(protocol.error_frame(request_id, error))
+            number = state.method_number()
+            self.counts.call(handler.methods[number] if 0 <= number < len(handler.methods) else metrics.UNKNOWN, outcome)
         connection.resume_after_lease()
 
     def _answer(self, call: Call, frame: bytes, pid: int | None, outcome: str) -> None:
@@ -497,6 +534,8 @@ class Router:
         self._note_settled()
         if call.connection is not None:
             call.connection.write_frame(frame)
+        if self.counting:
+            self.counts.call(call.method, outcome, time.monotonic() - call.received)
         if self.config.access_log:
             self._log_call(call, pid, outcome)
 
@@ -528,6 +567,7 @@ class Router:
                 handler = self.arbiter.handlers[call.slot]
                 if call.connection is not None and call.connection.closed:
                     self._stop_cancelled(call, _GONE)  # its grace after the disconnect ran out
+                    self.counts.call(call.method, "cancelled", time.monotonic() - call.received)
                     continue
                 # Stopped first: whatever becomes of the answer, the slot is not lost.
                 self.arbiter.kill(call.slot, f"call {call.method!r} passed its deadline")
@@ -890,6 +930,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         elif not self.admitted:
             # A peer that closes without a word (a port probe) went away: info.
             self.log.info("client_rejected", reason="closed during handshake" if exc is None else str(exc))
+            router.counts.rejected("closed")
         elif isinstance(exc, OSError) and self.sending:
             # A closed or reset peer went away (after its own CallTimeout, say): no fault, so info.
             self.log.info("client_dropped", reason=f"sending a reply failed: {exc.strerror or exc}")
@@ -1085,6 +1126,7 @@ class ClientConnection(asyncio.BufferedProtocol):
                 router.submit(call)
             except (ServerBusy, ServerShuttingDown) as exc:
                 self.write_frame(protocol.error_frame(envelope.id, exc))
+                router.counts.call(call.method, "busy" if isinstance(exc, ServerBusy) else "shutting_down")
                 return
             if call.slot is None and router.table.over_share(self):
                 self.hold()
@@ -1092,8 +1134,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             notification = Call(None, None, envelope.method, frame, None, time.monotonic(), origin=self)
             try:
                 router.submit(notification)
-            except (ServerBusy, ServerShuttingDown):
+            except (ServerBusy, ServerShuttingDown) as exc:
                 router.notification_dropped(self.log, method=envelope.method, reason="server busy")
+                router.counts.call(notification.method, "busy" if isinstance(exc, ServerBusy) else "shutting_down")
                 return
             if notification.slot is None and router.table.over_share(self):
                 self.hold()
@@ -1201,6 +1244,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.end_reason = (reason, level)
             event = "client_dropped" if self.admitted else "client_rejected"
             getattr(self.log, level)(event, reason=reason, **fields)
+            if not self.admitted:
+                self.router.counts.rejected(metrics.rejection_reason(reason))
         if linger:
             self._linger()
         elif self.transport is not None:

@@ -27,7 +27,7 @@ def test_the_benchmark_suite_runs_and_reports_every_target(tmp_path):
     sections = {row["section"] for row in rows}
     assert sections == {
         "many clients", "cpu per call", "latency", "pipelined", "cpu-bound", "bulk",
-        "connections", "event loop", "aio", "streams", "tls", "connect", "startup",
+        "connections", "event loop", "aio", "streams", "tls", "metrics", "connect", "startup",
     }
     assert all(math.isfinite(row["value"]) and row["value"] >= 0 for row in rows)
     baselines = {(row["section"], row["baseline"]) for row in rows}
@@ -48,6 +48,7 @@ def test_the_benchmark_suite_runs_and_reports_every_target(tmp_path):
         ("streams", "the same rows returned as one list"),
         ("tls", "no TLS, lease off (routed, as under TLS)"),
         ("tls", "the same without TLS"),
+        ("metrics", "no metrics_address"),
     ]:
         assert wanted in baselines
     # CPU time per call is read for the router, its handlers and the clients.
