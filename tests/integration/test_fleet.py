@@ -403,3 +403,27 @@ def test_a_client_of_one_address_goes_on_through_its_server_restarting(tmp_path,
             server.close()
     assert {name: outcome for name, outcome in outcomes.items() if not isinstance(outcome, int)} == {}
     assert runs(marks) == {name: 1 for name in outcomes} and len(outcomes) == 180
+
+
+def test_a_call_refused_by_a_server_that_stops_for_good_says_it_did_not_run(tmp_path):
+    authkey = secrets.token_bytes(32)
+    server = rpc.Server(REGISTRY, address=str(tmp_path / "rpc.sock"), authkey=authkey, workers=1, lease=False, log_file=str(tmp_path / "server.log")).start()
+    gate = Gate(tmp_path)
+    closer = threading.Thread(target=server.close)
+    try:
+        with rpc.connect(server.address, authkey=authkey, timeout=HANG, connect_timeout=0.5) as client:
+            running = client.submit("hold", *gate.args(), "held")
+            gate.wait_started()
+            queued = client.submit("add", 1, 2)
+            assert wait_for(lambda: len(server._router.table.queue) == 1, timeout=HANG)
+            closer.start()
+            # Refused (queued when the drain began); made again, but nothing listens there any more.
+            with pytest.raises(rpc.ServerShuttingDown, match="did not run; it could not be made again: cannot connect"):
+                queued.result(HANG)
+            gate.open()
+            assert running.result(HANG) == "held"
+    finally:
+        gate.open()
+        if closer.is_alive():
+            closer.join(HANG)
+        server.close()
