@@ -11,8 +11,9 @@ complete enough to write a client in another language from, is
   ``[0, id, method, args, kwargs, meta]``, response ``[1, id, error, result]``,
   notification ``[2, method, args, kwargs]``, cancel ``[3, id]``, hello
   ``[4, 1, info]`` (both ways, first, no extension values), stream start ``[5, id]``,
-  item ``[6, id, value]`` and end ``[7, id, error]``, credit ``[8, id, count]``;
-  kind 9 is reserved for go-away; 16-18 never leave the server (handler pipes).
+  item ``[6, id, value]`` and end ``[7, id, error]``, credit ``[8, id, count]``,
+  go-away ``[9, last_id, reason]`` (to clients whose hello asked for it with
+  ``"go_away": true``); 16-18 never leave the server (handler pipes).
 - Values: msgpack's types and extension codes 1-11 (tuple, set, frozenset,
   datetime, date, Decimal, UUID, complex, big int, timedelta, time); 64-127 are
   the users' (:func:`register_type`).
@@ -50,10 +51,12 @@ __all__ = [
     "STREAM_ITEM",
     "STREAM_END",
     "CREDIT",
+    "GO_AWAY",
     "STREAM_WINDOW",
     "STREAM_WINDOW_BYTES",
     "StreamWindow",
     "StreamMessage",
+    "GoAway",
     "PROTOCOL_VERSION",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Envelope",
@@ -73,6 +76,7 @@ __all__ = [
     "encode_stream_item",
     "encode_stream_end",
     "encode_credit",
+    "encode_go_away",
     "stream_kind",
     "stream_control",
     "decode_credit",
@@ -100,6 +104,7 @@ STREAM_START = 5
 STREAM_ITEM = 6
 STREAM_END = 7
 CREDIT = 8
+GO_AWAY = 9
 
 # A stream's window (see "Streams" in docs/protocol.md): items on their way and not yet credited.
 STREAM_WINDOW = 64
@@ -466,6 +471,13 @@ class StreamWindow:
             self.bytes -= sizes.popleft()
 
 
+class GoAway(NamedTuple):
+    """A server's go-away as the client decodes it: no new call on this connection."""
+
+    last_id: int | None  # the highest request id the server had read; a higher one never runs
+    reason: str
+
+
 class Request(NamedTuple):
     """A request or notification as the handler decodes it (``id`` is None for notifications)."""
 
@@ -596,6 +608,11 @@ def stream_end_frame(id: int | None, error: RPCError) -> bytes:
 
 def encode_credit(id: int, count: int) -> bytes:
     return _pack([CREDIT, id, count])
+
+
+def encode_go_away(last_id: int | None, reason: str) -> bytes:
+    """Tell a client the server is going away (see "Go-away" above)."""
+    return _pack([GO_AWAY, last_id, reason])
 
 
 _STREAM_KINDS = (STREAM_START, STREAM_ITEM, STREAM_END)
@@ -1003,8 +1020,8 @@ def decode_response(frame: bytes | memoryview) -> Response:
     return _response_of(message)
 
 
-def decode_answer(frame: bytes | memoryview) -> Response | StreamMessage:
-    """Decode what a server sends a client: a response, or a stream's start, item or end."""
+def decode_answer(frame: bytes | memoryview) -> Response | StreamMessage | GoAway:
+    """Decode what a server sends a client: a response, a stream's start, item or end, or a go-away."""
     try:
         message = _unpack(frame)
     except Exception as exc:
@@ -1023,6 +1040,9 @@ def decode_answer(frame: bytes | memoryview) -> Response | StreamMessage:
             error = message[2]
             _expect(error is None or type(error) is dict, "error must be a map")
             return StreamMessage(STREAM_END, message[1], None if error is None else _error_of(error), None)
+        if kind == GO_AWAY:
+            _expect(len(message) == 3 and (message[1] is None or type(message[1]) is int), "a go-away is [9, id, reason]")
+            return GoAway(message[1], _text(message[2], ""))
     return _response_of(message)
 
 

@@ -512,3 +512,12 @@ def test_the_router_names_an_extension_value_it_does_not_decode():
     frame = msgpack.packb([0, 1, "add", [], {}, {"timeout": msgpack.ExtType(6, b"5")}])
     with pytest.raises(ProtocolError, match="got an extension value"):
         protocol.parse_envelope(frame)
+
+
+def test_go_away_round_trips_and_a_malformed_one_is_refused():
+    assert protocol.decode_answer(protocol.encode_go_away(41, "draining")) == protocol.GoAway(41, "draining")
+    assert protocol.decode_answer(protocol.encode_go_away(None, "")) == protocol.GoAway(None, "")
+    assert msgpack.unpackb(protocol.encode_go_away(7, "bye")) == [protocol.GO_AWAY, 7, "bye"]
+    for bad in ([protocol.GO_AWAY, "7", "bye"], [protocol.GO_AWAY, 7], [protocol.GO_AWAY, 7, "bye", None]):
+        with pytest.raises(ProtocolError):
+            protocol.decode_answer(msgpack.packb(bad))

@@ -475,3 +475,35 @@ def test_a_daemon_on_a_network_address_without_tls_warns(tmp_path, certs):
     with rpc.Server("services:registry", address=("0.0.0.0", 0), log_file=str(tls_log), **options, **tls):
         pass
     assert "listening" in tls_log.read_text() and "listening_without_tls" not in tls_log.read_text()
+
+
+def test_a_client_of_several_tls_servers_moves_on_when_one_goes_away(certs, tmp_path):
+    """The list of addresses and the go-away work inside TLS, for both clients: the server a
+    client is on closes, and its next call goes to the other one, over TLS too."""
+    import secrets
+
+    authkey = secrets.token_bytes(32)
+    options = {"tls_cert_file": str(certs.server.cert), "tls_key_file": str(certs.server.key), "workers": 1}
+    servers = [
+        rpc.Server("services:registry", address=("127.0.0.1", 0), authkey=authkey, log_file=str(tmp_path / f"s{i}.log"),
+                   log_format="console", **options).start()
+        for i in range(2)
+    ]
+    addresses = [server.address for server in servers]
+    try:
+        with rpc.connect(addresses, authkey=authkey, timeout=30, tls=str(certs.ca)) as client:
+            assert client.add(2, 3) == 5
+            first = client.address
+            servers[addresses.index(first)].close()
+            assert client.add(3, 4) == 7  # made on the other server
+            assert client.address != first
+
+        async def main() -> None:
+            async with rpc.aio.connect(addresses, authkey=authkey, timeout=30, tls=str(certs.ca)) as client:
+                assert await client.add(2, 3) == 5
+                assert client.address != first  # the only server left
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        for server in servers:
+            server.close()
