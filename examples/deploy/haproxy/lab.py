@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -463,17 +464,18 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = args.folder or Path(tempfile.mkdtemp(prefix="rpclab-"))
     with Lab(folder, daemons=args.daemons) as lab:
-        call = " ".join(lab.in_netns(lab.client, ["rpc", "call", "--address", lab.address, "info"]))
+        call = " ".join(lab.in_netns(lab.client, [sys.executable, "-m", "rpc", "call", "--address", lab.address, "info"]))
         print(f"HAProxy listens on {lab.address} in namespace {lab.balancer}; configs and logs in {folder}")
         for daemon in lab.hosts:
             print(f"  {daemon.name}: rpc on {daemon.address}, /healthz on http://{daemon.metrics_address}/healthz")
         print(f"\nTry, in another shell as root:\n  export RPC_AUTHKEY={lab.authkey}\n  {call}")
         print(f"  echo 'show stat' | socat - {lab.stats_socket}   # HAProxy's view of the daemons")
         print(f"  kill -TERM {lab.hosts[0].process.pid if lab.hosts[0].process else '?'}   # drain d1: HAProxy marks it DOWN")
-        print("\nCtrl-C tears the lab down.")
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
+        print("\nCtrl-C (or SIGTERM) tears the lab down.")
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job starts with it ignored
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.wait(1.0):  # in steps: the wait wakes to run the signal handler
             pass
     return 0
 
