@@ -151,6 +151,17 @@ def _stop_group(process: subprocess.Popen[bytes], timeout: float) -> None:
     process.wait(10)
 
 
+def _die_with_parent() -> None:
+    """In a child before it runs its program: SIGKILL it if the lab's process dies (a killed test run).
+
+    The setting survives `ip netns exec`, which runs the program in the same process.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
     try:
         os.killpg(process.pid, signum)  # started with start_new_session: its group id is its pid
@@ -313,6 +324,7 @@ class Lab:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: a SIGKILL of the group takes its handlers too
+                preexec_fn=_die_with_parent,
             )
         process, log_path = daemon.process, daemon.log
 
@@ -365,6 +377,7 @@ class Lab:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         haproxy = self.haproxy
 
