@@ -58,6 +58,7 @@ class Handler:
         # The id of the call on a lent socket it was stopped to cancel (the kill may land on the next one).
         self.cancelled: int | None = None
         self.streams: frozenset[str] = frozenset()  # its generator functions' names: never lent (rpc.streams)
+        self.methods: tuple[str, ...] = ()  # the names its registry has, as its hello listed them (rpc.metrics)
         self.end_input: Callable[[], None] = self._shutdown_pipe  # the router's way, once it serves the pipe
 
     def _shutdown_pipe(self) -> None:
@@ -106,7 +107,7 @@ class Arbiter:
         self._threads = ThreadPoolExecutor(max_workers=min(settings.workers + 2, 32), thread_name_prefix="rpc-arbiter")
         self.handlers: list[Handler | None] = [None] * settings.workers
         # One per slot, kept across replacements: a dead handler's state is read after it is gone.
-        self._call_states = [self._context.RawArray("q", lease.CallState.SIZE) for _ in range(settings.workers)]
+        self._call_states = [self._context.RawArray("q", lease.SHARED_SIZE) for _ in range(settings.workers)]
         self._tasks: list[asyncio.Task[None]] = []
         self._replaced: list[asyncio.Event] = []
         self._stopping = False
@@ -203,6 +204,7 @@ class Arbiter:
         child_conn.close()  # so the supervisor reads EOF when the handler dies
         error = None
         streams: frozenset[str] = frozenset()
+        methods: tuple[str, ...] = ()
         try:
             deadline = time.monotonic() + self._settings.startup_timeout
             first = FrameReader(parent.fileno(), _HELLO_LIMIT).read(deadline)
@@ -210,8 +212,11 @@ class Arbiter:
                 error = f"handler did not start within {self._settings.startup_timeout:g} s"
             else:
                 try:
-                    names = protocol.decode_hello(first).info.get("streams")
+                    hello = protocol.decode_hello(first).info
+                    names = hello.get("streams")
                     streams = frozenset(name for name in names if type(name) is str) if type(names) is list else frozenset()
+                    names = hello.get("methods")
+                    methods = tuple(name for name in names if type(name) is str) if type(names) is list else ()
                 except RPCError:
                     info = protocol.decode_response(first).error
                     error = _import_failure(self._handler_settings.registry, info) if info else "bad hello"
@@ -230,6 +235,7 @@ class Arbiter:
         parent.setblocking(False)
         started = Handler(slot, process, parent, call_state)
         started.streams = streams
+        started.methods = methods
         return started
 
     # -- stopping one -------------------------------------------------------------------

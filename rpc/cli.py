@@ -1,4 +1,4 @@
-"""The ``rpc`` command: serve, call, methods, ping.
+"""The ``rpc`` command: serve, call, methods, ping, stats.
 
 The edge of the program: the only module that reads the environment and the
 command line. It builds the settings, then hands frozen config objects down.
@@ -34,6 +34,7 @@ from .config import (
 )
 from .errors import AuthenticationError, ConfigError, ConnectionClosed, RemoteError, RPCError, StartupError
 from .logs import LOG_FORMATS, LOG_LEVELS, make_logger
+from .transport import format_address
 
 __all__ = ["main", "format_result"]
 
@@ -115,6 +116,13 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
         help="log lines for people (console) or programs (json) (default: auto: console on a terminal, else json)",
     )
     serve.add_argument("--log-level", choices=LOG_LEVELS, dest="log_level", help="least severe events logged (default: info)")
+    metrics_address: dict[str, Any] = dict(
+        metavar="HOST:PORT",
+        dest="metrics_address",
+        help="HTTP address of GET /healthz and GET /metrics (default: $RPC_METRICS_ADDRESS, else the config's "
+        "metrics_address, else none); /metrics shows method names and call counts: keep it on a private network",
+    )
+    serve.add_argument("--metrics-address", **metrics_address)
 
     call = command(
         "call", "call a method and print its result", epilog=CALL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -142,6 +150,20 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     ping = command("ping", "measure the round-trip time to the server")
     ping.add_argument(
         "--count", type=_positive(int, "a whole number"), default=3, metavar="N", help="round trips (default: 3)"
+    )
+
+    # Not a client of the rpc protocol: it reads the server's /metrics over HTTP (no authkey, no --address).
+    stats = commands.add_parser(
+        "stats",
+        help="print the server's calls, handlers and queue, read from its /metrics",
+        description="print the server's calls, handlers and queue, read from its /metrics",
+        allow_abbrev=False,
+    )
+    stats.add_argument("--config", metavar="FILE", help="TOML config file (default: $RPC_CONFIG, else none)")
+    stats.add_argument("--metrics-address", **metrics_address)
+    stats.add_argument(
+        "--timeout", type=_positive(float, "a number", MAX_SECONDS), default=10.0, metavar="SECONDS",
+        help="seconds to wait for the server's answer (default: 10)",
     )
     return parser, dict(commands.choices)
 
@@ -177,7 +199,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if environ is None or environ is os.environ:
         environ = _take_environment(os.environ)
     args = _parse(argv)
-    command = {"serve": _serve, "call": _call, "methods": _methods, "ping": _ping}[args.command]
+    command = {"serve": _serve, "call": _call, "methods": _methods, "ping": _ping, "stats": _stats}[args.command]
     try:
         return command(args, environ)
     except ConfigError as exc:
@@ -221,7 +243,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from . import daemon
     from .server import Server
 
-    settings = _settings(args, environ, "registry", "workers", "log_format", "log_level")
+    settings = _settings(args, environ, "registry", "workers", "log_format", "log_level", "metrics_address")
     settings.server_config(b"\0" * 32)  # every setting is valid before anything is created
     shadow = _add_current_folder()
     _check_importable(check_registry_spec(settings.registry), shadow)
@@ -363,6 +385,116 @@ def _ping(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     rtts = ", ".join(f"{t * 1000:.3f}" for t in times)
     print(f"pong from {where}: connect {connected * 1000:.1f} ms, round trips {rtts} ms")
     return EXIT_OK
+
+
+def _stats(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    settings = load_settings(args.config, environ, {"metrics_address": args.metrics_address})
+    address = settings.metrics_address()
+    if address is None:
+        raise ConfigError(
+            "no metrics_address is configured, so there is no /metrics to read: pass --metrics-address HOST:PORT, "
+            "set RPC_METRICS_ADDRESS, or give the config file of `rpc serve` (--config or RPC_CONFIG)"
+        )
+    base = f"http://{format_address(address)}"
+    health = _http_get(f"{base}/healthz", args.timeout)[0]
+    status, text = _http_get(f"{base}/metrics", args.timeout)
+    if status != 200:
+        raise _CannotConnect(f"{base}/metrics answered HTTP {status}: is this the metrics_address of an rpc server?")
+    state = {200: "serving", 503: "draining"}.get(health, f"/healthz answered HTTP {health}")
+    print(f"rpc at {format_address(address)}: {state}")
+    print(format_stats(text))
+    return EXIT_OK
+
+
+def _http_get(url: str, timeout: float) -> tuple[int, str]:
+    """The status and body of a GET; _CannotConnect if nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status, answer.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        why = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+        raise _CannotConnect(
+            f"nothing answers at {url}: {why} (is `rpc serve` running with this metrics_address?)"
+        ) from None
+
+
+# Outcome columns in this order (others, if any, after them).
+_OUTCOME_ORDER = ("ok", "error", "timeout", "cancelled", "crashed", "closed", "busy", "shutting_down")
+
+
+def format_stats(text: str) -> str:
+    """A short table of the figures in an rpc server's /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gauges: dict[str, float] = {}
+    calls: dict[str, dict[str, float]] = {}  # method -> outcome -> calls
+    buckets: dict[str, list[tuple[float, float]]] = {}  # method -> (le, cumulative count)
+    sums: dict[str, float] = {}
+    by_reason: dict[str, dict[str, float]] = {"rpc_handler_replacements_total": {}, "rpc_rejected_handshakes_total": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:  # known by their names, whatever the families' TYPE lines say
+            name, labels = sample.name, sample.labels
+            if name == "rpc_calls_total":
+                calls.setdefault(labels["method"], {})[labels["outcome"]] = sample.value
+            elif name == "rpc_call_duration_seconds_bucket":
+                buckets.setdefault(labels["method"], []).append((float(labels["le"]), sample.value))
+            elif name == "rpc_call_duration_seconds_sum":
+                sums[labels["method"]] = sample.value
+            elif name in by_reason:
+                by_reason[name][labels["reason"]] = sample.value
+            elif name.startswith("rpc_") and not labels:
+                gauges[name] = sample.value
+
+    def whole(name: str) -> str:
+        return f"{gauges.get(name, 0):.0f}"
+
+    lines = [
+        f"handlers: {whole('rpc_handlers')} ({whole('rpc_handlers_busy')} busy, {whole('rpc_handlers_lent')} lent)   "
+        f"queue: {whole('rpc_queue_calls')} calls, {whole('rpc_queue_bytes')} bytes   "
+        f"connections: {whole('rpc_connections')}",
+        "",
+    ]
+    seen = {outcome for counts in calls.values() for outcome in counts}
+    outcomes = [o for o in _OUTCOME_ORDER if o in seen] + sorted(seen - set(_OUTCOME_ORDER))
+    header = ["method", *outcomes, "calls", "mean ms", "p99 ms"]
+    rows = []
+    for method in sorted(calls):
+        counts = calls[method]
+        timed = sorted(buckets.get(method, []))
+        total = timed[-1][1] if timed else 0.0
+        mean = f"{sums.get(method, 0.0) / total * 1000:.3f}" if total else "-"
+        rows.append(
+            [method, *(f"{counts.get(o, 0):.0f}" for o in outcomes), f"{sum(counts.values()):.0f}", mean, _quantile(timed, 0.99)]
+        )
+    if not rows:
+        lines.append("no calls yet")
+    else:
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+            lines.append("  ".join(cells).rstrip())
+    for name, title in (("rpc_handler_replacements_total", "handler replacements"), ("rpc_rejected_handshakes_total", "rejected handshakes")):
+        counted = by_reason[name]
+        listed = ", ".join(f"{reason} {n:.0f}" for reason, n in sorted(counted.items())) or "none"
+        lines.append(f"{title}: {listed}")
+    return "\n".join(lines)
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> str:
+    """The bucket bound under which the fraction ``q`` of calls took, in ms ("<= 2.5")."""
+    if not buckets or not buckets[-1][1]:
+        return "-"
+    wanted = q * buckets[-1][1]
+    for bound, cumulative in buckets:
+        if cumulative >= wanted:
+            return f"<= {bound * 1000:g}" if math.isfinite(bound) else f"> {buckets[-2][0] * 1000:g}"
+    return "-"
 
 
 def _parse_arguments(texts: Sequence[str]) -> tuple[list[Any], dict[str, Any]]:

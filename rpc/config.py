@@ -31,6 +31,7 @@ __all__ = [
     "resolve_authkey",
     "read_authkey",
     "check_registry_spec",
+    "check_metrics_address",
     "FILE_KEYS",
     "ENV_VARIABLES",
     "RESERVED_VARIABLES",
@@ -102,6 +103,9 @@ class ServerConfig:
     lease: bool = True
     #: the router's event loop: "auto" (uvloop where installed, else asyncio's own), "uvloop" or "asyncio"
     event_loop: str = "auto"
+    #: where to serve GET /healthz and GET /metrics over HTTP: "HOST:PORT" or (host, port); None: nowhere.
+    #: /metrics shows method names and call counts to whoever reaches it: keep it on a private network.
+    metrics_address: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", _check_address(self.address))
@@ -132,6 +136,8 @@ class ServerConfig:
         for name in ("max_call_seconds", "idle_timeout"):
             if getattr(self, name) is not None:
                 _non_negative_number(self, name)
+        if self.metrics_address is not None:
+            object.__setattr__(self, "metrics_address", check_metrics_address(self.metrics_address))
         for name, allowed in (("start_method", START_METHODS), ("event_loop", EVENT_LOOPS), ("log_level", LOG_LEVELS), ("log_format", LOG_FORMATS)):
             if getattr(self, name) not in allowed:
                 raise _invalid(name, f"must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -153,6 +159,23 @@ def _invalid(name: str, message: str) -> ConfigError:
     error = ConfigError(f"{name} {message}")
     error.key = name  # type: ignore[attr-defined]  # lets the loader say where the value came from
     return error
+
+
+def check_metrics_address(address: object) -> tuple[str, int]:
+    """``metrics_address`` as (host, port): from "HOST:PORT" or a (host, port) pair; never a Unix socket."""
+    error = _invalid(
+        "metrics_address",
+        f"must be HOST:PORT (an HTTP address for /healthz and /metrics, e.g. 127.0.0.1:9100), not {address!r}",
+    )
+    if not isinstance(address, (str, tuple)):
+        raise error
+    try:
+        checked = _check_address(address)
+    except ConfigError:
+        raise error from None
+    if isinstance(checked, str):  # text without a port reads as a Unix socket path
+        raise error
+    return checked
 
 
 def _positive_int(config: ServerConfig, name: str, maximum: int | None = None) -> None:
@@ -205,6 +228,7 @@ FILE_KEYS: dict[str, type] = {
     "handler_memory_limit": int,
     "lease": bool,
     "event_loop": str,
+    "metrics_address": str,
     "tracebacks": bool,
     "access_log": bool,
     "log_level": str,
@@ -286,6 +310,15 @@ class Settings:
         if isinstance(address, str):
             address = unix_path(str(self._relative_to_source("address", address)))
         return address
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the server answers /healthz and /metrics, or None if it does not."""
+        if "metrics_address" not in self.values:
+            return None
+        try:
+            return check_metrics_address(self.values["metrics_address"])
+        except ConfigError as exc:
+            raise self._error("metrics_address", exc.message) from None
 
     def authkey_file(self, environ: Mapping[str, str]) -> Path:
         if "authkey_file" in self.values:

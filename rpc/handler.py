@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection, wait
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
-from . import lease, protocol, streams
+from . import lease, metrics, protocol, streams
 from .framing import Frame, FrameDecoder
 from .handler_output import OutputRouter
 from .logs import Logger, make_logger, open_log_file, report_dropped, resolve_format
@@ -89,11 +89,20 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
         output.install_logging()  # after the import: a module that configures logging keeps its own
     note_method = output.note_method if output is not None else None
     stream_names = streams.stream_names(registry)
-    # The router never lends a socket for a stream (see rpc.streams).
-    conn.send_bytes(protocol.encode_hello({"pid": os.getpid(), "streams": sorted(stream_names)}))
+    names = [protocol.METHODS, *registry]
+    # The router never lends a socket for a stream (see rpc.streams); it counts calls by these
+    # method names (and a call on a lent socket by its number among them: see rpc.metrics).
+    conn.send_bytes(protocol.encode_hello({"pid": os.getpid(), "streams": sorted(stream_names), "methods": names}))
     log.debug("handler_ready", registry=settings.registry, methods=len(registry))
     pipe = PipeReader(conn.fileno(), settings.max_message_bytes + protocol.ENVELOPE_MARGIN)
-    state = lease.CallState(call_state) if call_state is not None else None
+    numbers = {name: i for i, name in enumerate(names)}
+    state = lease.CallState(call_state, numbers) if call_state is not None else None
+    lent_calls = lease.LentCalls(call_state) if call_state is not None else None
+    if lent_calls is not None:
+        lent_calls.reset()
+    tally = metrics.CallCounts(names)  # the calls served on lent sockets since the router last had a tally
+    told = 0  # calls posted to lent_calls when the tally last went out
+    tally_due = 0.0  # when it goes out next, if a lease lasts that long
 
     def run_call(request: protocol.Request) -> bytes:
         try:
@@ -102,10 +111,23 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
             if output is not None:
                 output.end_call()
 
-    def log_call(request: protocol.Request, reply: bytes, started: float) -> None:
-        outcome = "error" if protocol.response_is_error(reply) else "ok"
-        ms = round((time.monotonic() - started) * 1000, 3)
-        log.info("call", method=request.method, id=request.id, ms=ms, outcome=outcome, leased=True)
+    def lent_call(request: protocol.Request, reply: bytes, started: float) -> None:
+        """A call served on a lent socket: counted, logged, and the tally sent now and then
+        (at least every LentCalls.RING calls, which the router finds posted if this process dies)."""
+        nonlocal told, tally_due
+        now = time.monotonic()
+        failed = protocol.response_is_error(reply)
+        outcome = "error" if failed else "ok"
+        tally.call(request.method, outcome, now - started)
+        assert lent_calls is not None
+        posted = lent_calls.post(numbers.get(request.method, -1), failed, now - started)
+        if settings.access_log:
+            ms = round((now - started) * 1000, 3)
+            log.info("call", method=request.method, id=request.id, ms=ms, outcome=outcome, leased=True)
+        if posted - told >= lease.LentCalls.RING or now >= tally_due:
+            conn.send_bytes(metrics.tally_message(posted, tally))
+            tally.clear()
+            told, tally_due = posted, now + metrics.TALLY_SECONDS
 
     try:
         while True:
@@ -131,11 +153,15 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
                 if not pipe.descriptors or state is None:
                     os._exit(1)  # no socket came with it: the router, seeing nothing started, runs the call
                 sock = socket.socket(fileno=pipe.descriptors.popleft())
+                tally_due = time.monotonic() + metrics.TALLY_SECONDS
                 end = lease.serve_lease(
                     sock, conn.fileno(), lent.frame, run_call, state, settings.max_call_seconds,
-                    log_call if settings.access_log else None, settings.send_timeout, stream_names,
+                    lent_call, settings.send_timeout, stream_names,
                 )
-                conn.send_bytes(end.encode())
+                assert lent_calls is not None
+                told = lent_calls.posted()
+                conn.send_bytes(dataclasses.replace(end, tally=[told, tally.export()]).encode())
+                tally.clear()
             # a RECALL that arrives after its lease ended needs nothing
     finally:
         if output is not None:

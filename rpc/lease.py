@@ -31,7 +31,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ from .framing import Frame, frame_header
 
 _SHORT = struct.Struct("!i")  # a frame's length, as framing reads it
 
-__all__ = ["IDLE_SECONDS", "CallState", "EndReason", "LeaseEnd", "Owed", "serve_lease", "what_is_owed"]
+__all__ = ["IDLE_SECONDS", "SHARED_SIZE", "CallState", "EndReason", "LeaseEnd", "LentCalls", "Owed", "serve_lease", "what_is_owed"]
 
 # A lent socket goes back after this long without a request.
 IDLE_SECONDS = 0.005
@@ -89,14 +89,15 @@ class LeaseEnd:
 
     reason: EndReason
     served: int
+    tally: Any = None  # the calls served since the last tally: [calls posted, CallCounts.export()] (rpc.metrics)
 
     def encode(self) -> bytes:
-        return protocol.encode_internal(protocol.LEASE_END, self.reason.value, self.served)
+        return protocol.encode_internal(protocol.LEASE_END, self.reason.value, self.served, self.tally)
 
     @classmethod
     def decode(cls, message: Frame) -> LeaseEnd:
-        _, reason, served = protocol.decode_value(message)
-        return cls(EndReason(reason), int(served))
+        _, reason, served, tally = protocol.decode_value(message)
+        return cls(EndReason(reason), int(served), tally)
 
 
 RECALL = protocol.encode_internal(protocol.RECALL)
@@ -108,21 +109,27 @@ class CallState:
     Slots (64-bit integers): 0 what (IDLE, RUNNING, WRITING), 1 deadline
     (time.monotonic_ns(), 0 for none), 2 request id (as a signed 64-bit value),
     3 calls done in this lease, 4 bytes of the reply frame, 5 bytes of it sent so
-    far, 6 whether the kernel sends that frame all or nothing (1) or may send part (0).
+    far, 6 whether the kernel sends that frame all or nothing (1) or may send part (0),
+    7 the method's number in the handler's list of names (-1: not there), so a call
+    that dies with its handler is counted under its method (rpc.metrics).
+
+    ``methods`` (the handler's side only): method name -> its number.
     """
 
-    SIZE = 7
+    SIZE = 8
     IDLE, RUNNING, WRITING = 0, 1, 2
 
-    def __init__(self, array: Any) -> None:
+    def __init__(self, array: Any, methods: Mapping[str, int] | None = None) -> None:
         self.array = array
+        self._methods = methods or {}
         # The same memory as 64-bit integers: the per-call writes cost less than through ctypes.
         self._slots = memoryview(array).cast("B").cast("q")
 
-    def running(self, request_id: int, deadline: float | None) -> None:
+    def running(self, request_id: int, deadline: float | None, method: str = "") -> None:
         slots = self._slots
         slots[2] = request_id - (1 << 64) if request_id >= 1 << 63 else request_id
         slots[1] = int(deadline * 1e9) if deadline is not None else 0
+        slots[7] = self._methods.get(method, -1)
         slots[0] = self.RUNNING
 
     def writing(self, size: int = 0, whole: bool = False) -> None:
@@ -149,9 +156,63 @@ class CallState:
         what, deadline, request_id, answered = self.array[0], self.array[1], self.array[2], self.array[3]
         return what, (deadline / 1e9 if deadline else None), request_id % (1 << 64), answered
 
+    def method_number(self) -> int:
+        """The number of the method of the call posted (see ``methods``), or -1."""
+        return int(self.array[7])
+
     def reply_progress(self) -> tuple[int, int, bool]:
         """Of the reply being written: its size, the bytes known sent, and whether it goes all or nothing."""
         return self.array[4], self.array[5], self.array[6] == 1
+
+
+class LentCalls:
+    """The last calls a handler served on lent sockets, in memory shared with the router, after
+    its :class:`CallState` (slot :attr:`CallState.SIZE` on).
+
+    The handler counts these calls itself and sends the router its tally (rpc.metrics) at
+    least every :attr:`RING` calls. Each call is also posted here, so that if the handler
+    dies before its tally went out, the router still counts the calls it served since:
+    slot 0 counts the calls posted; then, for the last RING of them, one entry each of
+    (the method's number, 1 if it failed else 0, nanoseconds it took).
+    """
+
+    RING = 256
+
+    def __init__(self, array: Any) -> None:
+        self._slots = memoryview(array).cast("B").cast("q")[CallState.SIZE :]
+
+    def reset(self) -> None:
+        """A new handler in the slot: nothing posted yet."""
+        self._slots[0] = 0
+
+    def posted(self) -> int:
+        return int(self._slots[0])
+
+    def post(self, method: int, failed: bool, seconds: float) -> int:
+        """One call served; how many have been posted."""
+        slots = self._slots
+        posted = slots[0]
+        at = 1 + 3 * (posted % self.RING)
+        slots[at] = method
+        slots[at + 1] = failed
+        slots[at + 2] = int(seconds * 1e9)
+        slots[0] = posted = posted + 1  # last: an entry counts once it is whole
+        return posted
+
+    def since(self, tallied: int) -> list[tuple[int, bool, float]]:
+        """The calls posted after the first ``tallied`` (those the router has a tally of):
+        (method number, whether it failed, seconds)."""
+        slots = self._slots
+        posted = slots[0]
+        entries = []
+        for i in range(max(tallied, posted - self.RING), posted):
+            at = 1 + 3 * (i % self.RING)
+            entries.append((slots[at], bool(slots[at + 1]), slots[at + 2] / 1e9))
+        return entries
+
+
+#: 64-bit integers shared by the router and each handler slot: its CallState, then its LentCalls
+SHARED_SIZE = CallState.SIZE + 1 + 3 * LentCalls.RING
 
 
 # -- the router's side ---------------------------------------------------------------------
@@ -314,7 +375,7 @@ def serve_lease(
                 limit = request.timeout
                 if max_call_seconds is not None and (limit is None or max_call_seconds < limit):
                     limit = max_call_seconds
-                state.running(request.id, None if limit is None else started + limit)
+                state.running(request.id, None if limit is None else started + limit, request.method)
                 if waiting:
                     # Taken only now, in one call: killed before this, the router finds it unread.
                     try:

@@ -227,8 +227,9 @@ STREAM_WINDOW_BYTES = 1 << 20
 
 # Between the server and its handler processes only, never on the wire:
 LEASE = 16  # [16, request frame, peer]: serve this client's socket (its descriptor follows)
-LEASE_END = 17  # [17, reason, unserved frame or nil, calls served]: the socket is the server's again
+LEASE_END = 17  # [17, reason, calls served, their counts]: the socket is the server's again
 RECALL = 18  # [18]: end the lease after the current call
+LEASE_TALLY = 19  # [19, counts]: calls served on a lent socket so far (rpc.metrics)
 
 PROTOCOL_VERSION = 1
 
@@ -719,14 +720,14 @@ def response_is_error(frame: bytes | bytearray) -> bool:
 
 
 def encode_internal(*fields: Any) -> bytes:
-    """A message between the server and a handler (LEASE, LEASE_END, RECALL)."""
+    """A message between the server and a handler (LEASE, LEASE_END, RECALL, LEASE_TALLY)."""
     return _pack(list(fields))
 
 
 def internal_kind(frame: bytes | bytearray) -> int | None:
     """The kind of a server-handler message, or None for an ordinary request or response."""
     kind = frame[1] if len(frame) > 1 and 0x91 <= frame[0] <= 0x9F else None
-    return kind if kind in (LEASE, LEASE_END, RECALL) else None
+    return kind if kind in (LEASE, LEASE_END, RECALL, LEASE_TALLY) else None
 
 
 def _expect(condition: bool, what: str) -> None:

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from typing import Any, cast
 
-from . import lease, protocol
+from . import lease, metrics, protocol
 from .arbiter import Arbiter, ArbiterSettings, Handler
 from .calls import Call, CallTable
 from .config import ServerConfig
@@ -98,7 +98,10 @@ class Router:
         self._gone_since: dict[int, tuple[int, float]] = {}  # lent slot -> (call id, when its client was seen gone)
         self._waking_starved = False
         self.notification_dropped = Throttle("notification_dropped")
+        self.counts = metrics.CallCounts()  # what /metrics reports (rpc.metrics)
+        self._tallied = [0] * config.workers  # per slot: calls on lent sockets its handler has sent a tally of
         self.closing = False
+        self._stopping_handlers = False  # handlers that exit from now on are not replaced
         self._hurry = asyncio.Event()
         self._settled = asyncio.Event()  # set whenever no call is left unanswered
         self._listening: socket.socket | None = None
@@ -155,6 +158,7 @@ class Router:
             unfinished = self._unfinished()
             for connection in list(self.connections):
                 connection.drop("the server is shutting down", level="info")
+            self._stopping_handlers = True
             await self.arbiter.stop(0 if self._hurry.is_set() else 2.0)
             for connection in list(self.connections):  # any adopted meanwhile
                 connection.drop("the server is shutting down", level="info")
@@ -192,6 +196,8 @@ class Router:
         )
         self.pipes[handler.slot] = pipe
         handler.end_input = pipe.end_input
+        self.counts.know(handler.methods)
+        self._tallied[handler.slot] = 0
         if handler.retired:
             pipe.end_input()  # a reload began while it started: it may run the old code
         else:
@@ -215,6 +221,9 @@ class Router:
 
     def handler_gone(self, handler: Handler, reason: str) -> None:
         """A handler's process was collected: fail the call it held, if any."""
+        if not self._stopping_handlers:
+            self.counts.replaced(metrics.replacement_reason(handler.kill_reason, reason))
+        self._count_untallied(handler)
         call = self.table.lost(handler.slot)
         lent = self.lent.pop(handler.slot, None)
         self._gone_since.pop(handler.slot, None)
@@ -234,8 +243,11 @@ class Router:
 
     def handler_replied(self, handler: Handler, reply: Frame) -> None:
         slot = handler.slot
-        if protocol.internal_kind(reply) == protocol.LEASE_END:
-            self._lease_ended(handler, lease.LeaseEnd.decode(reply))
+        if (internal := protocol.internal_kind(reply)) is not None:
+            if internal == protocol.LEASE_END:
+                self._lease_ended(handler, lease.LeaseEnd.decode(reply))
+            elif internal == protocol.LEASE_TALLY:
+                self._take_tally(slot, metrics.read_tally(reply))  # calls it served on a lent socket
             return
         if reply[0] != 0x94 and (kind := protocol.stream_kind(reply)) is not None:  # (a response is an array of 4)
             self._stream_message(handler, kind, reply)
@@ -254,9 +266,11 @@ class Router:
     def _deliver(self, call: Call, reply: Frame, pid: int | None) -> None:
         if call.connection is not None:
             call.connection.write_frame(reply)
+        closed = call.stream is not None and call.stream.closing
+        outcome = "closed" if closed else "error" if protocol.response_is_error(reply) else "ok"
+        self.counts.call(call.method, outcome, time.monotonic() - call.received)
         if self.config.access_log:
-            closed = call.stream is not None and call.stream.closing
-            self._log_call(call, pid, "closed" if closed else "error" if protocol.response_is_error(reply) else "ok")
+            self._log_call(call, pid, outcome)
 
     # -- streams (rpc.streams) -------------------------------------------------------------
 
@@ -432,6 +446,7 @@ class Router:
     def _lease_ended(self, handler: Handler, end: lease.LeaseEnd) -> None:
         """The handler gave the lent socket back: read it again, and free the handler."""
         slot = handler.slot
+        self._take_tally(slot, end.tally)  # the calls it served on the socket (it counted them)
         connection = self.lent.pop(slot, None)
         self._gone_since.pop(slot, None)
         self.recalled.discard(slot)
@@ -448,6 +463,22 @@ class Router:
                 connection.resume_after_lease()
         if handler.kill_reason is None:
             self._release(slot)
+
+    def _take_tally(self, slot: int, tally: Any) -> None:
+        """A handler's count of the calls it served on lent sockets: ``[calls posted, CallCounts.export()]``."""
+        if type(tally) is list and len(tally) == 2 and type(tally[0]) is int:
+            self.counts.absorb(tally[1])
+            self._tallied[slot] = tally[0]
+
+    def _count_untallied(self, handler: Handler) -> None:
+        """A handler is gone: count the calls it served on lent sockets after its last tally."""
+        if handler.call_state is None or handler.slot < 0:
+            return
+        names = handler.methods
+        for number, failed, seconds in lease.LentCalls(handler.call_state).since(self._tallied[handler.slot]):
+            method = names[number] if 0 <= number < len(names) else metrics.UNKNOWN
+            self.counts.call(method, "error" if failed else "ok", seconds)
+        self._tallied[handler.slot] = 0
 
     def _reap_lease(self, handler: Handler, connection: ClientConnection, call: Call | None, reason: str) -> None:
         """A handler died serving a lent socket: answer what its client is owed, and read it again.
@@ -473,16 +504,20 @@ class Router:
                 self.submit(again)
             except (ServerBusy, ServerShuttingDown) as exc:
                 connection.write_frame(protocol.error_frame(call.id, exc))
+                self.counts.call(call.method, "busy" if isinstance(exc, ServerBusy) else "shutting_down")
         elif owed is lease.Owed.CRASHED:
             _, deadline, _, _ = state.read()
             error: RPCError
             if handler.cancelled == request_id:
-                error = CallCancelled("the call was cancelled")
+                error, outcome = CallCancelled("the call was cancelled"), "cancelled"
             elif handler.kill_reason is not None and deadline is not None and time.monotonic() >= deadline:
-                error = CallTimeout("the call passed its deadline")
+                error, outcome = CallTimeout("the call passed its deadline"), "timeout"
             else:
                 error = WorkerCrashed(f"the handler process (pid {handler.pid}) died during this call: {reason}")
+                outcome = "crashed"
             connection.write_frame(protocol.error_frame(request_id, error))
+            number = state.method_number()
+            self.counts.call(handler.methods[number] if 0 <= number < len(handler.methods) else metrics.UNKNOWN, outcome)
         connection.resume_after_lease()
 
     def _answer(self, call: Call, frame: bytes, pid: int | None, outcome: str) -> None:
@@ -490,6 +525,7 @@ class Router:
         self._note_settled()
         if call.connection is not None:
             call.connection.write_frame(frame)
+        self.counts.call(call.method, outcome, time.monotonic() - call.received)
         if self.config.access_log:
             self._log_call(call, pid, outcome)
 
@@ -521,6 +557,7 @@ class Router:
                 handler = self.arbiter.handlers[call.slot]
                 if call.connection is not None and call.connection.closed:
                     self._stop_cancelled(call, _GONE)  # its grace after the disconnect ran out
+                    self.counts.call(call.method, "cancelled", time.monotonic() - call.received)
                     continue
                 # Stopped first: whatever becomes of the answer, the slot is not lost.
                 self.arbiter.kill(call.slot, f"call {call.method!r} passed its deadline")
@@ -876,6 +913,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         elif not self.admitted:
             # A peer that closes without a word (a port probe) went away: info.
             self.log.info("client_rejected", reason="closed during handshake" if exc is None else str(exc))
+            router.counts.rejected("closed")
         elif isinstance(exc, OSError) and self.sending:
             # A closed or reset peer went away (after its own CallTimeout, say): no fault, so info.
             self.log.info("client_dropped", reason=f"sending a reply failed: {exc.strerror or exc}")
@@ -1055,6 +1093,7 @@ class ClientConnection(asyncio.BufferedProtocol):
                 router.submit(call)
             except (ServerBusy, ServerShuttingDown) as exc:
                 self.write_frame(protocol.error_frame(envelope.id, exc))
+                router.counts.call(call.method, "busy" if isinstance(exc, ServerBusy) else "shutting_down")
                 return
             if call.slot is None and router.table.over_share(self):
                 self.hold()
@@ -1062,8 +1101,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             notification = Call(None, None, envelope.method, frame, None, time.monotonic(), origin=self)
             try:
                 router.submit(notification)
-            except (ServerBusy, ServerShuttingDown):
+            except (ServerBusy, ServerShuttingDown) as exc:
                 router.notification_dropped(self.log, method=envelope.method, reason="server busy")
+                router.counts.call(notification.method, "busy" if isinstance(exc, ServerBusy) else "shutting_down")
                 return
             if notification.slot is None and router.table.over_share(self):
                 self.hold()
@@ -1163,6 +1203,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.end_reason = (reason, level)
             event = "client_dropped" if self.admitted else "client_rejected"
             getattr(self.log, level)(event, reason=reason, **fields)
+            if not self.admitted:
+                self.router.counts.rejected(metrics.rejection_reason(reason))
         if linger:
             self._linger()
         elif self.transport is not None:

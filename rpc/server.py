@@ -22,6 +22,7 @@ from .config import ServerConfig, check_registry_spec
 from .errors import ConfigError
 from .handler import HandlerSettings
 from .logs import make_logger, open_log_file
+from .metrics import MetricsEndpoint
 from .registry import Registry, import_string_of
 from .router import Router
 
@@ -102,6 +103,8 @@ class Server:
         )
         self._router = Router(config, handler_settings, hello, self._log)
         self._listener: transport.ListeningSocket | None = None
+        self._metrics_listener: transport.ListeningSocket | None = None
+        self._metrics: MetricsEndpoint | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -118,6 +121,15 @@ class Server:
             return self.config.address
         return self._listener.address
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where ``/healthz`` and ``/metrics`` are served (the real port once started), or None."""
+        if self._metrics_listener is None:
+            return self.config.metrics_address
+        address = self._metrics_listener.address
+        assert not isinstance(address, str)
+        return address
+
     def start(self) -> Server:
         """Listen, start the handlers, and begin accepting; returns when ready to serve."""
         with self._lock:
@@ -127,13 +139,21 @@ class Server:
         config = self.config
         self._listener = transport.ListeningSocket(config.address, config.backlog, config.unix_socket_mode)
         try:
+            if config.metrics_address is not None:
+                # Bound before the handlers start, so a port in use fails the start at once.
+                self._metrics_listener = transport.ListeningSocket(config.metrics_address, 64)
             self._loop, loop_name = new_event_loop(config.event_loop)
             self._thread = threading.Thread(target=self._loop.run_forever, name="rpc-router", daemon=True)
             self._thread.start()
             asyncio.run_coroutine_threadsafe(self._router.start(self._listener.sock), self._loop).result()
+            if self._metrics_listener is not None:
+                self._metrics = MetricsEndpoint(self._router, self._closing.is_set, self._log)
+                asyncio.run_coroutine_threadsafe(self._metrics.start(self._metrics_listener.sock), self._loop).result()
         except BaseException:
             self._stop_loop()
             self._listener.close()
+            if self._metrics_listener is not None:
+                self._metrics_listener.close()
             self._close_log()
             self._closing.set()
             self._closed.set()
@@ -147,6 +167,13 @@ class Server:
             authenticated=config.authkey is not None,
             event_loop=loop_name,
         )
+        if self._metrics_listener is not None:
+            self._log.info(
+                "metrics_listening",
+                address=transport.format_address(self._metrics_listener.address),
+                paths="/healthz /metrics",
+                note="/metrics shows method names and call counts to whoever can reach it: keep it on a private network",
+            )
         return self
 
     def serve_forever(self) -> None:
@@ -177,11 +204,16 @@ class Server:
         assert self._loop is not None
         connections = len(self._router.connections)
         try:
+            # /healthz answers 503 from now (self._closing is set) until the endpoint closes here.
             unfinished = asyncio.run_coroutine_threadsafe(self._router.close(grace), self._loop).result()
+            if self._metrics is not None:
+                asyncio.run_coroutine_threadsafe(self._metrics.close(), self._loop).result()
         finally:
             self._stop_loop()
             if self._listener is not None:
                 self._listener.close()
+            if self._metrics_listener is not None:
+                self._metrics_listener.close()
         self._log.info("shutdown_finished", connections=connections, unfinished_calls=unfinished)
         _running_servers.discard(self)
         self._close_log()

@@ -233,8 +233,8 @@ def _install_lease_hooks(folder: Path) -> None:
     running, writing, idle = lease.CallState.running, lease.CallState.writing, lease.CallState.idle
     decode_request = protocol.decode_request
 
-    def running_hook(self, request_id, deadline):
-        running(self, request_id, deadline)
+    def running_hook(self, request_id, deadline, *more):
+        running(self, request_id, deadline, *more)
         try:
             (folder / f"lent-{int(request_id)}").write_text(str(os.getpid()))  # this call runs on a lent socket
         except OSError:
@@ -265,6 +265,15 @@ def _install_lease_hooks(folder: Path) -> None:
 
 if os.environ.get(LEASE_HOOKS) and __name__ != "__main__":
     _install_lease_hooks(Path(os.environ[LEASE_HOOKS]))
+
+# Handlers started with it set keep a lent socket for as long as its client calls one call at
+# a time, however slowly the test runs: it is not given back after a short quiet spell, nor
+# taken for a pipelining client when a call and its reply take a while on a loaded machine.
+LEASE_STAYS = "RPC_TEST_LEASE_STAYS"
+if os.environ.get(LEASE_STAYS) and __name__ != "__main__":
+    from rpc import lease
+
+    lease.IDLE_SECONDS = lease.PARALLEL_WORTHY_SECONDS = 600.0
 
 
 class ArgsRaise(Exception):
