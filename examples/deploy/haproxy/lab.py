@@ -354,6 +354,14 @@ class Lab:
         wait_until(f"the processes of {daemon.name} exit", lambda: not _netns_pids(daemon.netns), 30)
         return code
 
+    def metrics(self, daemon: Daemon) -> str:
+        """``daemon``'s GET /metrics (Prometheus text), fetched from the balancer's host, as Prometheus would."""
+        fetch = f"import sys, urllib.request; sys.stdout.write(urllib.request.urlopen({f'http://{daemon.metrics_address}/metrics'!r}, timeout=10).read().decode())"
+        done = subprocess.run(self.in_netns(self.balancer, [sys.executable, "-c", fetch]), capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise LabError(f"GET /metrics of {daemon.name} failed: {done.stderr.strip()}")
+        return done.stdout
+
     # -- HAProxy --------------------------------------------------------------------------------
 
     def config_text(self) -> str:
