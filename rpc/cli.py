@@ -319,6 +319,8 @@ def _check_importable(spec: str, shadow: str | None = None) -> None:
 def _startup_hint(exc: StartupError) -> str:
     cause = exc.__cause__
     if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+        if "/metrics" in exc.message:
+            return "; choose another with --metrics-address (or the metrics_address key, or RPC_METRICS_ADDRESS)"
         return "; choose another with --address (or the address key, or RPC_ADDRESS)"
     return ""
 

@@ -8,8 +8,10 @@ someone asks. Metric families are built only then, by :func:`collect`.
 
 Calls a handler serves on a lent socket (:mod:`rpc.lease`) never pass the router: the
 handler counts them in a :class:`CallCounts` of its own and sends the tally with the
-end of the lease, and at most every :data:`TALLY_SECONDS` while a lease lasts
-(:func:`tally_message`), which the router adds to its own (:meth:`CallCounts.absorb`).
+end of the lease and, while a lease lasts, every ``rpc.lease.LentCalls.RING`` calls or
+:data:`TALLY_SECONDS`, whichever comes first (:func:`tally_message`); the router adds
+it to its own (:meth:`CallCounts.absorb`). Should the handler die first, the router
+counts the calls it finds posted since in the memory they share (``LentCalls``).
 
 A server with a ``metrics_address`` answers two HTTP requests there
 (:class:`MetricsEndpoint`): ``GET /healthz`` (200 while it takes calls, 503 from the
@@ -128,10 +130,14 @@ class CallCounts:
     # -- a handler's tally of calls on a lent socket ----------------------------------
 
     def export(self) -> list[Any]:
-        """The call counts as plain data for msgpack: ``[[[method, outcome, n], ...], [[method, [counts..., sum]], ...]]``."""
+        """The call counts as plain data for msgpack, small for a few calls: ``[[[method, outcome, n], ...],
+        [[method, seconds, [bucket, n, bucket, n, ...]], ...]]`` (only the buckets counted)."""
         return [
             [[method, outcome, n] for (method, outcome), n in self.calls.items()],
-            [[method, histogram] for method, histogram in self.durations.items()],
+            [
+                [method, histogram[-1], [x for i, n in enumerate(histogram[:-1]) if n for x in (i, int(n))]]
+                for method, histogram in self.durations.items()
+            ],
         ]
 
     def clear(self) -> None:
@@ -139,7 +145,7 @@ class CallCounts:
         self.durations.clear()
 
     def absorb(self, exported: Any) -> None:
-        """Add a handler's :meth:`export` to these counts (anything malformed in it is skipped)."""
+        """Add a handler's :meth:`export` to these counts (what is malformed in it is skipped)."""
         if type(exported) is not list or len(exported) != 2:
             return
         calls, durations = exported
@@ -150,14 +156,21 @@ class CallCounts:
                 if type(method) is str and outcome in OUTCOMES and type(n) is int and n > 0:
                     key = (method if method in known else UNKNOWN, outcome)
                     mine[key] = mine.get(key, 0) + n
-        size = len(BUCKETS) + 2
+        buckets = len(BUCKETS) + 1
         for entry in durations if type(durations) is list else ():
-            if type(entry) is list and len(entry) == 2 and type(entry[0]) is str and type(entry[1]) is list:
-                method, histogram = entry[0] if entry[0] in known else UNKNOWN, entry[1]
-                if len(histogram) == size and all(type(value) in (int, float) and value >= 0 for value in histogram):
-                    total = self.durations.setdefault(method, [0.0] * size)
-                    for i, value in enumerate(histogram):
-                        total[i] += value
+            if type(entry) is not list or len(entry) != 3:
+                continue
+            method, seconds, counted = entry
+            if type(method) is not str or type(seconds) not in (int, float) or not seconds >= 0 or type(counted) is not list:
+                continue
+            histogram = self.durations.get(method if method in known else UNKNOWN)
+            if histogram is None:
+                histogram = self.durations[method if method in known else UNKNOWN] = [0.0] * (buckets + 1)
+            for i in range(0, len(counted) - 1, 2):
+                index, n = counted[i], counted[i + 1]
+                if type(index) is int and 0 <= index < buckets and type(n) is int and n > 0:
+                    histogram[index] += n
+            histogram[-1] += seconds
 
 
 def tally_message(posted: int, counts: CallCounts) -> bytes:
@@ -221,7 +234,7 @@ def rejection_reason(reason: str) -> str:
 # -- the Prometheus side: only a server with a metrics_address gets here ---------------
 
 
-def collect(router: Router) -> Iterator[Metric]:
+def collect(router: Router, draining: bool) -> Iterator[Metric]:
     """The router's figures as Prometheus metric families, read now (on the router's loop)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -251,7 +264,7 @@ def collect(router: Router) -> Iterator[Metric]:
         ("rpc_queue_calls", "Calls waiting for a free handler.", len(table.queue)),
         ("rpc_queue_bytes", "Bytes of the calls waiting for a free handler.", table.queue_bytes),
         ("rpc_connections", "Client connections open, including those still in their handshake.", len(router.connections)),
-        ("rpc_draining", "1 once the server has begun to shut down, else 0.", int(router.closing)),
+        ("rpc_draining", "1 once the server has begun to shut down (/healthz answers 503), else 0.", int(draining)),
     ):
         yield GaugeMetricFamily(name, text, value=value)
     for name, text, label, values in (
@@ -267,17 +280,18 @@ def collect(router: Router) -> Iterator[Metric]:
 class _RouterCollector:
     """prometheus-client's side of :func:`collect` (a collector without describe(): read at scrape only)."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, draining: Callable[[], bool]) -> None:
         self._router = router
+        self._draining = draining
 
     def collect(self) -> Iterator[Metric]:
-        return collect(self._router)
+        return collect(self._router, self._draining())
 
 
 # -- the HTTP endpoint -------------------------------------------------------------------
 
 _REQUEST_SECONDS = 5.0  # a request must arrive, and its answer be taken, within this long
-_MAX_CONNECTIONS = 16  # more at once are closed unanswered: scrapers and health checks need few
+_MAX_CONNECTIONS = 16  # open at once; a new one past that cuts off the oldest (scrapers need few)
 _MAX_HEADER_LINES = 100
 _LINE_LIMIT = 8192
 
@@ -296,10 +310,10 @@ class MetricsEndpoint:
         self._log = log
         # A registry of its own (not prometheus-client's global one): several servers may run in one process.
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_RouterCollector(router))  # (collect() is all it needs)
+        self.registry.register(_RouterCollector(router, draining))  # (collect() is all it needs)
         ProcessCollector(registry=self.registry)  # the supervisor's CPU, memory and descriptors
         self._server: asyncio.AbstractServer | None = None
-        self._open: set[asyncio.StreamWriter] = set()
+        self._open: dict[asyncio.StreamWriter, None] = {}  # (a dict keeps them oldest first)
 
     async def start(self, sock: Any) -> None:
         """Answer requests on the listening socket ``sock``."""
@@ -314,9 +328,12 @@ class MetricsEndpoint:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._open) >= _MAX_CONNECTIONS:
-            writer.transport.abort()
-            return
-        self._open.add(writer)
+            # A request takes milliseconds: the oldest has had its chance. (Refusing the new one
+            # instead would let a peer that opens connections and sends nothing starve health checks.)
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            oldest.transport.abort()
+        self._open[writer] = None
         try:
             try:
                 method, path, accept = await asyncio.wait_for(_read_request(reader), _REQUEST_SECONDS)
@@ -334,7 +351,7 @@ class MetricsEndpoint:
         except Exception:
             self._log.exception("metrics_request_failed")
         finally:
-            self._open.discard(writer)
+            self._open.pop(writer, None)
             writer.close()
 
     def _answer(self, method: str, path: str, accept: str) -> tuple[str, str, bytes]:

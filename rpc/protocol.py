@@ -705,6 +705,8 @@ def stream_kind(frame: bytes | bytearray) -> int | None:
 
 
 _NIL = 0xC0
+# An id's width in bytes by its msgpack marker: uint8/16/32/64 (any other: fixint or nil, 1)
+_ID_WIDTHS = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
 
 
 def response_is_error(frame: bytes | bytearray) -> bool:
@@ -713,8 +715,7 @@ def response_is_error(frame: bytes | bytearray) -> bool:
     The error field follows the id; its first byte is nil (0xc0) on success.
     """
     marker = frame[2] if len(frame) > 2 else _NIL
-    # id width by its msgpack marker: fixint, uint8/16/32/64, or nil
-    width = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}.get(marker, 1)
+    width = _ID_WIDTHS.get(marker, 1)  # (a module constant: this runs for every call's reply)
     position = 2 + width
     return len(frame) > position and frame[position] != _NIL
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__, protocol, transport
 from .config import ServerConfig, check_registry_spec
-from .errors import ConfigError
+from .errors import ConfigError, StartupError
 from .handler import HandlerSettings
 from .logs import make_logger, open_log_file
 from .metrics import MetricsEndpoint
@@ -141,7 +141,10 @@ class Server:
         try:
             if config.metrics_address is not None:
                 # Bound before the handlers start, so a port in use fails the start at once.
-                self._metrics_listener = transport.ListeningSocket(config.metrics_address, 64)
+                try:
+                    self._metrics_listener = transport.ListeningSocket(config.metrics_address, 64)
+                except StartupError as exc:
+                    raise StartupError(f"{exc.message} (for /healthz and /metrics)") from exc.__cause__
             self._loop, loop_name = new_event_loop(config.event_loop)
             self._thread = threading.Thread(target=self._loop.run_forever, name="rpc-router", daemon=True)
             self._thread.start()

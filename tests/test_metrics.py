@@ -58,12 +58,27 @@ def test_a_tally_exported_by_a_handler_adds_up_in_the_router():
 @pytest.mark.parametrize(
     "junk",
     [None, [], [1, 2, 3], [[["add", "ok", -1]], []], [[["add", "sideways", 1]], []], [[], [["add", [1, 2]]]],
-     [[["add", "ok", "1"]], "x"], [[], [["add", [-1.0] * (len(metrics.BUCKETS) + 2)]]]],
+     [[["add", "ok", "1"]], "x"], [[], [["add", -1.0, [0, 1]]]], [[], [["add", 0.5, "x"]]], [[], [[1, 0.5, [0, 1]]]]],
 )
 def test_a_malformed_tally_changes_nothing(junk):
     counts = metrics.CallCounts(["add"])
     counts.absorb(junk)
     assert counts.calls == {} and counts.durations == {}
+
+
+def test_bad_buckets_in_a_tally_are_skipped():
+    counts = metrics.CallCounts(["add"])
+    counts.absorb([[], [["add", 0.5, [0, 1, 99, 1, -1, 1, 2, -3, 3, "x", 4]]]])
+    histogram = counts.durations["add"]
+    assert histogram[0] == 1 and sum(histogram[:-1]) == 1 and histogram[-1] == 0.5
+
+
+def test_a_tally_sends_only_the_buckets_counted():
+    counts = metrics.CallCounts(["add"])
+    counts.call("add", "ok", 0.0003)
+    counts.call("add", "ok", 0.0003)
+    counts.call("add", "ok", 1000.0)
+    assert counts.export()[1] == [["add", pytest.approx(1000.0006), [metrics.BUCKETS.index(0.0005), 2, len(metrics.BUCKETS), 1]]]
 
 
 def test_a_tally_naming_a_method_the_router_does_not_know_counts_it_as_unknown():

@@ -82,3 +82,33 @@ def test_a_bad_metrics_address_is_a_configuration_error(daemon):
     assert "--metrics-address: metrics_address must be HOST:PORT" in result.stderr
     result = daemon.rpc("serve", env={**daemon.env, "RPC_METRICS_ADDRESS": "/run/metrics.sock"})
     assert result.returncode == 2 and "RPC_METRICS_ADDRESS: metrics_address must be HOST:PORT" in result.stderr
+
+
+def test_the_example_configs_metrics_address_works_once_uncommented(tmp_path):
+    from rpc.config import load_settings
+
+    root = Path(__file__).resolve().parents[2]
+    for example, expected in [
+        (root / "config" / "rpc.toml", ("127.0.0.1", 9100)),
+        (root / "examples" / "deploy" / "rpc.toml", ("10.0.0.5", 9100)),
+    ]:
+        text = example.read_text()
+        assert "# metrics_address = " in text, example
+        path = tmp_path / example.parent.name / "rpc.toml"
+        path.parent.mkdir()
+        path.write_text(text.replace("# metrics_address = ", "metrics_address = "))
+        settings = load_settings(path, {}, {})
+        assert settings.metrics_address() == expected
+        assert settings.server_config(b"k" * 32).metrics_address == expected
+
+
+def test_a_metrics_port_in_use_suggests_another_metrics_address(daemon):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        result = daemon.rpc("serve", "--workers", "1", "--metrics-address", address)
+    assert result.returncode == 1
+    error = result.stderr.splitlines()[-1]  # (after the line saying the authkey file was created)
+    assert error.startswith(f"rpc: cannot start: cannot listen on {address}")
+    assert "(for /healthz and /metrics)" in error and "choose another with --metrics-address" in error

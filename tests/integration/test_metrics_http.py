@@ -69,6 +69,20 @@ def test_healthz_answers_ok_and_anything_else_is_not_found(rpc_server):
     assert "metrics_listening" in server.log_text() and "private network" in server.log_text()
 
 
+def test_connections_that_send_nothing_cannot_keep_health_checks_out(rpc_server):
+    server = rpc_server("services:registry", workers=1, metrics_address=METRICS)
+    silent = [socket.create_connection(server.server.metrics_address, timeout=30) for _ in range(40)]
+    try:
+        assert _get(server, "/healthz") == (200, "ok\n")
+        try:
+            assert silent[0].recv(1) == b""  # the oldest were cut off to make room
+        except ConnectionResetError:
+            pass  # (cut off with a reset)
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 def test_the_metrics_are_prometheus_text_with_rpcs_families(rpc_server):
     server = rpc_server("services:registry", workers=2, metrics_address=METRICS)
     with urllib.request.urlopen(_url(server, "/metrics"), timeout=30) as answer:
