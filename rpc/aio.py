@@ -12,7 +12,11 @@ times out forgets its id, so a late reply is dropped and the connection stays
 usable; a connection that ends fails every call in flight with
 :class:`ConnectionClosed` (never sent again), and the next call opens a new
 connection in its place (unless ``reconnect=False``), once for all the calls
-waiting for it. A call whose task is cancelled sends the server a cancel
+waiting for it. Given several addresses, it is connected to one at a time and
+moves through them as the sync client does: a server's go-away leaves its
+connection (its calls and streams finish there, then it is closed) and new calls
+go to a new one; a call that did not run there is made again on the next
+connection within its deadline (see :mod:`rpc.client`). A call whose task is cancelled sends the server a cancel
 message: a queued call never runs, and a running one's handler is stopped. A
 call of a generator function returns a :class:`Stream`, an async iterator over
 its items (``async for row in await client.rows(...)``), crediting the server as
@@ -27,11 +31,24 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Sequence
 from typing import Any, cast
 
-from . import __version__, framing, protocol, transport
-from .client import _BACKOFF_FIRST_SECONDS, _BACKOFF_MAX_SECONDS, _check_authkey, _check_timeout, _exception
+from . import framing, protocol, transport
+from .client import (
+    _BACKOFF_FIRST_SECONDS,
+    _BACKOFF_MAX_SECONDS,
+    HELLO,
+    _check_authkey,
+    _check_timeout,
+    _connect_error,
+    _exception,
+    _Moves,
+    _next_move,
+    _NotRun,
+    _public,
+    check_addresses,
+)
 from .errors import (
     AuthenticationError,
     CallTimeout,
@@ -40,6 +57,7 @@ from .errors import (
     MessageTooLarge,
     ProtocolError,
     RPCError,
+    ServerBusy,
     TransportError,
 )
 from .handshake import ClientHandshake
@@ -81,9 +99,19 @@ class _Connection(asyncio.BufferedProtocol):
     take the place of a closed one.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, authkey: bytes | None, where: str, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        authkey: bytes | None,
+        where: str,
+        max_message_bytes: int,
+        client: Client,
+        address: transport.Address,
+    ) -> None:
         self._loop = loop
         self._where = where
+        self._client = client  # where calls go that cannot go here, or did not run here
+        self.address = address
         self._handshake: ClientHandshake | None = ClientHandshake(authkey, where)
         self._decoder = framing.FrameDecoder(self._handshake.limit)
         self._max_message_bytes = max_message_bytes
@@ -101,6 +129,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.heard = False  # whether the server has sent anything at all
         self.server_limit = protocol.DEFAULT_MAX_MESSAGE_BYTES
         self.failure: RPCError | None = None  # set once the connection is unusable
+        self.leaving = False  # no new call goes here (the server is going away, or was busy)
+        self._last_id: int | None = None  # from the server's go-away: a request with a higher id never runs
 
     # -- asyncio's side ----------------------------------------------------------------
 
@@ -159,6 +189,11 @@ class _Connection(asyncio.BufferedProtocol):
         if type(response) is protocol.StreamMessage:
             self._stream_message(response, len(frame))
             return
+        if type(response) is protocol.GoAway:
+            # The server drains: no new call here; those in flight finish, then the connection ends.
+            self._last_id = -1 if response.last_id is None else response.last_id
+            self.leave()
+            return
         assert type(response) is protocol.Response
         if response.id is None:
             # A connection-level error from the server, which closes the connection.
@@ -193,11 +228,22 @@ class _Connection(asyncio.BufferedProtocol):
                 stream._ended = True
                 stream._error = None if message.error is None else _exception(message.error)
                 stream._wake()
+                self._end_if_left()
 
     def close_stream(self, stream: Stream) -> None:
         """Stop ``stream`` here and close its generator on the server."""
         if self._streams.pop(stream._id, None) is not None and self.failure is None:
             self._send(protocol.encode_cancel(stream._id), False)
+            self._end_if_left()
+
+    def leave(self) -> None:
+        """No new call here (the server is going away, or busy); the connection ends once idle."""
+        self.leaving = True
+        self._end_if_left()
+
+    def _end_if_left(self) -> None:
+        if self.leaving and self.failure is None and not self._pending and not self._streams:
+            self._fail(ConnectionClosed("the connection was left: the server went away, or was busy"), graceful=True)
 
     def _handshake_step(self, frame: bytes) -> None:
         handshake = self._handshake
@@ -223,7 +269,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._decoder.max_bytes = self._max_message_bytes
         limit = hello.info.get("max_message_bytes")
         self.server_limit = limit if type(limit) is int and limit > 0 else protocol.DEFAULT_MAX_MESSAGE_BYTES
-        self._write(protocol.encode_hello({"client": "rpc", "version": __version__}))
+        self._write(protocol.encode_hello(HELLO))
         if not self.hello.done():  # (cancelled if connect() gave up meanwhile)
             self.hello.set_result(hello)
 
@@ -266,15 +312,30 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- calls -------------------------------------------------------------------------
 
-    async def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+    async def call(
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        deadline: float | None = None,
+        remaining: float | None = None,
+        again: bool = False,
+    ) -> Any:
+        """Make a call here. ``remaining`` (with ``deadline``): what is left of its timeout, for a
+        call that started elsewhere. ``again``: made by Client._retry, which the errors of a call
+        that did not run go back to; else such a call is made again from here."""
         if type(name) is not str:
             raise TypeError(f"method name must be a string, not {type(name).__name__}")
-        if self.failure is not None:
-            raise self.failure
         loop = self._loop
-        deadline = None if timeout is None else loop.time() + timeout
+        if remaining is None:
+            deadline = None if timeout is None else loop.time() + timeout
+        if self.failure is not None or self.leaving:  # (ended or left since the call was made): not sent
+            if again:
+                raise _NotRun(f"call {name!r} was not sent: {self.failure or 'the connection was left'}")
+            return await self._client._retry(name, args, kwargs, timeout, deadline)
         request_id = next(self._ids)
-        frame = protocol.encode_request(request_id, name, args, kwargs, timeout)
+        frame = protocol.encode_request(request_id, name, args, kwargs, timeout if remaining is None else remaining)
         protocol.check_size(frame, self.server_limit)
         if not self._writable.is_set():
             await self._room(name, timeout, deadline)
@@ -294,10 +355,17 @@ class _Connection(asyncio.BufferedProtocol):
             if self._pending.pop(request_id, None) is not None and self.failure is None:
                 self._send(protocol.encode_cancel(request_id), False)
             raise
+        except (ServerBusy, _NotRun) as exc:  # it did not run: it may be made again elsewhere
+            if again:
+                raise
+            error: RPCError = exc
         finally:
             if timer is not None:
                 timer.cancel()
             self._pending.pop(request_id, None)
+            if self.leaving:
+                self._end_if_left()
+        return await self._client._retry(name, args, kwargs, timeout, deadline, error, self)
 
     def _expire(self, request_id: int, name: str, timeout: float | None) -> None:
         future = self._pending.pop(request_id, None)  # a late reply finds no call: dropped
@@ -326,9 +394,14 @@ class _Connection(asyncio.BufferedProtocol):
         if self.failure is None:
             self.failure = error if isinstance(error, TransportError) else ConnectionClosed(str(error))
         pending, self._pending = self._pending, {}
-        for future in pending.values():
+        last_id = self._last_id
+        for request_id, future in pending.items():
             if not future.done():
-                future.set_exception(error)
+                if last_id is not None and request_id > last_id and not self._client._closed:
+                    # Read by the server only after its go-away, if at all: it did not run.
+                    future.set_exception(_NotRun(f"the call did not run: the server went away before reading it ({error})"))
+                else:
+                    future.set_exception(error)
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._ended, stream._error = True, error
@@ -456,12 +529,13 @@ class Client:
     ``await client.call("add", 2, 3, timeout=1)``, ``notify``, ``methods``,
     ``ping``, ``close``. Any number of calls may be in flight at once (from
     ``asyncio.gather`` or many tasks); each gets its own reply. A client belongs
-    to the event loop it connected on.
+    to the event loop it connected on. Given a list of addresses, it moves through
+    them as :class:`rpc.Client` does.
     """
 
     def __init__(
         self,
-        address: transport.Address,
+        address: transport.Address | Sequence[transport.Address],
         authkey: bytes | None = None,
         timeout: float | None = None,
         connect_timeout: float = 10.0,
@@ -475,25 +549,67 @@ class Client:
         if type(reconnect) is not bool:
             raise TypeError(f"reconnect must be True or False, not {reconnect!r}")
         self._connect_timeout = connect_timeout
-        self.address = transport._check_address(address)
+        #: Every address the client may connect to (one, unless it was given a list).
+        self.addresses = check_addresses(address)
+        self._next = random.randrange(len(self.addresses))  # the address tried next
         self._max_message_bytes = max_message_bytes
         self._reconnect = reconnect
         self._conn: _Connection | None = None
+        self._left: list[_Connection] = []  # left connections whose calls were still in flight
         self._closed = False  # by the user: final
         self._reopening: asyncio.Future[None] | None = None  # the reconnect under way, awaited by every call
+        self._failures: list[tuple[transport.Address, RPCError]] = []  # of the last round of connects
         self.server_info: dict[str, Any] = {}
+
+    @property
+    def address(self) -> transport.Address:
+        """The address of the server that new calls go to."""
+        return self.addresses[0] if self._conn is None else self._conn.address
 
     async def _open(self) -> Client:
         """Connect and authenticate within ``connect_timeout``, without blocking the loop."""
         if self._conn is not None:
             raise RuntimeError("this client is connected already: await rpc.aio.connect(...) once")
-        self._conn, self.server_info = await self._connect(asyncio.get_running_loop().time() + self._connect_timeout)
+        self._conn, self.server_info = await self._connect_next(rounds=False)
         return self
 
-    async def _connect(self, deadline: float) -> tuple[_Connection, dict[str, Any]]:
-        """A connection authenticated by ``deadline`` (the loop's time), and the server's hello."""
+    async def _connect_next(self, rounds: bool) -> tuple[_Connection, dict[str, Any]]:
+        """A connection to the next address that takes one, trying each in turn, within
+        connect_timeout; ``rounds``: go round again (with backoff) while all fail, as
+        the sync client does (see rpc.client._Fleet._open)."""
         loop = asyncio.get_running_loop()
-        address, timeout = self.address, self._connect_timeout
+        addresses = self.addresses
+        count = len(addresses)
+        limit = loop.time() + self._connect_timeout
+        wait = _BACKOFF_FIRST_SECONDS
+        self._failures = []
+        while True:
+            tried: list[tuple[transport.Address, RPCError]] = []
+            for untried in range(count, 0, -1):
+                left = limit - loop.time()
+                if left <= 0:
+                    break
+                address = addresses[self._next]
+                self._next = (self._next + 1) % count
+                share = left / untried  # so one address that never answers cannot use up the others' time
+                try:
+                    return await self._connect(address, loop.time() + share, self._connect_timeout if count == 1 else round(share, 3))
+                except (ConnectionClosed, ConnectTimeout, AuthenticationError, ProtocolError) as exc:
+                    if count == 1 and not isinstance(exc, ConnectionClosed):
+                        raise  # (nothing listening yet is worth waiting for; the rest are not)
+                    tried.append((address, exc))
+            self._failures = tried or self._failures
+            pause = wait * random.uniform(0.5, 1.0)
+            lasting = any(not isinstance(exc, (ConnectionClosed, ConnectTimeout)) for _, exc in self._failures)
+            if not rounds or lasting or loop.time() + pause >= limit:
+                raise _connect_error(self._failures, self._connect_timeout)
+            await asyncio.sleep(pause)
+            wait = min(wait * 2, _BACKOFF_MAX_SECONDS)
+
+    async def _connect(self, address: transport.Address, deadline: float, timeout: float) -> tuple[_Connection, dict[str, Any]]:
+        """A connection authenticated by ``deadline`` (the loop's time), and the server's hello
+        (``timeout``: the seconds the errors name)."""
+        loop = asyncio.get_running_loop()
         where = transport.format_address(address)
         sock = socket.socket(transport._family(address), socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -506,7 +622,7 @@ class Client:
                 except OSError as exc:
                     raise ConnectionClosed(f"cannot connect: {transport._connect_failure(address, exc)}") from None
                 transport.set_stream_options(sock)
-                conn = _Connection(loop, self._authkey, where, self._max_message_bytes)
+                conn = _Connection(loop, self._authkey, where, self._max_message_bytes, self, address)
                 opened = conn  # (a name mypy knows is not None, for the factory)
                 if transport.is_unix(address):
                     await loop.create_unix_connection(lambda: opened, sock=sock)
@@ -532,59 +648,86 @@ class Client:
         return conn, hello.info
 
     async def _reopen(self) -> None:
-        """Connect again within ``connect_timeout``, retrying with backoff while nothing listens
-        yet (as the sync client does); the connect error if it cannot."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._connect_timeout
-        wait = _BACKOFF_FIRST_SECONDS
+        """Connect again (the next address) within ``connect_timeout``, going round with backoff
+        while nothing listens yet; the connect error if it cannot."""
         try:
-            while True:
-                try:
-                    conn, info = await self._connect(deadline)
-                    break
-                except ConnectionClosed:  # nothing listening yet, or gone during the handshake
-                    pause = wait * random.uniform(0.5, 1.0)
-                    if loop.time() + pause >= deadline:
-                        raise
-                    await asyncio.sleep(pause)
-                    wait = min(wait * 2, _BACKOFF_MAX_SECONDS)
+            conn, info = await self._connect_next(rounds=True)
             if self._closed:  # by the user, meanwhile
                 await conn.close()
                 raise ConnectionClosed("the client was closed")
+            old = self._conn
+            if old is not None and old.failure is None:
+                self._left = [left for left in self._left if left.failure is None] + [old]  # it finishes its calls
             self._conn, self.server_info = conn, info
         finally:
             self._reopening = None
 
-    async def _ready(self) -> _Connection:
-        """The open connection; a new one in place of one that ended, if the client reconnects.
+    async def _ready(self, deadline: float | None = None) -> _Connection:
+        """The open connection; a new one in place of one that ended or was left, if the client
+        reconnects (waited for until ``deadline``, the loop's time, at the latest).
 
         Calls made while a reconnect is under way wait for that one attempt and share its outcome.
         """
         conn = self._conn
         if conn is None:
             raise ConnectionClosed("not connected: make clients with `await rpc.aio.connect(...)`")
-        if conn.failure is None:
+        if conn.failure is None and not conn.leaving:
             return conn
         if self._closed:
             raise ConnectionClosed("the client was closed")
         if not self._reconnect:
-            raise conn.failure
+            raise conn.failure or ConnectionClosed("the server is going away, and this client does not reconnect")
         reopening = self._reopening
         if reopening is None:
             self._reopening = reopening = asyncio.ensure_future(self._reopen())
             # (retrieved here, so an attempt whose callers all gave up logs no "never retrieved")
             reopening.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
-            await asyncio.shield(reopening)
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(reopening)
         except asyncio.CancelledError:
             if reopening.cancelled() and self._closed:  # stopped by close(), not this caller cancelled
                 raise ConnectionClosed("the client was closed") from None
             raise
+        except TimeoutError:  # the call's deadline passed first (the attempt goes on for others)
+            raise _connect_error(self._failures, self._connect_timeout) if self._failures else ConnectTimeout(
+                "no connection could be opened within the call's timeout"
+            ) from None
         assert self._conn is not None
         return self._conn  # (if it ended already, its call says so: one attempt per call)
 
     async def _call_reopened(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        return await (await self._ready()).call(name, args, kwargs, timeout)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        return await self._retry(name, args, kwargs, timeout, deadline)
+
+    async def _retry(
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        deadline: float | None,
+        error: RPCError | None = None,
+        conn: _Connection | None = None,
+    ) -> Any:
+        """Make a call on the connection new calls go to: one whose connection ended or was left
+        before it was sent, or one that did not run on ``conn`` (``error``), made again as the
+        sync client does (rpc.client._next_move says whether); else its last error."""
+        moves = _Moves(args, kwargs, deadline)
+        loop = asyncio.get_running_loop()
+        while True:
+            if error is not None:
+                move = None if self._closed or not self._reconnect else _next_move(error, moves, len(self.addresses), self._connect_timeout, loop.time())
+                if move is None:
+                    raise _public(error)
+                if move == "leave" and conn is not None:
+                    conn.leave()
+            conn = await self._ready(deadline if error is None else moves.until)
+            remaining = None if deadline is None else max(deadline - loop.time(), 0.001)
+            try:
+                return await conn.call(name, args, kwargs, timeout, deadline, remaining, again=True)
+            except (ServerBusy, _NotRun) as exc:
+                error = exc
 
     # -- public API --------------------------------------------------------------------
 
@@ -634,8 +777,9 @@ class Client:
         self._closed = True
         if self._reopening is not None:
             self._reopening.cancel()
-        if self._conn is not None:
-            await self._conn.close()
+        left, self._left = self._left, []
+        for conn in [*left, *([self._conn] if self._conn is not None else [])]:
+            await conn.close()
 
     aclose = close
 
@@ -653,8 +797,8 @@ class Client:
 
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Coroutine[Any, Any, Any]:
         conn = self._conn
-        if conn is None or conn.failure is not None:
-            return self._call_reopened(name, args, kwargs, timeout)  # not connected, or the connection ended
+        if conn is None or conn.failure is not None or conn.leaving:
+            return self._call_reopened(name, args, kwargs, timeout)  # not connected, or the connection ended or was left
         return conn.call(name, args, kwargs, timeout)  # the connection's coroutine itself: no extra layer
 
 
@@ -677,7 +821,7 @@ class _Connecting:
 
 
 def connect(
-    address: transport.Address,
+    address: transport.Address | Sequence[transport.Address],
     authkey: bytes | None = None,
     timeout: float | None = None,
     *,
@@ -690,11 +834,13 @@ def connect(
     ``client = await rpc.aio.connect(...)``, or ``async with rpc.aio.connect(...) as
     client:`` (closed at the end of the block). The arguments are those of
     :func:`rpc.connect`, checked here, before anything is awaited: ``address`` is
-    ``(host, port)``, ``"HOST:PORT"`` or a Unix socket path; ``authkey`` the
+    ``(host, port)``, ``"HOST:PORT"`` or a Unix socket path, or a list of them
+    (several servers: see :func:`rpc.connect`); ``authkey`` the
     server's key as bytes; ``timeout`` each call's default deadline in seconds
     (None: no deadline); ``connect_timeout`` bounds connecting and the whole handshake;
     ``reconnect`` (default True): a call made after the connection ended first opens a
-    new one, within ``connect_timeout``.
+    new one, within ``connect_timeout``; a call that did not run is made again on the
+    next connection, within its timeout, as :func:`rpc.connect` says.
     """
     return _Connecting(
         Client(

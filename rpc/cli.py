@@ -79,7 +79,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     common.add_argument(
         "--address",
         metavar="HOST:PORT|PATH",
-        help=f"TCP address or Unix socket path (default: $RPC_ADDRESS, else the config's address, else {DEFAULT_ADDRESS})",
+        help="TCP address or Unix socket path; for the client commands, several separated by commas (servers of the "
+        f"same functions: one is used at a time) (default: $RPC_ADDRESS, else the config's address, else {DEFAULT_ADDRESS})",
     )
     common.add_argument(
         "--authkey-file",
@@ -334,10 +335,10 @@ class _CannotConnect(RPCError):
 
 def _client(args: argparse.Namespace, environ: Mapping[str, str], timeout: float | None = None) -> Any:
     settings = _settings(args, environ)
-    address = settings.address()
+    addresses = settings.addresses()
     authkey, key_file, _ = resolve_authkey(settings, environ, create=False)
     try:
-        return connect(address, authkey=authkey, timeout=timeout)
+        return connect(addresses if len(addresses) > 1 else addresses[0], authkey=authkey, timeout=timeout)
     except ConnectionClosed as exc:
         raise _CannotConnect(str(exc)) from None
     except AuthenticationError as exc:

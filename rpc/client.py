@@ -32,15 +32,24 @@ thread reads, and queued on the stream; the window (see :mod:`rpc.protocol`)
 bounds that queue, and the stream credits the server as its consumer takes them.
 
 Reconnecting: a call made once the connection has ended first opens a new one
-(:func:`_reopen`: within connect_timeout, with backoff). With nothing in flight
+(:class:`_Fleet`: within connect_timeout, with backoff). With nothing in flight
 nobody reads the socket, so before such a call one ``poll()`` tells whether the
 server closed it meanwhile (then what came is read: late answers, the end). A
 call that was in flight when the connection ended has failed and is never resent.
+
+Several addresses (:class:`_Fleet`): the client is connected to one at a time,
+from a random start, moving on to the next when a connect fails. A server that
+drains says so with a go-away (see :mod:`rpc.protocol`): the connection is left
+(no new call goes on it; its calls in flight finish there, its streams end there,
+then it is closed) and new calls go to a new connection. A call that did not run
+(answered server_shutting_down, or server_busy when there are other addresses; a
+request the server had not read when it went away; one never sent whole) is made
+again on the next connection within its deadline; one that may have run never is.
 """
 
 from __future__ import annotations
 
-import functools
+import concurrent.futures
 import heapq
 import itertools
 import math
@@ -51,19 +60,23 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 from . import __version__, framing, protocol, transport
 from .config import MAX_SECONDS
 from .errors import (
+    AuthenticationError,
     CallTimeout,
     ConfigError,
     ConnectionClosed,
+    ConnectTimeout,
     ProtocolError,
     RemoteError,
     RPCError,
+    ServerBusy,
+    ServerShuttingDown,
     TransportError,
     error_for_code,
     remote_error_class,
@@ -81,6 +94,8 @@ _BACKOFF_FIRST_SECONDS = 0.05
 _BACKOFF_MAX_SECONDS = 1.0
 _IDLE_READ_SECONDS = 0.01  # how long the check before a call waits for the rest of a frame it found
 _IDLE_READ_FRAMES = 64  # the most frames that check reads (late answers) before the call goes on
+# What the client says of itself after the handshake: "go_away" asks a draining server to say so.
+HELLO = {"client": "rpc", "version": __version__, "go_away": True}
 
 
 def _check_timeout(value: object, name: str = "timeout") -> float | None:
@@ -110,10 +125,29 @@ def _check_authkey(authkey: Any) -> bytes | None:
     return bytes(authkey)
 
 
+class _NotRun(ConnectionClosed):
+    """A call that did not run: its request was never sent whole, or the server had not read it
+    when it went away. The client makes it again elsewhere; if it cannot, the caller gets this."""
+
+
+class _Moves:
+    """How a call that did not run goes on: its arguments (of a submitted call), its deadline, and
+    what its moves so far allow."""
+
+    __slots__ = ("args", "kwargs", "deadline", "until", "busy")
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float | None) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.deadline = deadline
+        self.until: float | None = None  # made again until then: its deadline, or connect_timeout from its first move
+        self.busy = 0  # server_busy answers so far: after one from every address, it is the outcome
+
+
 class _Pending:
     """A call waiting for its response; ``future`` is set for calls made with ``submit``."""
 
-    __slots__ = ("id", "done", "result", "error", "future", "name", "timeout", "reads_own")
+    __slots__ = ("id", "done", "result", "error", "future", "name", "timeout", "reads_own", "moves")
 
     def __init__(self, id: int, future: Future[Any] | None, name: str, timeout: float | None) -> None:
         self.id = id
@@ -124,6 +158,7 @@ class _Pending:
         self.name = name
         self.timeout = timeout
         self.reads_own = False  # whether its own thread reads the replies until it is answered
+        self.moves: _Moves | None = None  # of a submitted call: what it takes to make it again elsewhere
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -133,10 +168,13 @@ class _Pending:
     def settle_future(self) -> None:
         """Complete the future, outside any lock: it runs the caller's callbacks."""
         if self.future is not None:
-            if self.error is not None:
-                self.future.set_exception(self.error)
-            else:
-                self.future.set_result(self.result)
+            try:
+                if self.error is not None:
+                    self.future.set_exception(_public(self.error))
+                else:
+                    self.future.set_result(self.result)
+            except concurrent.futures.InvalidStateError:
+                pass  # cancelled here meanwhile (while it started, or moved to another connection)
 
 class _StreamState:
     """What a stream's consumer and the reading threads share (under the calls' lock)."""
@@ -213,21 +251,24 @@ _HANDLED = protocol.Response(-1, None, None)
 class _CallFuture(Future[Any]):
     """The future of a submitted call: :meth:`cancel` stops the call on the server too."""
 
-    def __init__(self, calls: _Calls) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._calls = calls
-        self._request_id: int | None = None  # set once its request is sent
+        # The connection and request id of its call, in one attribute, so that a cancel never
+        # pairs the id on one connection with another; None until it is registered, and while
+        # it moves to another connection (then a cancel cancels it here, and the move stops it).
+        self._sent: tuple[_Calls, int] | None = None
 
     def cancel(self) -> bool:
         """Cancel the call: True if it had not finished (then it never finishes here, and
         the server drops it from its queue or stops the handler running it)."""
-        request_id = self._request_id
-        if request_id is None:
+        sent = self._sent
+        if sent is None:
             return self._cancel_here()
-        if not self._calls._withdraw(request_id):
+        calls, request_id = sent
+        if not calls._withdraw(request_id):
             return self.cancelled()  # answered (or failed) already; True if an earlier cancel() won
         self._cancel_here()
-        self._calls._send_cancel(request_id)
+        calls._send_cancel(request_id)
         return True
 
     def _cancel_here(self) -> bool:
@@ -244,20 +285,20 @@ class _CallFuture(Future[Any]):
 class _Method:
     """A remote name: call it, or take an attribute for a name inside its namespace."""
 
-    __slots__ = ("_calls", "_name")
+    __slots__ = ("_fleet", "_name")
 
-    def __init__(self, calls: _Calls, name: str) -> None:
-        self._calls = calls
+    def __init__(self, fleet: _Fleet, name: str) -> None:
+        self._fleet = fleet
         self._name = name
 
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _Method(self._calls, f"{self._name}.{name}")
+        return _Method(self._fleet, f"{self._name}.{name}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        calls = self._calls
-        return calls._call(self._name, args, kwargs, calls.timeout)
+        fleet = self._fleet
+        return fleet.current._call(self._name, args, kwargs, fleet.timeout)
 
     def __repr__(self) -> str:
         return f"<remote method {self._name!r}>"
@@ -267,15 +308,17 @@ class Client:
     """A connection to an rpc server. Prefer :func:`connect`.
 
     ``address`` is ``(host, port)``, or text: ``"HOST:PORT"`` is TCP, a path (text
-    with a ``/`` or without a ``:``) a Unix socket. ``timeout`` is the default
-    deadline of each call in seconds (None: wait as long as it takes);
-    ``connect_timeout`` bounds connecting and the whole handshake. Timeouts must
-    be finite numbers > 0 (or None, for ``timeout``).
+    with a ``/`` or without a ``:``) a Unix socket; or a list of addresses of
+    servers that serve the same functions: the client is connected to one at a
+    time, from a random start, and moves on to the next when a connect fails or
+    the server goes away. ``timeout`` is the default deadline of each call in
+    seconds (None: wait as long as it takes); ``connect_timeout`` bounds connecting
+    and the whole handshake. Timeouts must be finite numbers > 0 (or None, for ``timeout``).
     """
 
     def __init__(
         self,
-        address: transport.Address,
+        address: transport.Address | Sequence[transport.Address],
         authkey: bytes | None = None,
         timeout: float | None = None,
         connect_timeout: float = 10.0,
@@ -288,32 +331,40 @@ class Client:
             raise ValueError("connect_timeout must be a number of seconds > 0 and at most a year, not None")
         if type(reconnect) is not bool:
             raise TypeError(f"reconnect must be True or False, not {reconnect!r}")
-        self.address = address = transport._check_address(address)
-        sock, info = _open(address, authkey, connect_timeout, time.monotonic() + connect_timeout)
-        # (a partial, not a method: the connection's object must not hold the client)
-        reopen = functools.partial(_reopen, address, authkey, connect_timeout) if reconnect else None
-        self._calls = _Calls(sock, max_message_bytes, info, checked_timeout, reopen)
+        #: Every address the client may connect to (one, unless it was given a list).
+        self.addresses = check_addresses(address)
+        self._fleet = _Fleet(self.addresses, authkey, checked_timeout, connect_timeout, max_message_bytes, reconnect)
 
     # -- public API --------------------------------------------------------------------
 
     @property
+    def address(self) -> transport.Address:
+        """The address of the server that new calls go to."""
+        return self._fleet.current.address
+
+    @property
+    def _calls(self) -> _Calls:
+        """The connection new calls go to."""
+        return self._fleet.current
+
+    @property
     def server_info(self) -> dict[str, Any]:
         """What the server said of itself in its hello (on the connection now open)."""
-        return self._calls.server_info
+        return self._fleet.current.server_info
 
     @property
     def timeout(self) -> float | None:
         """The default deadline of each call in seconds (None: none); checked when set."""
-        return self._calls.timeout
+        return self._fleet.timeout
 
     @timeout.setter
     def timeout(self, value: float | None) -> None:
-        self._calls.timeout = _check_timeout(value)
+        self._fleet.timeout = _check_timeout(value)
 
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
-        method = _Method(self._calls, name)
+        method = _Method(self._fleet, name)
         if len(self.__dict__) < _MAX_ATTRIBUTES:
             # Kept, so the next lookup finds it at once, without the failed lookup (and the
             # AttributeError raised inside it) that precedes every call of __getattr__.
@@ -322,13 +373,12 @@ class Client:
 
     def call(self, name: str, /, *args: Any, timeout: float | None = _DEFAULT, **kwargs: Any) -> Any:
         """Call ``name`` with ``args`` and ``kwargs``; ``timeout`` overrides the client's default."""
-        calls = self._calls
-        return calls._call(name, args, kwargs, calls.timeout if timeout is _DEFAULT else _check_timeout(timeout))
+        fleet = self._fleet
+        return fleet.current._call(name, args, kwargs, fleet.timeout if timeout is _DEFAULT else _check_timeout(timeout))
 
     def notify(self, name: str, /, *args: Any, **kwargs: Any) -> None:
         """Run ``name`` on the server without waiting for, or getting, any answer."""
-        calls = self._calls
-        calls._ready()
+        calls = self._fleet.connection(None)
         frame = protocol.encode_notification(name, args, kwargs)
         protocol.check_size(frame, calls.server_limit)
         calls._send(frame)
@@ -339,12 +389,11 @@ class Client:
         Many submitted calls may be in flight on the connection at once; their
         replies are read by a background thread while any is outstanding.
         """
-        calls = self._calls
-        timeout = calls.timeout if timeout is _DEFAULT else _check_timeout(timeout)
-        calls._ready()
-        future = _CallFuture(calls)
-        pending = calls._start(name, args, kwargs, timeout, None if timeout is None else time.monotonic() + timeout, future)
-        future._request_id = pending.id  # cancellable from now on (it stays "pending" until answered)
+        fleet = self._fleet
+        timeout = fleet.timeout if timeout is _DEFAULT else _check_timeout(timeout)
+        future = _CallFuture()
+        moves = _Moves(args, kwargs, None if timeout is None else time.monotonic() + timeout)
+        fleet.submit(name, timeout, moves, future)
         return future
 
     def map(
@@ -394,16 +443,14 @@ class Client:
         With nothing in flight, it first reads what the server sent meanwhile, so a
         connection the server closed reads as closed.
         """
-        calls = self._calls
+        calls = self._fleet.current
         if calls._failure is None and not calls._pending and not calls._reading and calls._input_waiting():
-            calls._check_idle(reopen=False)
+            calls._check_idle()
         return calls._failure is not None
 
     def close(self) -> None:
         """Close the connection for good; calls still waiting fail with :class:`ConnectionClosed`."""
-        calls = self._calls
-        calls._closed = True  # before failing: a reconnect under way gives up
-        calls._fail_all(ConnectionClosed("the client was closed"))
+        self._fleet.close()
 
     def __enter__(self) -> Client:
         return self
@@ -423,19 +470,14 @@ class _Calls:
     would make every attribute lookup here slower, which the per-call path feels.
     """
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        max_message_bytes: int,
-        info: dict[str, Any],
-        timeout: float | None,
-        reopen: Callable[[], tuple[socket.socket, dict[str, Any]]] | None = None,
-    ) -> None:
-        self.timeout = timeout  # the default deadline of calls, checked by Client
-        self._max_message_bytes = max_message_bytes
-        self._reopen = reopen  # opens a new connection (None: the client does not reconnect)
-        self._closed = False  # closed by the user: final
+    def __init__(self, fleet: _Fleet, sock: socket.socket, info: dict[str, Any], address: transport.Address) -> None:
+        self._fleet = fleet  # the client's connections: where calls go when they cannot go here
+        self.address = address
+        self._max_message_bytes = fleet.max_message_bytes
+        self._reconnect = fleet.reconnect  # whether a call finding this connection ended opens another
         self._checking = False  # whether a thread reads what came while nothing was in flight
+        self._leaving = False  # no new call goes here (the server is going away, or was busy)
+        self._last_id: int | None = None  # from the server's go-away: a request with a higher id never runs
         self._use(sock, info)
         self._ids = itertools.count(1)
         # The plain lock guards the state; the condition (on the same lock) is only for
@@ -468,16 +510,23 @@ class _Calls:
         self._input = select.poll()
         self._input.register(sock.fileno(), select.POLLIN)
 
-    def _ready(self) -> None:
-        """Before a call: reopen a connection that ended, if the client reconnects.
+    def _usable(self) -> bool:
+        """Whether a new call may go on this connection: open and not left.
 
         With nothing in flight, nobody reads the socket, so first see whether the
-        server closed it meanwhile (idle_timeout, a restart): a call sent there would fail.
+        server closed it meanwhile (idle_timeout, a restart) or is going away: a
+        call sent there would fail, or not run.
         """
-        if self._failure is not None or (
-            self._reopen is not None and not self._pending and not self._reading and self._input_waiting()
+        if (
+            self._failure is None
+            and not self._leaving
+            and self._reconnect
+            and not self._pending
+            and not self._reading
+            and self._input_waiting()
         ):
-            self._revive()
+            self._check_idle()
+        return self._failure is None and not self._leaving
 
     def _input_waiting(self) -> bool:
         """Whether input (or the connection's end) waits on the socket; a check that never blocks."""
@@ -488,15 +537,11 @@ class _Calls:
             poller.register(self._sock.fileno(), select.POLLIN)
             return bool(poller.poll(0))
 
-    def _revive(self) -> None:
-        self._check_idle(reopen=True)
-
-    def _check_idle(self, reopen: bool) -> None:
-        """Read what arrived while no call was in flight (late answers, dropped; or the end),
-        and with ``reopen``, reopen a connection that ended (or raise why not).
+    def _check_idle(self) -> None:
+        """Read what arrived while no call was in flight: late answers (dropped), a go-away, the end.
 
         One thread checks; calls starting meanwhile wait for its outcome, so none is
-        sent on a connection found closed, and they go out on the new one.
+        sent on a connection found closed or left.
         """
         with self._lock:
             mine = not (self._checking or self._reading or self._pending or self._failure is not None)
@@ -505,8 +550,6 @@ class _Calls:
             else:
                 self._await_check()
         if not mine:
-            if reopen and self._failure is not None:
-                self._reopen_or_raise()
             return
         try:
             try:
@@ -515,8 +558,6 @@ class _Calls:
                         break
             finally:
                 self._stop_reading()
-            if reopen and self._failure is not None:
-                self._reopen_or_raise()
         finally:
             with self._lock:
                 self._checking = False
@@ -533,59 +574,31 @@ class _Calls:
             finally:
                 self._waiters -= 1
 
-    def _reopen_or_raise(self) -> None:
-        assert self._failure is not None
-        if self._closed:
-            raise ConnectionClosed("the client was closed")
-        if self._reopen is None:
-            raise self._failure
-        self._reconnect()
-
-    def _reconnect(self) -> None:
-        """Open a new connection in place of the one that ended; raises the connect error.
-
-        Nothing is in flight on the old one (its calls failed with ConnectionClosed when
-        it ended, and are never sent again). The socket changes with no thread reading it
-        (none starts to while it is failed; one that read it leaves at once, as it was
-        shut down) and none sending on it (the send lock is held while connecting).
-        """
-        assert self._reopen is not None
-        while True:
-            with self._lock:
-                self._waiters += 1
-                try:
-                    while self._reading and self._failure is not None:
-                        self._cond.wait()
-                finally:
-                    self._waiters -= 1
-                if self._failure is None:
-                    return  # another thread reconnected meanwhile
-            with self._send_lock:
-                with self._lock:
-                    if self._failure is None:
-                        return
-                    if self._reading:
-                        continue  # a call that took the reading role before the end: let it leave first
-                    if self._closed:
-                        raise ConnectionClosed("the client was closed")
-                sock, info = self._reopen()
-                with self._lock:
-                    if self._closed:  # by the user, meanwhile
-                        sock.close()
-                        raise ConnectionClosed("the client was closed")
-                    self._use(sock, info)
-                    if self._wake is not None:  # closed with the old socket; a reader may still use it
-                        self._wake = _wake_pair()
-                    self._failure = None
-                return
-
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        if self._failure is not None or (
-            self._reopen is not None and not self._pending and not self._reading and self._input_waiting()
+        if self._failure is not None or self._leaving or (
+            self._reconnect and not self._pending and not self._reading and self._input_waiting()
         ):
-            self._revive()  # (_ready, inlined: the per-call path)
+            # (_usable, inlined: the per-call path) Ended, left, or to be checked: the fleet finds it a connection.
+            return self._fleet.call(name, args, kwargs, timeout, None if timeout is None else time.monotonic() + timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending = self._start(name, args, kwargs, timeout, deadline, None)
+        try:
+            return self._call_here(name, args, kwargs, timeout, deadline)
+        except (ServerBusy, _NotRun) as exc:  # it did not run: it may be made again elsewhere
+            error: RPCError = exc
+        return self._fleet.call(name, args, kwargs, timeout, deadline, error, self)
+
+    def _call_here(
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        deadline: float | None,
+        remaining: float | None = None,
+    ) -> Any:
+        """Make the call on this connection and wait for its outcome (``remaining``: the timeout
+        the server is told, if not ``timeout``: what is left of it, for a call made again)."""
+        pending = self._start(name, args, kwargs, timeout, deadline, None, remaining)
         try:
             if pending.reads_own:
                 return self._read_own(pending, deadline)
@@ -607,30 +620,35 @@ class _Calls:
         kwargs: dict[str, Any],
         timeout: float | None,
         deadline: float | None,
-        future: Future[Any] | None,
+        future: _CallFuture | None,
+        remaining: float | None = None,
+        moves: _Moves | None = None,
     ) -> _Pending:
         """Register a call under a fresh id and send its request by ``deadline``.
 
         A call made with ``call`` that finds no other call in flight and no thread
         reading replies takes the reading role at once (``reads_own``), in the same
         lock round. Only then: a thread blocked sending must not keep others' replies unread.
+        :class:`_NotRun` if this connection ended or was left before the request went out whole.
         """
         if type(name) is not str:
             raise TypeError(f"method name must be a string, not {type(name).__name__}")
         request_id = next(self._ids)
-        frame = protocol.encode_request(request_id, name, args, kwargs, timeout)
+        frame = protocol.encode_request(request_id, name, args, kwargs, timeout if remaining is None else remaining)
         if len(frame) > self.server_limit:
             protocol.check_size(frame, self.server_limit)
         pending = _Pending(request_id, future, name, timeout)
         with self._lock:
             self._await_check()  # (another thread is seeing whether the server closed the connection)
-            if self._failure is not None:
-                raise self._failure
+            if self._failure is not None or self._leaving:
+                raise _NotRun(f"call {name!r} was not sent: {self._failure or 'the connection was left'}")
             if future is None and not self._pending and not self._reading:
                 pending.reads_own = self._reading = True
             # Registered before sending, so the reply cannot arrive before it is expected.
             self._pending[request_id] = pending
             if future is not None:
+                pending.moves = moves
+                future._sent = (self, request_id)  # cancellable from now on
                 self._futures += 1
                 if deadline is not None:
                     self._add_deadline(deadline, request_id)
@@ -690,7 +708,11 @@ class _Calls:
             raise self._unsent(pending, 0)  # other calls' frames held the socket until the deadline
         try:
             if self._failure is not None:
-                raise self._failure
+                if pending is None:
+                    raise self._failure
+                if self._forget(pending):
+                    raise _NotRun(f"call {pending.name!r} was not sent: {self._failure}")
+                return  # failed already, by the thread that ended the connection: its outcome is set
             framing.send_frame(self._sock, frame, deadline)
             if self._abandoned:
                 self._close_abandoned(deadline)
@@ -699,8 +721,14 @@ class _Calls:
             raise self._unsent(pending, exc.sent) from None
         except OSError as exc:
             error = ConnectionClosed(f"connection lost while sending: {exc}")
+            # Not sent whole, so it cannot have run: taken out of those the failure fails, to be made again
+            # (unless another thread took it first: whoever takes a call off those in flight settles it).
+            mine = pending is not None and self._forget(pending)
             self._fail_all(error)
-            raise error from None
+            if pending is None:
+                raise error from None
+            if mine:
+                raise _NotRun(f"call {pending.name!r} was not sent: {error}") from None
         except BaseException:
             # Interrupted (KeyboardInterrupt, say) while the frame went out: part of it may be
             # sent, and a stream mid-message cannot carry another.
@@ -741,11 +769,15 @@ class _Calls:
         finally:
             lock.release()
 
-    def _forget(self, pending: _Pending) -> None:
-        """Take a call off those in flight: an answer to it, if one comes, is ignored."""
+    def _forget(self, pending: _Pending) -> bool:
+        """Take a call off those in flight: an answer to it, if one comes, is ignored.
+        False if it was not there (answered, failed or withdrawn by another thread)."""
         with self._lock:
-            if self._pending.pop(pending.id, None) is not None and pending.future is not None:
+            if self._pending.pop(pending.id, None) is None:
+                return False
+            if pending.future is not None:
                 self._futures -= 1
+            return True
 
     def _unsent(self, pending: _Pending, sent: int) -> CallTimeout:
         """The error for a call whose request was not sent (whole) by its deadline."""
@@ -864,6 +896,8 @@ class _Calls:
     def _release_reading(self) -> None:
         """Under the lock: give up the reading role, to a thread waiting for it if there is one."""
         self._reading = self._reader_polling = False
+        if self._leaving and self._failure is None and not self._pending and not self._streams:
+            self._end_left()
         if self._failure is not None:
             self._close_transport()
         if self._waiters:
@@ -903,6 +937,9 @@ class _Calls:
             return None
         if type(response) is protocol.StreamMessage:
             return self._stream_message(response, len(frame))
+        if type(response) is protocol.GoAway:
+            self._went_away(response)
+            return _HANDLED
         assert type(response) is protocol.Response
         if response.id is None:
             # A connection-level error from the server, which closes the connection.
@@ -927,7 +964,7 @@ class _Calls:
             elif self._waiters:
                 self._cond.notify_all()  # wake its waiting thread
         if waiting.future is not None:
-            waiting.settle_future()
+            self._settle(waiting)
 
     def _fail_all(self, error: RPCError) -> None:
         """Make the connection unusable and fail every call in flight with ``error``."""
@@ -941,8 +978,13 @@ class _Calls:
                 if not self._reading:
                     self._close_transport()
             failed = list(self._pending.values())
+            last_id = self._last_id
             for waiting in failed:
-                waiting.error = error
+                if last_id is not None and waiting.id > last_id and not self._fleet.closed:
+                    # Read by the server only after its go-away, if at all: it did not run.
+                    waiting.error = _NotRun(f"call {waiting.name!r} did not run: the server went away before reading it ({error})")
+                else:
+                    waiting.error = error
                 waiting.done = True
             self._pending.clear()
             for stream in self._streams.values():
@@ -953,7 +995,46 @@ class _Calls:
             self._deadlines.clear()
             self._cond.notify_all()
         for waiting in failed:
-            waiting.settle_future()
+            self._settle(waiting)
+
+    def _settle(self, waiting: _Pending) -> None:
+        """Complete a submitted call's future, outside any lock; or, if it did not run here
+        and may go on, make it again on the connection new calls go to (with the same future)."""
+        if waiting.future is not None and isinstance(waiting.error, (ServerBusy, _NotRun)) and self._fleet.resubmit(waiting, self):
+            return
+        waiting.settle_future()
+
+    def _went_away(self, go_away: protocol.GoAway) -> None:
+        """The server drains: no new call here; those in flight finish, then the connection ends."""
+        with self._lock:
+            self._leaving = True
+            self._last_id = -1 if go_away.last_id is None else go_away.last_id
+
+    def _leave(self) -> None:
+        """No new call here (the server is going away, or busy); the connection ends once idle."""
+        with self._lock:
+            self._leaving = True
+            if not self._reading and not self._pending and not self._streams and self._failure is None:
+                self._end_left()
+                if self._failure is not None:
+                    self._close_transport()
+
+    def _end_left(self) -> None:
+        """Under the lock, with nothing in flight: end a connection that was left.
+
+        Only if no thread sends on it (a cancel, a credit, a notification): that
+        thread's socket must not be closed under it; the server closes it then.
+        """
+        if not self._send_lock.acquire(False):
+            return
+        try:
+            self._failure = ConnectionClosed("the connection was left: the server went away, or was busy")
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        finally:
+            self._send_lock.release()
 
     # -- streams --------------------------------------------------------------------------
 
@@ -1080,6 +1161,247 @@ class _Calls:
                 end.close()
 
 
+class _Fleet:
+    """The client's connections: the one new calls go to, those left that still finish their
+    calls, and the addresses it moves through, one at a time, in turn from a random start.
+
+    Calls that did not run where they were made are made again here (see :meth:`call`).
+    """
+
+    def __init__(
+        self,
+        addresses: list[transport.Address],
+        authkey: bytes | None,
+        timeout: float | None,
+        connect_timeout: float,
+        max_message_bytes: int,
+        reconnect: bool,
+    ) -> None:
+        self.addresses = addresses
+        self.authkey = authkey
+        self.timeout = timeout  # the default deadline of calls, checked by Client
+        self.connect_timeout = connect_timeout
+        self.max_message_bytes = max_message_bytes
+        self.reconnect = reconnect
+        self.closed = False  # by the user: final
+        self._next = random.randrange(len(addresses))  # the address tried next
+        self._opening = threading.Lock()  # one thread opens a connection; the others then take it
+        self._left: list[_Calls] = []  # left connections whose calls were still in flight
+        self.current = self._open(None, rounds=False)
+
+    # -- connections --------------------------------------------------------------------
+
+    def connection(self, deadline: float | None) -> _Calls:
+        """The connection for a new call: the current one, or, if it ended or was left, a new one
+        (within connect_timeout and ``deadline``; the connect error if none can be opened)."""
+        calls = self.current
+        if calls._usable():
+            return calls
+        with self._opening:
+            calls = self.current
+            if calls._usable():
+                return calls  # another thread opened it meanwhile
+            if self.closed:
+                raise ConnectionClosed("the client was closed")
+            if not self.reconnect:
+                raise calls._failure or ConnectionClosed("the server is going away, and this client does not reconnect")
+            new = self._open(deadline, rounds=True)
+            if self.closed:  # by the user, meanwhile
+                new._fail_all(ConnectionClosed("the client was closed"))
+                raise ConnectionClosed("the client was closed")
+            self._left = [left for left in self._left if left._failure is None]
+            if calls._failure is None:
+                self._left.append(calls)  # it finishes its calls, then ends (closed with the client if not)
+            self.current = new
+            return new
+
+    def _open(self, deadline: float | None, rounds: bool) -> _Calls:
+        """A connection to the next address that takes one, trying each in turn.
+
+        ``rounds``: after a round in which every address failed, wait (with backoff)
+        and go round again, until connect_timeout (or ``deadline``) passes; else one
+        round. A wrong key or protocol ends the rounds. Of one address, its own error.
+        """
+        addresses = self.addresses
+        count = len(addresses)
+        limit = time.monotonic() + self.connect_timeout
+        if deadline is not None:
+            limit = min(limit, deadline)
+        wait = _BACKOFF_FIRST_SECONDS
+        failures: list[tuple[transport.Address, RPCError]] = []
+        while True:
+            tried: list[tuple[transport.Address, RPCError]] = []
+            for untried in range(count, 0, -1):
+                left = limit - time.monotonic()
+                if left <= 0:
+                    break
+                address = addresses[self._next]
+                self._next = (self._next + 1) % count
+                # A share of the time left, so one address that never answers cannot use up the others'.
+                share = left / untried
+                try:
+                    sock, info = _open(address, self.authkey, self.connect_timeout if count == 1 else round(share, 3), time.monotonic() + share)
+                except (ConnectionClosed, ConnectTimeout, AuthenticationError, ProtocolError) as exc:
+                    if count == 1 and not isinstance(exc, ConnectionClosed):
+                        raise  # (nothing listening yet is worth waiting for; the rest are not)
+                    tried.append((address, exc))
+                    continue
+                return _Calls(self, sock, info, address)
+            failures = tried or failures
+            pause = wait * random.uniform(0.5, 1.0)
+            lasting = any(not isinstance(exc, (ConnectionClosed, ConnectTimeout)) for _, exc in failures)
+            if not rounds or lasting or time.monotonic() + pause >= limit:
+                raise _connect_error(failures, self.connect_timeout)
+            time.sleep(pause)
+            wait = min(wait * 2, _BACKOFF_MAX_SECONDS)
+
+    def close(self) -> None:
+        self.closed = True  # before failing: a connect under way gives up
+        for calls in [self.current, *self._left]:
+            calls._fail_all(ConnectionClosed("the client was closed"))
+        self._left = []
+
+    # -- calls that did not run ------------------------------------------------------------
+
+    def call(
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        deadline: float | None,
+        error: RPCError | None = None,
+        calls: _Calls | None = None,
+    ) -> Any:
+        """Make a call on the connection new calls go to: one that could not go on the connection
+        it was made on (ended, left), or that did not run there (``error``, on ``calls``).
+
+        A call that did not run is made again while :meth:`_goes_on` allows; once it does not,
+        its last error is raised (a connect error, if no connection could be opened).
+        """
+        moves = _Moves(args, kwargs, deadline)
+        while True:
+            if error is not None:
+                assert calls is not None
+                if not self._goes_on(error, calls, moves):
+                    raise _public(error)
+            try:
+                calls = self.connection(deadline if error is None else moves.until)
+                remaining = None if error is None or deadline is None else max(deadline - time.monotonic(), 0.001)
+                return calls._call_here(name, args, kwargs, timeout, deadline, remaining)
+            except (ServerBusy, _NotRun) as exc:
+                error = exc
+
+    def submit(self, name: str, timeout: float | None, moves: _Moves, future: _CallFuture) -> None:
+        """Send a submitted call on the connection new calls go to; its future gets its outcome."""
+        calls: _Calls | None = None
+        error: RPCError | None = None
+        while True:
+            if error is not None:
+                assert calls is not None
+                if not self._goes_on(error, calls, moves):
+                    raise _public(error)
+            calls = self.connection(moves.deadline if error is None else moves.until)
+            try:
+                calls._start(name, moves.args, moves.kwargs, timeout, moves.deadline, future, None, moves)
+                return
+            except _NotRun as exc:
+                future._sent = None
+                error = exc
+
+    def resubmit(self, waiting: _Pending, calls: _Calls) -> bool:
+        """A submitted call did not run on ``calls``: make it again, with the same future, on the
+        connection new calls go to. False if it may not go on: its error is then its outcome.
+
+        Runs in whichever thread read its answer or saw its connection end, outside any lock.
+        """
+        future, moves = waiting.future, waiting.moves
+        assert isinstance(future, _CallFuture) and moves is not None and waiting.error is not None
+        future._sent = None  # moving: a cancel() meanwhile cancels it here, and is seen below
+        error: RPCError = waiting.error
+        while not future.cancelled():
+            if not self._goes_on(error, calls, moves):
+                return False
+            deadline = moves.deadline
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                calls = self.connection(moves.until)
+                pending = calls._start(waiting.name, moves.args, moves.kwargs, waiting.timeout, deadline, future, remaining, moves)
+            except _NotRun as exc:
+                future._sent = None
+                error = exc
+                continue
+            except RPCError as exc:  # no connection could be opened: that is its outcome
+                waiting.error = exc
+                return False
+            except Exception as exc:  # (out of descriptors, say): the reading thread must go on
+                waiting.error = ConnectionClosed(f"cannot connect: {exc}")
+                return False
+            if future.cancelled() and calls._withdraw(pending.id):
+                calls._send_cancel(pending.id)  # cancelled while it moved
+            return True
+        return True  # cancelled while it moved: nothing more to do
+
+    def _goes_on(self, error: RPCError, calls: _Calls, moves: _Moves) -> bool:
+        """Whether a call that did not run on ``calls`` (``error``) is made again elsewhere
+        (see :func:`_next_move`); never once the client is closed or does not reconnect."""
+        if self.closed or not self.reconnect:
+            return False
+        move = _next_move(error, moves, len(self.addresses), self.connect_timeout, time.monotonic())
+        if move == "leave":
+            calls._leave()
+        return move is not None
+
+
+def _next_move(error: RPCError, moves: _Moves, addresses: int, connect_timeout: float, now: float) -> str | None:
+    """What becomes of a call that did not run (``error``): None, it is not made again (its error
+    is its outcome); "leave": made again elsewhere, and its connection is left (no new call goes
+    there); "again": made again (its connection has ended).
+
+    server_shutting_down: the server drains, so its connection is left. server_busy: with other
+    addresses, the client moves on to the next, until every address has answered the call so
+    (with one address, the backpressure is the caller's at once). A call is made again only
+    before its deadline, or connect_timeout after its first move if it has none.
+    """
+    if moves.until is None:
+        moves.until = moves.deadline if moves.deadline is not None else now + connect_timeout
+    if now >= moves.until:
+        return None
+    if isinstance(error, ServerShuttingDown):
+        return "leave"
+    if isinstance(error, ServerBusy):
+        moves.busy += 1
+        return "leave" if addresses > 1 and moves.busy < addresses else None
+    return "again" if isinstance(error, _NotRun) else None
+
+
+def check_addresses(address: Any) -> list[transport.Address]:
+    """The addresses a client is given: one, or a list (a tuple of addresses is one too)."""
+    if isinstance(address, list) or (isinstance(address, tuple) and not (len(address) == 2 and isinstance(address[1], int))):
+        if not address:
+            raise ConfigError("the list of addresses is empty: give at least one")
+        return [transport._check_address(each) for each in address]
+    return [transport._check_address(address)]
+
+
+def _connect_error(failures: list[tuple[transport.Address, RPCError]], connect_timeout: float) -> RPCError:
+    """Why no connection could be opened: of one address, its own error; of several, each one's."""
+    if not failures:
+        return ConnectTimeout(f"no connection could be opened within {connect_timeout:g} s")
+    if len(failures) == 1:
+        return failures[0][1]
+    for _, exc in failures:
+        if not isinstance(exc, (ConnectionClosed, ConnectTimeout)):
+            return exc  # a wrong key or protocol: its message names the server
+    reasons = "; ".join(f"{transport.format_address(address)}: {exc}" for address, exc in failures)
+    return ConnectionClosed(f"cannot connect to any of {len(failures)} servers: {reasons}")
+
+
+def _public(error: RPCError) -> RPCError:
+    """The error a caller gets: a call that did not run and could not be made again is ConnectionClosed."""
+    return ConnectionClosed(str(error)) if type(error) is _NotRun else error
+
+
 def _wake_pair() -> tuple[socket.socket, socket.socket]:
     pair = socket.socketpair()
     for end in pair:
@@ -1092,7 +1414,7 @@ def _open(address: transport.Address, authkey: bytes | None, connect_timeout: fl
     conn = transport.connect(address, max(deadline - time.monotonic(), 0.001), connect_timeout)
     try:
         first = transport.client_handshake(conn, authkey, deadline, address, connect_timeout)
-        conn.send_bytes(protocol.encode_hello({"client": "rpc", "version": __version__}))
+        conn.send_bytes(protocol.encode_hello(HELLO))
         hello = protocol.decode_hello(first)
         if hello.version != protocol.PROTOCOL_VERSION:
             raise ProtocolError(
@@ -1114,26 +1436,6 @@ def _open(address: transport.Address, authkey: bytes | None, connect_timeout: fl
     return sock, hello.info
 
 
-def _reopen(address: transport.Address, authkey: bytes | None, connect_timeout: float) -> tuple[socket.socket, dict[str, Any]]:
-    """Connect again within ``connect_timeout``, retrying with backoff while nothing listens yet.
-
-    Only ConnectionClosed is retried (nothing listening, or the server went away during
-    the handshake, as in a restart); a wrong key, another protocol version or the time
-    running out raise at once, and so does the last failure when no time is left.
-    """
-    deadline = time.monotonic() + connect_timeout
-    wait = _BACKOFF_FIRST_SECONDS
-    while True:
-        try:
-            return _open(address, authkey, connect_timeout, deadline)
-        except ConnectionClosed:
-            pause = wait * random.uniform(0.5, 1.0)
-            if time.monotonic() + pause >= deadline:
-                raise
-            time.sleep(pause)
-            wait = min(wait * 2, _BACKOFF_MAX_SECONDS)
-
-
 def _call_timeout(pending: _Pending) -> CallTimeout:
     return CallTimeout(f"call {pending.name!r} got no answer within its timeout of {pending.timeout:g} s")
 
@@ -1146,7 +1448,7 @@ def _exception(info: protocol.ErrorInfo) -> RPCError:
 
 
 def connect(
-    address: transport.Address,
+    address: transport.Address | Sequence[transport.Address],
     authkey: bytes | None = None,
     timeout: float | None = None,
     *,
@@ -1156,13 +1458,20 @@ def connect(
 ) -> Client:
     """Connect and authenticate to the server at ``address``; returns a :class:`Client`.
 
-    ``address`` is ``(host, port)``, ``"HOST:PORT"``, or a Unix socket path.
+    ``address`` is ``(host, port)``, ``"HOST:PORT"``, or a Unix socket path; or a
+    list of them, for several servers of the same functions: the client is connected
+    to one at a time, starting at a random one, and moves on to the next when a
+    connect fails, the server goes away (it drains) or answers ``ServerBusy``.
     ``authkey`` is the server's key as bytes (:func:`rpc.read_authkey` reads the
     key file ``rpc serve`` uses). ``timeout`` is each call's default deadline in
     seconds (None: no deadline); ``connect_timeout`` bounds connecting and the
     whole handshake. A timeout that is not a finite number > 0 raises ValueError.
     ``reconnect`` (default True): a call made after the connection ended (the server
-    closed it, or restarted) first opens a new one, within ``connect_timeout``.
+    closed it, or restarted) first opens a new one, within ``connect_timeout`` and
+    the call's timeout; and a call that did not run (``ServerShuttingDown``; a request
+    the server had not read when it went away; ``ServerBusy``, with other addresses)
+    is made again on the next connection within its timeout. A call that may have
+    run is never made again: it fails with ``ConnectionClosed``.
     """
     return Client(
         address,

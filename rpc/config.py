@@ -302,14 +302,29 @@ class Settings:
         return str(self.values.get("registry", DEFAULT_REGISTRY))
 
     def address(self) -> Address:
-        text = str(self.values.get("address", DEFAULT_ADDRESS))
-        try:
-            address = parse_address(text)
-        except ConfigError as exc:
-            raise self._error("address", exc.message) from None
-        if isinstance(address, str):
-            address = unix_path(str(self._relative_to_source("address", address)))
-        return address
+        """The one address ``rpc serve`` listens on."""
+        addresses = self.addresses()
+        if len(addresses) > 1:
+            raise self._error("address", f"rpc serve listens on one address, not a list of {len(addresses)}")
+        return addresses[0]
+
+    def addresses(self) -> list[Address]:
+        """The addresses the client commands may connect to: a list in a config file, or
+        addresses separated by commas in RPC_ADDRESS and --address (one, usually)."""
+        value = self.values.get("address", DEFAULT_ADDRESS)
+        texts = list(value) if isinstance(value, list) else [part.strip() for part in str(value).split(",")]
+        addresses: list[Address] = []
+        for text in texts:
+            try:
+                address = parse_address(text)
+            except ConfigError as exc:
+                raise self._error("address", exc.message) from None
+            if isinstance(address, str):
+                address = unix_path(str(self._relative_to_source("address", address)))
+            addresses.append(address)
+        if not addresses:
+            raise self._error("address", "address is an empty list: give at least one address")
+        return addresses
 
     def metrics_address(self) -> tuple[str, int] | None:
         """Where the server answers /healthz and /metrics, or None if it does not."""
@@ -413,9 +428,12 @@ def _check_type(key: str, value: Any, source: str) -> Any:
     ok = (
         type(value) is kind
         or (kind is float and type(value) is int)
+        # a client of several servers: a list of addresses
+        or (key == "address" and type(value) is list and all(type(item) is str for item in value))
     )
     if not ok:
-        raise ConfigError(f"{source}: {key} must be {_TYPE_WORDS[kind]}, not {value!r}")
+        words = "a string, or a list of strings" if key == "address" else _TYPE_WORDS[kind]
+        raise ConfigError(f"{source}: {key} must be {words}, not {value!r}")
     return float(value) if kind is float else value
 
 

@@ -36,6 +36,7 @@ kind           layout                                          direction
 6 stream item  ``[6, id, value]``                               server -> client
 7 stream end   ``[7, id, error]``                               server -> client
 8 credit       ``[8, id, count]``                               client -> server
+9 go-away      ``[9, last_id, reason]``                         server -> client
 =============  ==============================================  ===================
 
 - ``id``: unsigned integer chosen by the client, unique among its calls in flight
@@ -53,7 +54,9 @@ kind           layout                                          direction
   A response with a nil ``id`` reports a connection-level error; the server closes
   the connection after sending it.
 - ``info`` in hello: a map; the server sends ``{"server": "rpc", "version": str,
-  "max_message_bytes": int}``.
+  "max_message_bytes": int}``; rpc's clients send ``{"client": "rpc", "version":
+  str, "go_away": true}``. ``"go_away": true`` asks for the go-away message (see
+  "Go-away"); unknown keys are ignored.
 - Notifications run like requests but are never answered.
 - Cancel asks the server to stop the call ``id`` of this connection: a queued
   call never runs; a running one's handler process is stopped (and replaced).
@@ -89,6 +92,39 @@ stream. A cancel ``[3, id]`` of a stream closes it: the generator is closed
 (its ``finally`` blocks run) and the stream ends; items already on their way
 still arrive, and the client should drop them and the end. A client that
 closes its connection closes its streams.
+
+Go-away
+-------
+A server that begins to drain (on SIGTERM, or ``Server.close()``) closes its
+listening socket, so new connections are refused, and sends ``[9, last_id,
+reason]`` on each connection whose client asked for it in its hello
+(``"go_away": true``). ``last_id`` is the highest request id the server had read
+on this connection when it sent the go-away (nil if it had read none);
+``reason`` is a text for people. A client that did not ask gets no go-away (an
+older client would take the unknown kind for a broken stream). The rules:
+
+- The server runs no request that it reads after the go-away: each is answered
+  with the error ``server_shutting_down``, and a ``server_shutting_down`` answer
+  always means the call never ran. Of the calls read before it, those running
+  are answered as usual, and those still queued are answered
+  ``server_shutting_down``.
+- The server keeps reading the connection and answering it until the drain ends
+  (its running calls are answered, or its grace period passes); then it closes
+  the connection.
+- The client sends no new request on that connection: new calls go to a new
+  connection (another server, or the same address again). It closes the old
+  connection once no call of it is in flight and no stream of it is open.
+- A request whose id is greater than ``last_id`` was not read before the
+  go-away, so it never runs, even if the connection ends before its answer
+  arrives: a client that numbers its requests in increasing order on a connection
+  (rpc's clients do) may send it again elsewhere. A request with an id up to
+  ``last_id`` whose answer never comes may have run: it must not be sent again.
+- A stream under way is not moved: the server ends it (``server_shutting_down``)
+  as it begins to drain.
+
+A lent connection (the server's latency fast path) gets its go-away once the
+handler serving it has given it back, after the call it runs, so ``last_id``
+counts the requests that handler read too.
 
 Values
 ------
@@ -170,10 +206,12 @@ __all__ = [
     "STREAM_ITEM",
     "STREAM_END",
     "CREDIT",
+    "GO_AWAY",
     "STREAM_WINDOW",
     "STREAM_WINDOW_BYTES",
     "StreamWindow",
     "StreamMessage",
+    "GoAway",
     "PROTOCOL_VERSION",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Envelope",
@@ -193,6 +231,7 @@ __all__ = [
     "encode_stream_item",
     "encode_stream_end",
     "encode_credit",
+    "encode_go_away",
     "stream_kind",
     "stream_control",
     "decode_credit",
@@ -220,6 +259,7 @@ STREAM_START = 5
 STREAM_ITEM = 6
 STREAM_END = 7
 CREDIT = 8
+GO_AWAY = 9
 
 # A stream's window (see "Streams" above): items on their way and not yet credited.
 STREAM_WINDOW = 64
@@ -557,6 +597,13 @@ class StreamWindow:
             self.bytes -= sizes.popleft()
 
 
+class GoAway(NamedTuple):
+    """A server's go-away as the client decodes it: no new call on this connection."""
+
+    last_id: int | None  # the highest request id the server had read; a higher one never runs
+    reason: str
+
+
 class Request(NamedTuple):
     """A request or notification as the handler decodes it (``id`` is None for notifications)."""
 
@@ -687,6 +734,11 @@ def stream_end_frame(id: int | None, error: RPCError) -> bytes:
 
 def encode_credit(id: int, count: int) -> bytes:
     return _pack([CREDIT, id, count])
+
+
+def encode_go_away(last_id: int | None, reason: str) -> bytes:
+    """Tell a client the server is going away (see "Go-away" above)."""
+    return _pack([GO_AWAY, last_id, reason])
 
 
 _STREAM_KINDS = (STREAM_START, STREAM_ITEM, STREAM_END)
@@ -1000,8 +1052,8 @@ def decode_response(frame: bytes | memoryview) -> Response:
     return _response_of(message)
 
 
-def decode_answer(frame: bytes | memoryview) -> Response | StreamMessage:
-    """Decode what a server sends a client: a response, or a stream's start, item or end."""
+def decode_answer(frame: bytes | memoryview) -> Response | StreamMessage | GoAway:
+    """Decode what a server sends a client: a response, a stream's start, item or end, or a go-away."""
     try:
         message = _unpack(frame)
     except Exception as exc:
@@ -1020,6 +1072,9 @@ def decode_answer(frame: bytes | memoryview) -> Response | StreamMessage:
             error = message[2]
             _expect(error is None or type(error) is dict, "error must be a map")
             return StreamMessage(STREAM_END, message[1], None if error is None else _error_of(error), None)
+        if kind == GO_AWAY:
+            _expect(len(message) == 3 and (message[1] is None or type(message[1]) is int), "a go-away is [9, id, reason]")
+            return GoAway(message[1], _text(message[2], ""))
     return _response_of(message)
 
 

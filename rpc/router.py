@@ -127,7 +127,7 @@ class Router:
         Returns how many calls were still unanswered when the grace period ended.
         """
         self.closing = True
-        self._stop_accepting()
+        self._stop_listening()
         for slot in list(self.lent):
             if slot not in self.recalled and (pipe := self.pipes[slot]) is not None:
                 self.recalled.add(slot)
@@ -143,6 +143,8 @@ class Router:
                 self._close_stream(streaming, "by the server shutting down")
                 error = ServerShuttingDown("the server is shutting down; the stream was closed")
                 self._answer(streaming, protocol.stream_end_frame(streaming.id, error), None, "shutting_down")
+        for connection in list(self.connections):
+            connection.go_away()  # (a lent one's, once its handler gives the socket back)
         try:
             deadline = time.monotonic() + grace
             # Calls running, and replies of calls that ran but wait for a slow reader, may finish.
@@ -460,6 +462,7 @@ class Router:
             if end.reason is lease.EndReason.BROKEN:
                 connection.drop("it stopped reading its replies, or went away: a send on the lent socket failed")
             else:
+                self._go_away_after_lease(handler, connection)
                 connection.resume_after_lease()
         if handler.kill_reason is None:
             self._release(slot)
@@ -518,7 +521,16 @@ class Router:
             connection.write_frame(protocol.error_frame(request_id, error))
             number = state.method_number()
             self.counts.call(handler.methods[number] if 0 <= number < len(handler.methods) else metrics.UNKNOWN, outcome)
+        self._go_away_after_lease(handler, connection)
         connection.resume_after_lease()
+
+    def _go_away_after_lease(self, handler: Handler, connection: ClientConnection) -> None:
+        """A lent socket came back while the server drains: its go-away, counting the requests the
+        handler read (the last it started is in its call state; ids only grow), before the router reads it."""
+        if self.closing:
+            served_id = lease.CallState(handler.call_state).read()[2]
+            connection.last_id = max(connection.last_id, served_id)
+            connection.go_away()
 
     def _answer(self, call: Call, frame: bytes, pid: int | None, outcome: str) -> None:
         """Send the answer of a call already settled in the table (an error the router made)."""
@@ -711,9 +723,13 @@ class Router:
         if not self.closing and self._listening is not None and self.loop is not None:
             self.loop.add_reader(self._listening.fileno(), self._accept)
 
-    def _stop_accepting(self) -> None:
+    def _stop_listening(self) -> None:
+        """Accept no more, and close the listening socket: connects are refused at once, so
+        clients move on to another server rather than wait in the backlog for the drain to end."""
         if self._listening is not None and self.loop is not None:
-            self.loop.remove_reader(self._listening.fileno())
+            if self._listening.fileno() != -1:
+                self.loop.remove_reader(self._listening.fileno())
+            self._listening.close()
 
     async def _adopt(self, sock: socket.socket) -> None:
         assert self.loop is not None
@@ -811,6 +827,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.input_ended = False  # EOF sent after an error: nothing more may be written
         self.parked_since: float | None = None
         self.may_lend = False  # not its first request: lending pays over repeated calls
+        self.wants_go_away = False  # its hello asked for a go-away when the server drains
+        self.went_away = False  # its go-away is sent
+        self.last_id = -1  # the highest request id read from it (sent in the go-away)
         self.fd = -1
         self.parked: list[tuple[Handler, Call, Frame]] = []  # replies waiting for it to drain, with their slots
         self.last_active = time.monotonic()
@@ -1057,9 +1076,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.state = _SERVING
         self.admitted = True
         self.decoder.max_bytes = self.router.config.max_message_bytes
+        self.wants_go_away = hello.info.get("go_away") is True
         self.log.debug("client_connected")
         if self.router.config.idle_timeout:
             self._arm_idle(self.router.config.idle_timeout)
+        if self.router.closing:
+            self.go_away()  # admitted while the server drains
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
@@ -1080,6 +1102,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         kind = envelope.kind
         if kind == protocol.REQUEST:
+            request_id = envelope.id
+            if request_id is not None and request_id > self.last_id:
+                self.last_id = request_id
             if envelope.method == protocol.PING:
                 self.write_frame(protocol.encode_response(envelope.id, "pong"))
                 return
@@ -1114,6 +1139,19 @@ class ClientConnection(asyncio.BufferedProtocol):
             assert envelope.id is not None
             router.credit(self, envelope.id, frame)
         # A second hello means nothing.
+
+    def go_away(self) -> None:
+        """The server drains: tell a client that asked for it (see "Go-away" in rpc.protocol).
+
+        Sent once, and not while the socket is lent (the handler writes on it): then once it
+        comes back. From now on the table refuses calls, so no request read after this runs.
+        """
+        if self.went_away or not self.wants_go_away or self.lent is not None or self.state != _SERVING:
+            return
+        self.went_away = True
+        last_id = self.last_id if self.last_id >= 0 else None
+        self.write_frame(protocol.encode_go_away(last_id, "the server is shutting down"))
+        self.log.debug("client_told_to_go_away", last_id=last_id)
 
     def _too_large(self, exc: MessageTooLarge) -> None:
         limit = self.decoder.max_bytes

@@ -474,3 +474,12 @@ def test_odd_error_fields_from_a_server_decode_to_text():
     error = protocol.decode_response(frame).error
     assert error.message == "a value of type int" and error.type_name == "a value of type int"
     assert error.traceback == "an array of 1"
+
+
+def test_go_away_round_trips_and_a_malformed_one_is_refused():
+    assert protocol.decode_answer(protocol.encode_go_away(41, "draining")) == protocol.GoAway(41, "draining")
+    assert protocol.decode_answer(protocol.encode_go_away(None, "")) == protocol.GoAway(None, "")
+    assert msgpack.unpackb(protocol.encode_go_away(7, "bye")) == [protocol.GO_AWAY, 7, "bye"]
+    for bad in ([protocol.GO_AWAY, "7", "bye"], [protocol.GO_AWAY, 7], [protocol.GO_AWAY, 7, "bye", None]):
+        with pytest.raises(ProtocolError):
+            protocol.decode_answer(msgpack.packb(bad))

@@ -63,6 +63,36 @@ def test_relative_paths_in_a_file_are_relative_to_it(tmp_path):
     assert settings.authkey_file({}) == tmp_path / "keys" / "authkey"
 
 
+def test_clients_take_a_list_of_addresses_and_rpc_serve_refuses_one(tmp_path):
+    path = _file(tmp_path, "address = ['127.0.0.1:9001', 'run/rpc.sock', '[::1]:9002']\n")
+    settings = load_settings(path, {}, {})
+    assert settings.addresses() == [("127.0.0.1", 9001), str(tmp_path / "run" / "rpc.sock"), ("::1", 9002)]
+    with pytest.raises(rpc.ConfigError, match=f"{path}: rpc serve listens on one address, not a list of 3"):
+        settings.address()
+    # Commas separate addresses in RPC_ADDRESS and --address; one address is as it always was.
+    from_env = load_settings(path, {"RPC_ADDRESS": "127.0.0.1:9001, /run/rpc.sock"}, {})
+    assert from_env.addresses() == [("127.0.0.1", 9001), "/run/rpc.sock"]
+    assert load_settings(None, {}, {"address": "h1:1,h2:2"}).addresses() == [("h1", 1), ("h2", 2)]
+    assert load_settings(None, {}, {}).addresses() == [("127.0.0.1", 8765)]
+    with pytest.raises(rpc.ConfigError, match="--address: rpc serve listens on one address, not a list of 2"):
+        load_settings(None, {}, {"address": "h1:1,h2:2"}).server_config(b"k" * 32)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("address = 8765\n", "address must be a string, or a list of strings, not 8765"),
+        ("address = ['h:1', 2]\n", "address must be a string, or a list of strings"),
+        ("address = []\n", "address is an empty list: give at least one address"),
+        ("address = ['h:1', 'h:x']\n", "address 'h:x' must be HOST:PORT or a Unix socket path"),
+    ],
+)
+def test_a_bad_list_of_addresses_says_what_is_wrong(tmp_path, text, message):
+    path = _file(tmp_path, text)
+    with pytest.raises(rpc.ConfigError, match=re.escape(message)):
+        load_settings(path, {}, {}).addresses()
+
+
 @pytest.mark.parametrize(
     "text, address",
     [
