@@ -28,7 +28,6 @@ from typing import Any
 
 import pytest
 
-from rpc import protocol
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -50,11 +49,6 @@ def _load_lab() -> Any:
 labs = _load_lab()
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def _fleet_client() -> bool:
-    """Whether the client moves on at a go-away and retries the calls that never ran (ServerShuttingDown, ServerBusy)."""
-    return any("goaway" in name.lower().replace("_", "") for name in dir(protocol))
 
 
 @pytest.fixture(scope="module")
@@ -215,19 +209,20 @@ def test_rolling_restart_of_every_daemon_fails_no_call(fleet: Any, clients: Call
 
     during = [r for r in records if r["began"] + r["seconds"] >= begun and r["began"] <= ended]
     failed = _failures(during)
-    # HAProxy's own retries: connections it retried (wretr) or sent to another daemon (wredis).
-    retried = sum(int(after[key] or 0) - int(before[key] or 0) for key in ("wretr", "wredis"))
+    # Calls the clients made again on a new connection (they did not run where first sent), and
+    # HAProxy's own retries: connects it retried (wretr) or sent to another daemon (wredis).
+    retried = sum(1 for r in during if r["moves"])
+    reconnected = sum(int(after[key] or 0) - int(before[key] or 0) for key in ("wretr", "wredis"))
     longest = max(r["seconds"] for r in during)
     usual = max(r["seconds"] for r in records if r["began"] + r["seconds"] < begun)
     print(
         f"\nrolling restart of {DAEMONS} daemons under {CLIENTS} clients, {ended - begun:.1f} s: "
-        f"{len(during)} calls made, {len(failed)} failed, {retried} connections retried by HAProxy; "
-        f"longest pause a call saw {longest * 1000:.0f} ms (before the restart: {usual * 1000:.0f} ms)"
+        f"{len(during)} calls made, {len(failed)} failed, {retried} retried by the clients, "
+        f"{reconnected} connects retried by HAProxy; longest pause a call saw {longest * 1000:.0f} ms "
+        f"(before the restart: {usual * 1000:.0f} ms)"
     )
     for record in failed[:10]:
         print(f"  failed: {record['token']}: {record['error']}: {record['message']}")
-    if failed and not _fleet_client():
-        pytest.xfail("zero failed calls needs the client of a fleet: go-away, and retry of calls that never ran")
     assert failed == []
 
 
