@@ -8,9 +8,10 @@ processes in the client namespace call ``add(1, 2)``:
   daemon directly (routed through the balancer's host, without HAProxy), in turn,
   ``s.load_rounds`` times: throughput, unpinned, with CPU time per call;
 - through HAProxy while both daemons are restarted one after the other (SIGTERM,
-  wait for the exit, start again, wait until HAProxy sees it up): calls made and
-  failed, connections HAProxy retried, and the longest pause a call saw, against
-  the longest call of a quiet window of the same length right after.
+  wait for the exit, start again, wait until HAProxy sees it up): calls made,
+  failed and made again by the clients, connects HAProxy retried, and the longest
+  pause a call saw, against the longest call of a quiet window of the same length
+  right after.
 """
 
 from __future__ import annotations
@@ -133,9 +134,30 @@ def _throughput(s: Any, lab: Any) -> list[Row]:
 # -- a rolling restart under load ------------------------------------------------------------------
 
 
+def _count_moves() -> list[int]:
+    """Count the calls this process's clients make again elsewhere (they did not run where first sent).
+
+    rpc.client decides each with its private ``_next_move``: wrapped here for the figure
+    "retried" (its absence fails loudly rather than counting nothing). Returns the counter.
+    """
+    import rpc.client
+
+    moves = [0]
+    decide = rpc.client._next_move
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        move = decide(*args, **kwargs)
+        moves[0] += move is not None
+        return move
+
+    rpc.client._next_move = counted
+    return moves
+
+
 def _restart_caller(netns: str, address: str, ready: Any, stop: Any, results: Any) -> None:
-    """Call add(1, 2) until ``stop``; report calls, failures by type, and the longest call of each second."""
+    """Call add(1, 2) until ``stop``; report calls, failures by type, calls made again, and the longest call of each second."""
     _lab().enter_netns(netns)
+    moves = _count_moves()
     try:
         client = rpc.connect(address, authkey=AUTHKEY, timeout=60)
         client.add(1, 2)
@@ -158,7 +180,7 @@ def _restart_caller(netns: str, address: str, ready: Any, stop: Any, results: An
         longest[second] = max(longest.get(second, 0.0), took)
         calls += 1
     client.close()
-    results.put((calls, failures, longest))
+    results.put((calls, failures, longest, moves[0]))
 
 
 def _rolling_restart(s: Any, lab: Any) -> list[Row]:
@@ -190,11 +212,12 @@ def _rolling_restart(s: Any, lab: Any) -> list[Row]:
         _stop(processes)
     calls = sum(r[0] for r in reports)
     failures: dict[str, int] = {}
-    for _, by_type, _ in reports:
+    for _, by_type, _, _ in reports:
         for name, count in by_type.items():
             failures[name] = failures.get(name, 0) + count
     failed = sum(failures.values())
-    retried = sum(int(after[key] or 0) - int(before[key] or 0) for key in ("wretr", "wredis"))
+    retried = sum(r[3] for r in reports)
+    reconnected = sum(int(after[key] or 0) - int(before[key] or 0) for key in ("wretr", "wredis"))
 
     def longest(start: float, end: float) -> float:
         return max((took for r in reports for second, took in r[2].items() if int(start) <= second <= int(end)), default=0.0)
@@ -205,7 +228,10 @@ def _rolling_restart(s: Any, lab: Any) -> list[Row]:
     return [
         compare("haproxy", f"{what}: longest pause a call saw", pause * 1e3, "ms",
                 "longest call, a quiet window as long", quiet * 1e3,
-                note=f"{calls:,} calls made, {failed} failed ({kinds}), {retried} connections retried by HAProxy"),
+                note=f"{calls:,} calls made, {failed} failed ({kinds}), {retried} made again by the clients, "
+                     f"{reconnected} connects retried by HAProxy"),
         Row("haproxy", f"{what}: calls failed", failed, "calls", "calls made", calls,
-            extra={"failures": failures, "haproxy_retries": retried}),
+            extra={"failures": failures, "retried": retried, "haproxy_retries": reconnected}),
+        Row("haproxy", f"{what}: calls made again", retried, "calls", "calls made", calls,
+            note="calls that did not run where first sent (go-away, ServerShuttingDown), made again on a new connection"),
     ]
