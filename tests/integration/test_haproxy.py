@@ -5,8 +5,10 @@ daemon host, one for the clients, joined by veth pairs; HAProxy from the
 distribution's package runs the example's haproxy.cfg with the lab's addresses; a
 daemon (`rpc serve`) per host; clients are processes in the client namespace
 (haproxy_client.py), each calling ``work`` in a loop, which answers with the name of
-the daemon's host; each daemon's /metrics counts the same calls. Every wait is on an event (a log line, a process exit, HAProxy's
-view of a health check, a client's output), bounded.
+the daemon's host; each daemon's /metrics counts the same calls. Every wait is on
+an event (a log line, a process exit, HAProxy's view of a health check, a client's
+output), bounded. ``-s`` prints the figures (calls by daemon; the rolling restart's
+calls made, failed, made again, and the longest pause a call saw).
 
 Runs as root with `ip` and `haproxy` (.ci/run installs them); elsewhere it skips,
 saying why, except in CI, where it must run and fails instead.
@@ -27,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
