@@ -45,6 +45,7 @@ from .client import (
     _exception,
     _Moves,
     _next_move,
+    _not_moved,
     _NotRun,
     _public,
     check_addresses,
@@ -722,7 +723,13 @@ class Client:
                     raise _public(error)
                 if move == "leave" and conn is not None:
                     conn.leave()
-            conn = await self._ready(deadline if error is None else moves.until)
+            if error is None:
+                conn = await self._ready(deadline)
+            else:
+                try:
+                    conn = await self._ready(moves.until)
+                except RPCError as exc:
+                    raise _not_moved(error, exc) from None
             remaining = None if deadline is None else max(deadline - loop.time(), 0.001)
             try:
                 return await conn.call(name, args, kwargs, timeout, deadline, remaining, again=True)

@@ -1285,12 +1285,22 @@ class _Fleet:
                 assert calls is not None
                 if not self._goes_on(error, calls, moves):
                     raise _public(error)
+            calls = self._moved_to(deadline, error, moves)
+            remaining = None if error is None or deadline is None else max(deadline - time.monotonic(), 0.001)
             try:
-                calls = self.connection(deadline if error is None else moves.until)
-                remaining = None if error is None or deadline is None else max(deadline - time.monotonic(), 0.001)
                 return calls._call_here(name, args, kwargs, timeout, deadline, remaining)
             except (ServerBusy, _NotRun) as exc:
                 error = exc
+
+    def _moved_to(self, deadline: float | None, error: RPCError | None, moves: _Moves) -> _Calls:
+        """The connection for a call (``error``: one that did not run, on its way): the connect
+        error if none can be opened, or, for a call on its way, its own error saying so."""
+        if error is None:
+            return self.connection(deadline)
+        try:
+            return self.connection(moves.until)
+        except RPCError as exc:
+            raise _not_moved(error, exc) from None
 
     def submit(self, name: str, timeout: float | None, moves: _Moves, future: _CallFuture) -> None:
         """Send a submitted call on the connection new calls go to; its future gets its outcome."""
@@ -1301,9 +1311,10 @@ class _Fleet:
                 assert calls is not None
                 if not self._goes_on(error, calls, moves):
                     raise _public(error)
-            calls = self.connection(moves.deadline if error is None else moves.until)
+            calls = self._moved_to(moves.deadline, error, moves)
+            remaining = None if error is None or moves.deadline is None else max(moves.deadline - time.monotonic(), 0.001)
             try:
-                calls._start(name, moves.args, moves.kwargs, timeout, moves.deadline, future, None, moves)
+                calls._start(name, moves.args, moves.kwargs, timeout, moves.deadline, future, remaining, moves)
                 return
             except _NotRun as exc:
                 future._sent = None
@@ -1332,10 +1343,10 @@ class _Fleet:
                 error = exc
                 continue
             except RPCError as exc:  # no connection could be opened: that is its outcome
-                waiting.error = exc
+                waiting.error = _not_moved(error, exc)
                 return False
             except Exception as exc:  # (out of descriptors, say): the reading thread must go on
-                waiting.error = ConnectionClosed(f"cannot connect: {exc}")
+                waiting.error = _not_moved(error, ConnectionClosed(f"cannot connect: {exc}"))
                 return False
             if future.cancelled() and calls._withdraw(pending.id):
                 calls._send_cancel(pending.id)  # cancelled while it moved
@@ -1395,6 +1406,13 @@ def _connect_error(failures: list[tuple[transport.Address, RPCError]], connect_t
             return exc  # a wrong key or protocol: its message names the server
     reasons = "; ".join(f"{transport.format_address(address)}: {exc}" for address, exc in failures)
     return ConnectionClosed(f"cannot connect to any of {len(failures)} servers: {reasons}")
+
+
+def _not_moved(error: RPCError, reason: RPCError) -> RPCError:
+    """A call that did not run (``error``) and could not be made again (``reason``: no connection
+    could be opened): its own error, so that the caller still sees that it did not run."""
+    cls = ConnectionClosed if type(error) is _NotRun else type(error)
+    return cls(f"{error.message}; it could not be made again: {reason.message}")
 
 
 def _public(error: RPCError) -> RPCError:

@@ -462,7 +462,7 @@ class Router:
             if end.reason is lease.EndReason.BROKEN:
                 connection.drop("it stopped reading its replies, or went away: a send on the lent socket failed")
             else:
-                self._go_away_after_lease(handler, connection)
+                self._socket_returned(handler, connection)
                 connection.resume_after_lease()
         if handler.kill_reason is None:
             self._release(slot)
@@ -521,15 +521,15 @@ class Router:
             connection.write_frame(protocol.error_frame(request_id, error))
             number = state.method_number()
             self.counts.call(handler.methods[number] if 0 <= number < len(handler.methods) else metrics.UNKNOWN, outcome)
-        self._go_away_after_lease(handler, connection)
+        self._socket_returned(handler, connection)
         connection.resume_after_lease()
 
-    def _go_away_after_lease(self, handler: Handler, connection: ClientConnection) -> None:
-        """A lent socket came back while the server drains: its go-away, counting the requests the
-        handler read (the last it started is in its call state; ids only grow), before the router reads it."""
+    def _socket_returned(self, handler: Handler, connection: ClientConnection) -> None:
+        """A lent socket came back: count the requests its handler read (the last it started is in
+        its call state), and, if the server drains, send the go-away before the router reads it."""
+        served_id = lease.CallState(handler.call_state).read()[2]
+        connection.last_id = max(connection.last_id, served_id)
         if self.closing:
-            served_id = lease.CallState(handler.call_state).read()[2]
-            connection.last_id = max(connection.last_id, served_id)
             connection.go_away()
 
     def _answer(self, call: Call, frame: bytes, pid: int | None, outcome: str) -> None:

@@ -213,25 +213,43 @@ def test_aio_stopping_the_server_a_client_is_on_fails_no_call_and_runs_none_twic
     assert servers.servers.index(first) in where and len(where) >= 2
 
 
-def test_a_pipelining_client_gets_the_go_away_with_calls_in_flight(fleet, marks):
+def test_a_pipelining_client_gets_the_go_away_with_calls_in_flight(fleet, marks, tmp_path):
     servers = fleet(2)
     with servers.client() as client:
         first = servers.server_of(client)
+        # Both handlers of the first server held: one by another client, one by this one's own call;
+        # the calls of the map then wait in its queue, in flight, when it begins to stop.
+        gates = [Gate(tmp_path, f"gate{i}") for i in range(2)]
+        other = rpc.connect(first.address, authkey=servers.authkey, timeout=HANG)
+        others_call = other.submit("hold", *gates[0].args())
+        gates[0].wait_started()
+        own_call = client.submit("hold", *gates[1].args(), "own")
+        gates[1].wait_started()
         on_first = client._calls
         results: list[Any] = []
 
         def mapped() -> None:
-            results.extend(client.map("mark", [str(marks)] * 300, [f"m{i}" for i in range(300)], [0.005] * 300))
+            results.extend(client.map("mark", [str(marks)] * 300, [f"m{i}" for i in range(300)], max_in_flight=64))
 
         mapper = threading.Thread(target=mapped)
         mapper.start()
-        assert wait_for(lambda: len(runs(marks)) >= 20, timeout=HANG)
-        first.close()
-        mapper.join(HANG)
-        assert not mapper.is_alive()
-        # The go-away arrived on the connection while calls were in flight there: it was left.
-        assert on_first._last_id is not None and on_first._leaving
-        assert wait_for(lambda: on_first._failure is not None, timeout=HANG)  # and closed once they were answered
+        closer = threading.Thread(target=first.close)
+        try:
+            assert wait_for(lambda: len(first._router.table.queue) == 64, timeout=HANG)
+            closer.start()
+            mapper.join(HANG)  # answered server_shutting_down there, they went on at the other server
+            assert not mapper.is_alive()
+            assert on_first._leaving  # no new call went there
+        finally:
+            for gate in gates:
+                gate.open()
+        assert own_call.result(HANG) == "own"  # the call running there finished there
+        # The go-away came before that answer; then, nothing in flight, the client closed the connection.
+        assert on_first._last_id is not None
+        assert wait_for(lambda: on_first._failure is not None, timeout=HANG)
+        others_call.result(HANG)
+        other.close()
+        closer.join(HANG)
         assert client.address == servers.addresses[1 - servers.servers.index(first)]
     assert len(results) == 300
     assert runs(marks) == {f"m{i}": 1 for i in range(300)}
@@ -403,3 +421,27 @@ def test_a_client_of_one_address_goes_on_through_its_server_restarting(tmp_path,
             server.close()
     assert {name: outcome for name, outcome in outcomes.items() if not isinstance(outcome, int)} == {}
     assert runs(marks) == {name: 1 for name in outcomes} and len(outcomes) == 180
+
+
+def test_a_call_refused_by_a_server_that_stops_for_good_says_it_did_not_run(tmp_path):
+    authkey = secrets.token_bytes(32)
+    server = rpc.Server(REGISTRY, address=str(tmp_path / "rpc.sock"), authkey=authkey, workers=1, lease=False, log_file=str(tmp_path / "server.log")).start()
+    gate = Gate(tmp_path)
+    closer = threading.Thread(target=server.close)
+    try:
+        with rpc.connect(server.address, authkey=authkey, timeout=HANG, connect_timeout=0.5) as client:
+            running = client.submit("hold", *gate.args(), "held")
+            gate.wait_started()
+            queued = client.submit("add", 1, 2)
+            assert wait_for(lambda: len(server._router.table.queue) == 1, timeout=HANG)
+            closer.start()
+            # Refused (queued when the drain began); made again, but nothing listens there any more.
+            with pytest.raises(rpc.ServerShuttingDown, match="did not run; it could not be made again: cannot connect"):
+                queued.result(HANG)
+            gate.open()
+            assert running.result(HANG) == "held"
+    finally:
+        gate.open()
+        if closer.is_alive():
+            closer.join(HANG)
+        server.close()

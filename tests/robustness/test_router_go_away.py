@@ -133,3 +133,41 @@ def test_a_draining_server_refuses_new_connections(rpc_server, tmp_path, transpo
         gate.open()
         held.result(HANG)
         closer.join(HANG)
+
+
+def test_the_go_away_counts_the_requests_a_lent_handler_read(rpc_server, tmp_path):
+    """Requests a handler read from a lent socket are the server's reading too: the go-away names
+    the last of them, though the lease ended before the drain began."""
+    from rpc import lease
+
+    server = rpc_server("services:registry", workers=2)
+    router = server.server._router
+
+    def answered_in_lease() -> int:
+        for slot in list(router.lent):
+            return lease.CallState(router.arbiter.handlers[slot].call_state).read()[3]
+        return 0
+
+    conn = connect(server, go_away=True)
+    served_by_handler = False
+    for request_id in range(1, 400):  # calls one at a time: after the first, a handler serves the socket
+        write(conn, request(request_id, "add", request_id, 1))
+        [answer] = frames(conn, lambda m: True)
+        assert (answer.id, answer.result) == (request_id, request_id + 1)
+        if answered_in_lease() >= 2:  # it read a request from the socket itself, past the one it was lent with
+            served_by_handler = True
+            break
+    assert served_by_handler, "no call was served on a lent socket"
+    assert wait_for(lambda: not router.lent, timeout=HANG)  # the lease ends (idle) before the drain
+    gate = Gate(tmp_path)
+    holder = server.client(timeout=HANG)
+    held = holder.submit("hold", *gate.args())
+    gate.wait_started()  # keeps the server draining
+    closer = closing(server)
+    try:
+        assert frames(conn, lambda m: isinstance(m, protocol.GoAway)) == [protocol.GoAway(request_id, "the server is shutting down")]
+    finally:
+        gate.open()
+        held.result(HANG)
+        closer.join(HANG)
+        conn.close()
