@@ -406,6 +406,33 @@ def event_loop(s: Settings) -> list[Row]:
     ]
 
 
+# -- issue 12: what counting for /metrics costs -----------------------------------------------------------------
+
+
+def metrics(s: Settings) -> list[Row]:
+    """The same server with and without a metrics_address (only then are calls counted), in the same run."""
+    with RpcServer(TCP, metrics_address=TCP) as counted, RpcServer(TCP) as plain:
+        got = _throughput(s, {"counted": counted, "plain": plain})
+        servers: dict[str, Server] = {"counted": counted, "plain": plain}
+        groups = {name: server.groups() for name, server in servers.items()}
+        everyone = [SELF, *(pid for server in servers.values() for pid in server.pids())]
+        with _connected({name: connect("rpc", server.address) for name, server in servers.items()}) as callers:
+            with pinned(everyone):  # a sequential caller is served on a lent socket: the handler counts
+                timings = _time_in_turn(s, callers, groups, s.calls)
+    mine, base = got["counted"], got["plain"]
+    lent, routed = timings["counted"], timings["plain"]
+    return [
+        compare("metrics", f"router CPU per call, {s.clients} clients, metrics_address set", mine.cpu_us["router"],
+                "us/call", "no metrics_address", base.cpu_us["router"], target="reported"),
+        compare("metrics", f"{s.clients} client processes calling add, metrics_address set", mine.rate, "calls/s",
+                "no metrics_address", base.rate, target="reported", cpu=mine.cpu_us, baseline_cpu=base.cpu_us),
+        compare("metrics", "add(1, 2) sequential, tcp, pinned, metrics_address set", lent.us, "us/call",
+                "no metrics_address", routed.us, target="reported", cpu=lent.cpu_us(), baseline_cpu=routed.cpu_us()),
+        compare("metrics", "handler CPU per sequential call (a lent socket), metrics_address set",
+                lent.cpu_us()["handlers"], "us/call", "no metrics_address", routed.cpu_us()["handlers"], target="reported"),
+    ]
+
+
 # -- not in the targets: connect and start-up times ------------------------------------------------------------
 
 
@@ -478,6 +505,7 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "event_loop": event_loop,  # 8
     "aio": aio,  # issue 11: the asyncio client
     "streams": streams,  # issue 11: streamed results
+    "metrics": metrics,  # issue 12: counting for /metrics
     "connect": connect_time,
     "startup": startup,
 }

@@ -55,6 +55,7 @@ class HandlerSettings:
     max_call_seconds: float | None = None
     access_log: bool = False
     send_timeout: float | None = 30.0  # for replies it writes on a lent socket
+    count_lent_calls: bool = False  # post the calls it serves on lent sockets for /metrics (rpc.metrics)
 
 
 def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> None:
@@ -100,9 +101,10 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
     lent_calls = lease.LentCalls(call_state) if call_state is not None else None
     if lent_calls is not None:
         lent_calls.reset()
-    tally = metrics.CallCounts(names)  # the calls served on lent sockets since the router last had a tally
-    told = 0  # calls posted to lent_calls when the tally last went out
-    tally_due = 0.0  # when it goes out next, if a lease lasts that long
+    # Calls on lent sockets are posted to lent_calls for the router to count; these counts
+    # hold only those served while it was full (the router behind), until they are sent.
+    overflow = metrics.CallCounts(names)
+    asked = False  # the router was asked to catch up since lent_calls filled
 
     def run_call(request: protocol.Request) -> bytes:
         try:
@@ -112,22 +114,24 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
                 output.end_call()
 
     def lent_call(request: protocol.Request, reply: bytes, started: float) -> None:
-        """A call served on a lent socket: counted, logged, and the tally sent now and then
-        (at least every LentCalls.RING calls, which the router finds posted if this process dies)."""
-        nonlocal told, tally_due
-        now = time.monotonic()
+        """A call served on a lent socket: posted for the router to count (it is asked to take
+        them once half the ring waits), and logged."""
+        nonlocal asked
+        seconds = time.monotonic() - started
         failed = protocol.response_is_error(reply)
-        outcome = "error" if failed else "ok"
-        tally.call(request.method, outcome, now - started)
         assert lent_calls is not None
-        posted = lent_calls.post(numbers.get(request.method, -1), failed, now - started)
+        waiting = lent_calls.post(numbers.get(request.method, -1), failed, seconds) if settings.count_lent_calls else 0
+        if waiting >= 0:
+            asked, nudge = False, waiting == lease.LentCalls.RING // 2
+        else:  # full: the router is behind; count the call here and ask it, once, to catch up
+            overflow.call(request.method, "error" if failed else "ok", seconds)
+            asked, nudge = True, not asked
+        if nudge:
+            conn.send_bytes(metrics.tally_message(overflow))
+            overflow.clear()
         if settings.access_log:
-            ms = round((now - started) * 1000, 3)
-            log.info("call", method=request.method, id=request.id, ms=ms, outcome=outcome, leased=True)
-        if posted - told >= lease.LentCalls.RING or now >= tally_due:
-            conn.send_bytes(metrics.tally_message(posted, tally))
-            tally.clear()
-            told, tally_due = posted, now + metrics.TALLY_SECONDS
+            outcome = "error" if failed else "ok"
+            log.info("call", method=request.method, id=request.id, ms=round(seconds * 1000, 3), outcome=outcome, leased=True)
 
     try:
         while True:
@@ -153,15 +157,13 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
                 if not pipe.descriptors or state is None:
                     os._exit(1)  # no socket came with it: the router, seeing nothing started, runs the call
                 sock = socket.socket(fileno=pipe.descriptors.popleft())
-                tally_due = time.monotonic() + metrics.TALLY_SECONDS
                 end = lease.serve_lease(
                     sock, conn.fileno(), lent.frame, run_call, state, settings.max_call_seconds,
-                    lent_call, settings.send_timeout, stream_names,
+                    lent_call if settings.access_log or settings.count_lent_calls else None,
+                    settings.send_timeout, stream_names,
                 )
-                assert lent_calls is not None
-                told = lent_calls.posted()
-                conn.send_bytes(dataclasses.replace(end, tally=[told, tally.export()]).encode())
-                tally.clear()
+                conn.send_bytes(dataclasses.replace(end, tally=overflow.export() if overflow.calls else None).encode())
+                overflow.clear()
             # a RECALL that arrives after its lease ended needs nothing
     finally:
         if output is not None:

@@ -89,7 +89,7 @@ class LeaseEnd:
 
     reason: EndReason
     served: int
-    tally: Any = None  # the calls served since the last tally: [calls posted, CallCounts.export()] (rpc.metrics)
+    tally: Any = None  # calls it counted itself, its LentCalls being full: CallCounts.export() or None (rpc.metrics)
 
     def encode(self) -> bytes:
         return protocol.encode_internal(protocol.LEASE_END, self.reason.value, self.served, self.tally)
@@ -166,53 +166,65 @@ class CallState:
 
 
 class LentCalls:
-    """The last calls a handler served on lent sockets, in memory shared with the router, after
-    its :class:`CallState` (slot :attr:`CallState.SIZE` on).
+    """The calls a handler served on lent sockets, posted for the router to count (rpc.metrics).
 
-    The handler counts these calls itself and sends the router its tally (rpc.metrics) at
-    least every :attr:`RING` calls. Each call is also posted here, so that if the handler
-    dies before its tally went out, the router still counts the calls it served since:
-    slot 0 counts the calls posted; then, for the last RING of them, one entry each of
-    (the method's number, 1 if it failed else 0, nanoseconds it took).
+    A ring in the memory the two share, after the handler's :class:`CallState` (from slot
+    :attr:`CallState.SIZE`): slot 0 counts the calls the handler posted, slot 1 those the
+    router has taken, then :attr:`RING` entries of one integer each (the method's number
+    plus one, 0 for a name not in the handler's list; whether it failed; nanoseconds it
+    took). One writer each way, so no lock: an entry is written before the count that
+    shows it. A handler asks the router to take them once half the ring waits (a
+    :data:`protocol.LEASE_TALLY` message) and when its lease ends; the router also takes
+    them when /metrics is read and when the handler dies, so a handler that is killed
+    loses none. Posting costs the handler a few hundred nanoseconds per call.
     """
 
-    RING = 256
+    RING = 1024
 
     def __init__(self, array: Any) -> None:
         self._slots = memoryview(array).cast("B").cast("q")[CallState.SIZE :]
 
     def reset(self) -> None:
-        """A new handler in the slot: nothing posted yet."""
-        self._slots[0] = 0
-
-    def posted(self) -> int:
-        return int(self._slots[0])
+        """A new handler in the slot: nothing posted, nothing taken."""
+        self._slots[0] = self._slots[1] = 0
 
     def post(self, method: int, failed: bool, seconds: float) -> int:
-        """One call served; how many have been posted."""
+        """The handler served a call: how many posted calls now wait to be taken, or -1 if the
+        ring is full (the router is behind: the handler counts this call itself)."""
         slots = self._slots
         posted = slots[0]
-        at = 1 + 3 * (posted % self.RING)
-        slots[at] = method
-        slots[at + 1] = failed
-        slots[at + 2] = int(seconds * 1e9)
-        slots[0] = posted = posted + 1  # last: an entry counts once it is whole
-        return posted
+        waiting = posted - slots[1]
+        if waiting >= _RING:
+            return -1
+        nanoseconds = int(seconds * 1e9)
+        slots[2 + posted % _RING] = (
+            (method + 1) << _METHOD_SHIFT | (_FAILED if failed else 0) | (nanoseconds if nanoseconds < _MAX_NS else _MAX_NS)
+        )
+        slots[0] = posted + 1  # after the entry: the router never reads one half written
+        return waiting + 1
 
-    def since(self, tallied: int) -> list[tuple[int, bool, float]]:
-        """The calls posted after the first ``tallied`` (those the router has a tally of):
-        (method number, whether it failed, seconds)."""
+    def take(self) -> list[tuple[int, bool, float]]:
+        """The router's side: the calls posted since it last took them, as (method number
+        or -1, whether it failed, seconds); they are counted as taken."""
         slots = self._slots
-        posted = slots[0]
-        entries = []
-        for i in range(max(tallied, posted - self.RING), posted):
-            at = 1 + 3 * (i % self.RING)
-            entries.append((slots[at], bool(slots[at + 1]), slots[at + 2] / 1e9))
-        return entries
+        posted, taken = slots[0], slots[1]
+        calls = []
+        for i in range(taken, posted):
+            entry = slots[2 + i % _RING]
+            calls.append(((entry >> _METHOD_SHIFT) - 1, bool(entry & _FAILED), (entry & _MAX_NS) / 1e9))
+        slots[1] = posted
+        return calls
 
+
+# A LentCalls entry: method number + 1, then 1 bit (failed), then 40 bits of nanoseconds
+# (about 18 minutes; a longer call counts as that long). Module constants: post() runs per call.
+_RING = LentCalls.RING
+_FAILED = 1 << 40
+_MAX_NS = _FAILED - 1
+_METHOD_SHIFT = 41
 
 #: 64-bit integers shared by the router and each handler slot: its CallState, then its LentCalls
-SHARED_SIZE = CallState.SIZE + 1 + 3 * LentCalls.RING
+SHARED_SIZE = CallState.SIZE + 2 + LentCalls.RING
 
 
 # -- the router's side ---------------------------------------------------------------------

@@ -7,11 +7,12 @@ not a count (handlers busy, queue depth, connections) is read from the router wh
 someone asks. Metric families are built only then, by :func:`collect`.
 
 Calls a handler serves on a lent socket (:mod:`rpc.lease`) never pass the router: the
-handler counts them in a :class:`CallCounts` of its own and sends the tally with the
-end of the lease and, while a lease lasts, every ``rpc.lease.LentCalls.RING`` calls or
-:data:`TALLY_SECONDS`, whichever comes first (:func:`tally_message`); the router adds
-it to its own (:meth:`CallCounts.absorb`). Should the handler die first, the router
-counts the calls it finds posted since in the memory they share (``LentCalls``).
+handler posts each (method, failed, seconds) in memory they share
+(``rpc.lease.LentCalls``), and the router counts them when it takes them: when the
+handler asks (half the ring waits, :func:`tally_message`), when the lease ends, when
+/metrics is read, and when the handler dies, so none is lost. Only if the router falls
+a whole ring behind does the handler count calls itself, in a :class:`CallCounts` it
+sends along (:meth:`CallCounts.export`, :meth:`CallCounts.absorb`).
 
 A server with a ``metrics_address`` answers two HTTP requests there
 (:class:`MetricsEndpoint`): ``GET /healthz`` (200 while it takes calls, 503 from the
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 __all__ = [
     "BUCKETS",
     "OUTCOMES",
-    "TALLY_SECONDS",
     "UNKNOWN",
     "CallCounts",
     "MetricsEndpoint",
@@ -81,10 +81,6 @@ BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
-
-#: a handler serving a lent socket reports its tally at least this often (seconds)
-TALLY_SECONDS = 1.0
-
 
 class CallCounts:
     """Calls by (method, outcome), call durations by method, and the server's other counts.
@@ -173,14 +169,14 @@ class CallCounts:
             histogram[-1] += seconds
 
 
-def tally_message(posted: int, counts: CallCounts) -> bytes:
-    """A handler to its router, while it serves a lent socket: the calls it served since its last
-    tally, and how many it has posted to its rpc.lease.LentCalls so far (these included)."""
-    return protocol.encode_internal(protocol.LEASE_TALLY, [posted, counts.export()])
+def tally_message(counts: CallCounts) -> bytes:
+    """A handler to its router, while it serves a lent socket: take the calls posted to my
+    rpc.lease.LentCalls; and here are those I counted myself while it was full (or None)."""
+    return protocol.encode_internal(protocol.LEASE_TALLY, counts.export() if counts.calls else None)
 
 
 def read_tally(message: bytes | bytearray | memoryview) -> Any:
-    """The tally carried by a :func:`tally_message`: [posted, export], as in a lease's end."""
+    """What a :func:`tally_message` carries: a :meth:`CallCounts.export`, or None."""
     return protocol.decode_value(message)[1]
 
 
@@ -238,6 +234,7 @@ def collect(router: Router, draining: bool) -> Iterator[Metric]:
     """The router's figures as Prometheus metric families, read now (on the router's loop)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+    router.take_lent_calls()
     counts = router.counts
     calls = CounterMetricFamily("rpc_calls", "Calls answered, by method and outcome.", labels=["method", "outcome"])
     for (method, outcome), n in sorted(counts.calls.items()):

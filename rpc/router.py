@@ -99,7 +99,9 @@ class Router:
         self._waking_starved = False
         self.notification_dropped = Throttle("notification_dropped")
         self.counts = metrics.CallCounts()  # what /metrics reports (rpc.metrics)
-        self._tallied = [0] * config.workers  # per slot: calls on lent sockets its handler has sent a tally of
+        # Answered calls are counted only if someone can read the counts: counting costs each
+        # about a microsecond (the few calls refused or lost are counted anyway).
+        self.counting = config.metrics_address is not None
         self.closing = False
         self._stopping_handlers = False  # handlers that exit from now on are not replaced
         self._hurry = asyncio.Event()
@@ -199,7 +201,6 @@ class Router:
         self.pipes[handler.slot] = pipe
         handler.end_input = pipe.end_input
         self.counts.know(handler.methods)
-        self._tallied[handler.slot] = 0
         if handler.retired:
             pipe.end_input()  # a reload began while it started: it may run the old code
         else:
@@ -225,7 +226,7 @@ class Router:
         """A handler's process was collected: fail the call it held, if any."""
         if not self._stopping_handlers:
             self.counts.replaced(metrics.replacement_reason(handler.kill_reason, reason))
-        self._count_untallied(handler)
+        self._take_lent_calls(handler)  # those it served on lent sockets and had not been taken
         call = self.table.lost(handler.slot)
         lent = self.lent.pop(handler.slot, None)
         self._gone_since.pop(handler.slot, None)
@@ -248,8 +249,8 @@ class Router:
         if (internal := protocol.internal_kind(reply)) is not None:
             if internal == protocol.LEASE_END:
                 self._lease_ended(handler, lease.LeaseEnd.decode(reply))
-            elif internal == protocol.LEASE_TALLY:
-                self._take_tally(slot, metrics.read_tally(reply))  # calls it served on a lent socket
+            elif internal == protocol.LEASE_TALLY:  # it served many calls on a lent socket
+                self._take_lent_calls(handler, metrics.read_tally(reply))
             return
         if reply[0] != 0x94 and (kind := protocol.stream_kind(reply)) is not None:  # (a response is an array of 4)
             self._stream_message(handler, kind, reply)
@@ -268,11 +269,13 @@ class Router:
     def _deliver(self, call: Call, reply: Frame, pid: int | None) -> None:
         if call.connection is not None:
             call.connection.write_frame(reply)
-        closed = call.stream is not None and call.stream.closing
-        outcome = "closed" if closed else "error" if protocol.response_is_error(reply) else "ok"
-        self.counts.call(call.method, outcome, time.monotonic() - call.received)
-        if self.config.access_log:
-            self._log_call(call, pid, outcome)
+        if self.counting or self.config.access_log:
+            closed = call.stream is not None and call.stream.closing
+            outcome = "closed" if closed else "error" if protocol.response_is_error(reply) else "ok"
+            if self.counting:
+                self.counts.call(call.method, outcome, time.monotonic() - call.received)
+            if self.config.access_log:
+                self._log_call(call, pid, outcome)
 
     # -- streams (rpc.streams) -------------------------------------------------------------
 
@@ -448,7 +451,7 @@ class Router:
     def _lease_ended(self, handler: Handler, end: lease.LeaseEnd) -> None:
         """The handler gave the lent socket back: read it again, and free the handler."""
         slot = handler.slot
-        self._take_tally(slot, end.tally)  # the calls it served on the socket (it counted them)
+        self._take_lent_calls(handler, end.tally)  # the calls it served on the socket
         connection = self.lent.pop(slot, None)
         self._gone_since.pop(slot, None)
         self.recalled.discard(slot)
@@ -467,21 +470,20 @@ class Router:
         if handler.kill_reason is None:
             self._release(slot)
 
-    def _take_tally(self, slot: int, tally: Any) -> None:
-        """A handler's count of the calls it served on lent sockets: ``[calls posted, CallCounts.export()]``."""
-        if type(tally) is list and len(tally) == 2 and type(tally[0]) is int:
-            self.counts.absorb(tally[1])
-            self._tallied[slot] = tally[0]
-
-    def _count_untallied(self, handler: Handler) -> None:
-        """A handler is gone: count the calls it served on lent sockets after its last tally."""
-        if handler.call_state is None or handler.slot < 0:
-            return
+    def _take_lent_calls(self, handler: Handler, counted: Any = None) -> None:
+        """Count the calls ``handler`` served on lent sockets and posted since they were last
+        taken (rpc.lease.LentCalls), and any it ``counted`` itself (a CallCounts export)."""
+        if counted is not None:
+            self.counts.absorb(counted)
         names = handler.methods
-        for number, failed, seconds in lease.LentCalls(handler.call_state).since(self._tallied[handler.slot]):
-            method = names[number] if 0 <= number < len(names) else metrics.UNKNOWN
-            self.counts.call(method, "error" if failed else "ok", seconds)
-        self._tallied[handler.slot] = 0
+        for number, failed, seconds in lease.LentCalls(handler.call_state).take():
+            self.counts.call(names[number] if 0 <= number < len(names) else metrics.UNKNOWN, "error" if failed else "ok", seconds)
+
+    def take_lent_calls(self) -> None:
+        """Count what every handler has posted of its calls on lent sockets (before /metrics is read)."""
+        for handler in self.arbiter.handlers:
+            if handler is not None:
+                self._take_lent_calls(handler)
 
     def _reap_lease(self, handler: Handler, connection: ClientConnection, call: Call | None, reason: str) -> None:
         """A handler died serving a lent socket: answer what its client is owed, and read it again.
@@ -537,7 +539,8 @@ class Router:
         self._note_settled()
         if call.connection is not None:
             call.connection.write_frame(frame)
-        self.counts.call(call.method, outcome, time.monotonic() - call.received)
+        if self.counting:
+            self.counts.call(call.method, outcome, time.monotonic() - call.received)
         if self.config.access_log:
             self._log_call(call, pid, outcome)
 

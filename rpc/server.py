@@ -97,6 +97,7 @@ class Server:
             config.max_call_seconds,
             config.access_log,
             config.send_timeout or None,
+            count_lent_calls=config.metrics_address is not None,
         )
         hello = protocol.encode_hello(
             {"server": "rpc", "version": __version__, "max_message_bytes": config.max_message_bytes}

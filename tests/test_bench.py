@@ -27,7 +27,7 @@ def test_the_benchmark_suite_runs_and_reports_every_target(tmp_path):
     sections = {row["section"] for row in rows}
     assert sections == {
         "many clients", "cpu per call", "latency", "pipelined", "cpu-bound", "bulk",
-        "connections", "event loop", "aio", "streams", "connect", "startup",
+        "connections", "event loop", "aio", "streams", "metrics", "connect", "startup",
     }
     assert all(math.isfinite(row["value"]) and row["value"] >= 0 for row in rows)
     baselines = {(row["section"], row["baseline"]) for row in rows}
@@ -46,6 +46,7 @@ def test_the_benchmark_suite_runs_and_reports_every_target(tmp_path):
         ("aio", "raw echo, unix"),
         ("aio", "sync client map(), 1000 in flight"),
         ("streams", "the same rows returned as one list"),
+        ("metrics", "no metrics_address"),
     ]:
         assert wanted in baselines
     # CPU time per call is read for the router, its handlers and the clients.

@@ -48,11 +48,10 @@ def test_a_tally_exported_by_a_handler_adds_up_in_the_router():
     handler.call("hypot", "error", 2.0)
     router = metrics.CallCounts(["add", "hypot"])
     router.call("add", "ok", 0.0001)
-    exported = protocol.decode_value(metrics.tally_message(7, handler))[1]
-    assert exported[0] == 7
-    router.absorb(exported[1])
+    router.absorb(metrics.read_tally(metrics.tally_message(handler)))
     assert router.calls == {("add", "ok"): 2, ("hypot", "error"): 1}
     assert sum(router.durations["add"][:-1]) == 2 and router.durations["hypot"][-1] == 2.0
+    assert metrics.read_tally(metrics.tally_message(metrics.CallCounts())) is None  # nothing counted: nothing sent
 
 
 @pytest.mark.parametrize(
@@ -89,28 +88,31 @@ def test_a_tally_naming_a_method_the_router_does_not_know_counts_it_as_unknown()
     assert router.calls == {(metrics.UNKNOWN, "ok"): 1}
 
 
-def test_the_ring_of_lent_calls_gives_back_what_came_after_the_last_tally():
+def _ring():
     array = multiprocessing.get_context("spawn").RawArray("q", lease.SHARED_SIZE)
     ring = lease.LentCalls(array)
     ring.reset()
-    for i in range(10):
-        assert ring.post(i % 3, i == 4, i / 1000) == i + 1
-    assert ring.posted() == 10
-    assert ring.since(10) == []
-    assert ring.since(7) == [(1, False, 0.007), (2, False, 0.008), (0, False, 0.009)]
-    assert ring.since(3)[1] == (1, True, 0.004)
+    return ring
 
 
-def test_the_ring_keeps_the_last_calls_once_it_wraps():
-    array = multiprocessing.get_context("spawn").RawArray("q", lease.SHARED_SIZE)
-    ring = lease.LentCalls(array)
-    ring.reset()
-    total = lease.LentCalls.RING * 2 + 5
-    for i in range(total):
-        ring.post(i, False, 0.0)
-    # A handler tells the router its tally at least every RING calls, so no more are ever asked for.
-    entries = ring.since(total - lease.LentCalls.RING)
-    assert [number for number, _, _ in entries] == list(range(total - lease.LentCalls.RING, total))
+def test_the_router_takes_the_calls_a_handler_posted_once_each():
+    ring = _ring()
+    assert [ring.post(i % 3, i == 4, i / 1000) for i in range(5)] == [1, 2, 3, 4, 5]  # how many wait
+    assert ring.take() == [(0, False, 0.0), (1, False, 0.001), (2, False, 0.002), (0, False, 0.003), (1, True, 0.004)]
+    assert ring.take() == []
+    assert ring.post(-1, False, 10**6) == 1  # a name not in the handler's list; a call of 11 days
+    assert ring.take() == [(-1, False, ((1 << 40) - 1) / 1e9)]  # counted as about 18 minutes
+
+
+def test_a_full_ring_refuses_calls_until_the_router_takes_them():
+    ring = _ring()
+    for i in range(lease.LentCalls.RING):
+        assert ring.post(i, False, 0.0) == i + 1
+    assert ring.post(7, False, 0.0) == -1  # the handler counts this one itself
+    assert [number for number, _, _ in ring.take()] == list(range(lease.LentCalls.RING))
+    for i in range(10):  # around the end of the ring and on
+        assert ring.post(i, True, 0.5) == i + 1
+    assert ring.take() == [(i, True, 0.5) for i in range(10)]
 
 
 def test_the_ring_does_not_touch_the_call_state_before_it():
@@ -118,7 +120,8 @@ def test_the_ring_does_not_touch_the_call_state_before_it():
     state = lease.CallState(array, {"add": 4})
     state.running(12, None, "add")
     lease.LentCalls(array).reset()
-    lease.LentCalls(array).post(1, False, 0.5)
+    for _ in range(lease.LentCalls.RING):
+        lease.LentCalls(array).post(1, False, 0.5)
     assert state.read()[:3] == (lease.CallState.RUNNING, None, 12)
     assert state.method_number() == 4
     state.running(13, None, "unregistered")
