@@ -28,6 +28,7 @@ import rpc
 from . import services
 from .aio import aio
 from .streams import streams
+from .haproxy import haproxy
 from .tls import tls
 from .callers import Caller, connect
 from .load import IdleConnections, Load, run_clients
@@ -509,4 +510,9 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "metrics": metrics,  # issue 12: counting for /metrics
     "connect": connect_time,
     "startup": startup,
+}
+
+# Sections that run only when named with --only: they need more than a plain run may assume.
+ON_REQUEST: dict[str, Callable[[Settings], list[Row]]] = {
+    "haproxy": haproxy,  # issue 12: root, `ip` and haproxy, for a lab of network namespaces
 }
