@@ -226,7 +226,12 @@ def test_a_timed_out_call_leaves_the_connection_usable_and_its_late_answer_is_dr
         async with connect(server, timeout=0.5) as client:
             with pytest.raises(rpc.CallTimeout) as caught:
                 await client.hold(*gate.args(), value="late")
-            assert str(caught.value) == "call 'hold' got no answer within its timeout of 0.5 s"
+            # The client's own timer, or the server's answer for the same deadline if it came first
+            assert str(caught.value) in (
+                "call 'hold' got no answer within its timeout of 0.5 s",
+                "call 'hold' passed its deadline of 0.5 s",
+                "the call passed its deadline",  # (served on a lent socket)
+            )
             assert gate.started.exists()
             gate.open()  # the held call finishes now; its answer finds no call waiting
             results = await asyncio.gather(*(client.call("echo", i, timeout=HANG) for i in range(50)))
