@@ -29,6 +29,7 @@ from typing import Any
 import msgpack
 import pytest
 
+from certs import Authority
 from helpers import log_has
 from rpc import handshake, protocol
 
@@ -288,6 +289,18 @@ def test_connect_timeout_and_nothing_listening():
     assert "within the connect timeout of 0.5 s" in silent["error"]["message"]
     assert nobody["error"]["code"] == "connection_closed"
     assert "cannot connect to the server at" in nobody["error"]["message"]
+
+
+def test_a_tls_server_is_named_as_such(rpc_server, tmp_path):
+    """This client has no TLS: a TLS server's alert, sent in clear when its handshake_timeout
+    ends, is the start of a TLS record, not a frame too large to read."""
+    issued = Authority(tmp_path).issue("server")
+    server = rpc_server(
+        "services:registry", transport="tcp", tls_cert_file=str(issued.cert), tls_key_file=str(issued.key), handshake_timeout=0.5
+    )
+    result = run_against(server, "connect-only", "30")
+    assert result["error"]["code"] == "protocol_error"
+    assert "speaks TLS" in result["error"]["message"]
 
 
 # -- malformed requests sent from the JS side (issue 13, gap 4) ---------------------------------

@@ -151,6 +151,12 @@ class FrameReader {
         throw new RpcError("protocol_error", `a frame header gives the length ${length}`, { local: true });
       }
       if (length > this.limit) {
+        if (length >>> 16 === 0x1503 || length >>> 16 === 0x1603) {
+          // The start of a TLS record (an alert or a handshake), not a frame: a TLS server's.
+          throw new RpcError("protocol_error", "the server speaks TLS, and this client has none: connect to a server without TLS", {
+            local: true,
+          });
+        }
         throw new RpcError("message_too_large", `the server sent a frame over this client's limit of ${this.limit} bytes`, {
           local: true,
         });
