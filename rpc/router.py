@@ -579,7 +579,11 @@ class Router:
                 handler = self.arbiter.handlers[call.slot]
                 if call.connection is not None and call.connection.closed:
                     self._stop_cancelled(call, _GONE)  # its grace after the disconnect ran out
-                    self.counts.call(call.method, "cancelled", time.monotonic() - call.received)
+                    # A client that gave up at its own timeout and left: its deadline, earlier than
+                    # the disconnect's cutoff, ended the call.
+                    ended_by_deadline = call.deadline != call.connection.gone_cutoff
+                    outcome = "timeout" if ended_by_deadline else "cancelled"
+                    self.counts.call(call.method, outcome, time.monotonic() - call.received)
                     continue
                 # Stopped first: whatever becomes of the answer, the slot is not lost.
                 self.arbiter.kill(call.slot, f"call {call.method!r} passed its deadline")
@@ -663,7 +667,7 @@ class Router:
         stopping a handler costs a new process, far more than letting a short call finish.
         """
         self.table.forget(connection)
-        cutoff = time.monotonic() + _GONE_GRACE
+        cutoff = connection.gone_cutoff = time.monotonic() + _GONE_GRACE
         for call in self.table.running_of(connection):
             if call.stream is not None:
                 self._close_stream(call, _GONE)  # its generator's finally blocks run
@@ -844,6 +848,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.wants_go_away = False  # its hello asked for a go-away when the server drains
         self.went_away = False  # its go-away is sent
         self.last_id = -1  # the highest request id read from it (sent in the go-away)
+        self.gone_cutoff: float | None = None  # when its running calls are stopped, once it ended
         self.fd = -1
         self.parked: list[tuple[Handler, Call, Frame]] = []  # replies waiting for it to drain, with their slots
         self.last_active = time.monotonic()

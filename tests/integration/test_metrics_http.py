@@ -312,3 +312,21 @@ def test_rpc_stats_says_what_is_missing(capsys):
         assert cli.main(["stats", "--metrics-address", address, "--timeout", "10"], environ={}) == 1
     error = capsys.readouterr().err
     assert f"nothing answers at http://{address}/healthz" in error and "rpc serve" in error
+
+
+def test_a_client_that_leaves_is_counted_timeout_if_its_deadline_ended_the_call_else_cancelled(rpc_server):
+    """A caller that gives up at its own timeout and hangs up (``rpc call --timeout``) leaves a
+    call whose deadline passes within the disconnect's grace: counted ``timeout``, as for a
+    caller that stayed. One that hangs up long before its deadline cancelled its call."""
+    from helpers import raw_connection, write, request
+
+    server = rpc_server("services:registry", workers=1, metrics_address="127.0.0.1:0")
+    for round, timeout in enumerate((0.05, 30.0)):  # under, then over, the 0.1 s grace after a disconnect
+        # A queued call of a client that left is dropped, not counted: wait for a free handler.
+        assert wait_for(lambda: server.log_text().count("handler_started") > round, timeout=60)
+        conn = raw_connection(server)
+        write(conn, request(1, "sleep", 30, timeout=timeout))  # a connection's first call is routed
+        conn.close()
+        assert wait_for(lambda: sum(n for (method, _), n in _calls(server).items() if method == "sleep") >= (1 if timeout < 1 else 2), timeout=30)
+    outcomes = {outcome: n for (method, outcome), n in _calls(server).items() if method == "sleep" and n}
+    assert outcomes == {"timeout": 1, "cancelled": 1}
