@@ -213,6 +213,10 @@ def test_8_a_client_waiting_on_a_stopped_server_times_out_by_its_deadline(tmp_pa
         client = rpc.connect(address)
         assert client.add(1, 2) == 3
         os.kill(process.pid, signal.SIGSTOP)
+        # kill() returns before every thread has stopped: on a loaded machine the router's thread
+        # may run on for a while (and answer). The kernel reports the stop once all of them have.
+        _, status = os.waitpid(process.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
         started = time.monotonic()
         with pytest.raises(rpc.CallTimeout):
             client.call("add", 1, 2, timeout=0.5)
