@@ -287,11 +287,13 @@ def test_aio_close_is_final(server):
 
 def test_sync_a_failed_reconnect_raises_the_connect_error_and_the_next_call_tries_again(server):
     server.start()
-    with server.client(connect_timeout=0.5) as client:
+    # connect_timeout bounds each handshake too, so it is long: a loaded machine can take more
+    # than half a second for one. The call's own timeout ends the wait while nothing listens.
+    with server.client(connect_timeout=HANG) as client:
         assert client.add(1, 1) == 2
         server.stop()
         with pytest.raises(rpc.ConnectionClosed, match="cannot connect: nothing is listening at"):
-            client.add(2, 3)  # tried for connect_timeout, with backoff
+            client.call("add", 2, 3, timeout=0.5)  # tried until the call's deadline, with backoff
         server.start(authkey=b"another key")
         with pytest.raises(rpc.AuthenticationError, match="refused this authkey"):
             client.add(2, 3)
@@ -304,11 +306,14 @@ def test_aio_a_failed_reconnect_raises_the_connect_error_and_the_next_call_tries
     server.start()
 
     async def body() -> None:
-        async with server.aio_client(connect_timeout=0.5) as client:
+        # As in the sync case: a long connect_timeout, as it bounds each handshake, and the
+        # call's timeout ends its wait while nothing listens (the attempt goes on meanwhile, and
+        # meets the next server's refusal of the key, or the call below shares it).
+        async with server.aio_client(connect_timeout=HANG) as client:
             assert await client.add(1, 1) == 2
             await asyncio.to_thread(server.stop)
             with pytest.raises(rpc.ConnectionClosed, match="cannot connect: nothing is listening at"):
-                await client.add(2, 3)
+                await client.call("add", 2, 3, timeout=0.5)
             await asyncio.to_thread(server.start, authkey=b"another key")
             with pytest.raises(rpc.AuthenticationError, match="refused this authkey"):
                 await client.add(2, 3)
