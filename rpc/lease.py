@@ -423,15 +423,18 @@ def serve_lease(
                         break
                 body = None
                 reply = execute(request)
+                # Looked at before the reply goes out: a request already waiting was sent before
+                # this answer could be read, so the client pipelines calls that take a while, which
+                # other handlers could run meanwhile. (Looked at after, it may be the next call of a
+                # client that calls one at a time and was quicker than this handler to get there.)
+                pipelined = time.monotonic() - started >= PARALLEL_WORTHY_SECONDS and _readable(sock)
                 if not _send_reply(fd, state, reply, whole_bytes, send_timeout):
                     reason = EndReason.BROKEN
                     break
                 served += 1
                 if on_call is not None:
                     on_call(request, reply, started)
-                if time.monotonic() - started >= PARALLEL_WORTHY_SECONDS and _readable(sock):
-                    # The client sends its next call before reading this answer: it pipelines
-                    # calls that take a while, which other handlers could run meanwhile.
+                if pipelined:
                     reason = EndReason.PIPELINED
                     break
             ready = poller.poll(idle_ms)

@@ -218,6 +218,9 @@ def _install_lease_hooks(folder: Path) -> None:
     whole reply is written, the state not yet back to idle), ``decode`` (a request of method
     ``touch`` is about to run). Each call run on a lent socket creates ``lent-<id>``
     holding the handler's pid.
+
+    ``hold-after-send`` (never claimed) holds every handler at ``after-send`` while the
+    file exists: it creates ``held-<pid>`` and goes on once the test removes the file.
     """
     from rpc import lease, protocol
 
@@ -244,9 +247,19 @@ def _install_lease_hooks(folder: Path) -> None:
         writing(self, *args, **kwargs)
         reached("before-send")
 
+    def hold(point: str) -> None:
+        if not (folder / f"hold-{point}").exists():
+            return
+        (folder / f"held-{os.getpid()}").touch()
+        for _ in range(12_000):  # bounded: a minute at most
+            if not (folder / f"hold-{point}").exists():
+                return
+            time.sleep(0.005)
+
     def idle_hook(self):
         if self.array[0] == lease.CallState.WRITING:
             reached("after-send")
+            hold("after-send")
         idle(self)
 
     def hooked(decode):

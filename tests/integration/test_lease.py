@@ -8,6 +8,7 @@ import time
 import pytest
 
 import rpc
+import services
 from helpers import Gate, log_has, wait_for
 
 
@@ -61,6 +62,28 @@ def test_pipelined_slow_calls_still_spread_over_handlers(rpc_server, tmp_path):
     with server.client(timeout=30) as client:
         pids = list(client.map("record", [str(tmp_path)] * 6, [0.1] * 6))
     assert len(set(pids)) == 2  # both handlers ran some of them
+
+
+def test_a_call_sent_once_the_last_answer_is_read_keeps_the_lent_socket(rpc_server, tmp_path, monkeypatch):
+    """A one-call-at-a-time client is not taken for a pipelining one when its next call
+    is on the socket before the handler that answered the last has moved on (a loaded machine)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    monkeypatch.setenv(services.LEASE_HOOKS, str(hooks))
+    # spawn: handlers start from this process's environment, so they install the hooks
+    server = rpc_server("services:registry", workers=2, access_log=True, start_method="spawn")
+    with server.client(timeout=30) as client:
+        assert client.add(1, 1) == 2  # a connection's first call is routed
+        (hooks / "hold-after-send").touch()
+        assert client.sleep(0.01, "slept") == "slept"  # lent with its socket; a call that takes a while
+        held = wait_for(lambda: sorted(hooks.glob("held-*")), timeout=30)
+        assert held, "the lent handler never reached the hook"
+        pid = int(held[0].name.split("-", 1)[1])
+        future = client.submit("pid")  # on the socket before that handler looks at it again
+        (hooks / "hold-after-send").unlink()
+        assert future.result(30) == pid  # served by the same handler, on the socket it was lent
+    # Both calls ran on the lent socket: the one lent with it, and the next, read from it.
+    assert sorted(path.read_text() for path in hooks.glob("lent-*")) == [str(pid)] * 2
 
 
 def test_a_crash_on_a_lent_socket_fails_that_call_and_the_socket_is_reused(rpc_server):
