@@ -51,6 +51,7 @@ from .client import (
     _public,
     _tls_context,
     check_addresses,
+    server_hello,
 )
 from .errors import (
     AuthenticationError,
@@ -271,11 +272,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._decoder.max_bytes = handshake.limit
             return
         assert handshake.hello is not None
-        hello = protocol.decode_hello(handshake.hello)
-        if hello.version != protocol.PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"the server speaks protocol version {hello.version}; this client speaks {protocol.PROTOCOL_VERSION}"
-            )
+        hello = server_hello(handshake.hello)
         self._handshake = None
         self._decoder.max_bytes = self._max_message_bytes
         limit = hello.info.get("max_message_bytes")

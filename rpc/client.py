@@ -1454,6 +1454,16 @@ def _wake_pair() -> tuple[socket.socket, socket.socket]:
     return pair
 
 
+def server_hello(frame: bytes) -> protocol.Hello:
+    """The server's hello, refused (ProtocolError) if it speaks another protocol version."""
+    hello = protocol.decode_hello(frame)
+    if hello.version != protocol.PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"the server speaks protocol version {hello.version}; this client speaks {protocol.PROTOCOL_VERSION}"
+        )
+    return hello
+
+
 def _tls_context(option: TLSOption, addresses: list[transport.Address]) -> ssl.SSLContext | None:
     """The context for ``tls=``, checked against every address before anything connects."""
     context = tls.client_context(option)
@@ -1478,11 +1488,7 @@ def _open(
     try:
         first = transport.client_handshake(conn, authkey, deadline, address, connect_timeout)
         conn.send_bytes(protocol.encode_hello(HELLO))
-        hello = protocol.decode_hello(first)
-        if hello.version != protocol.PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"the server speaks protocol version {hello.version}; this client speaks {protocol.PROTOCOL_VERSION}"
-            )
+        hello = server_hello(first)
     except ProtocolError:
         conn.close()
         raise
@@ -1515,11 +1521,7 @@ def _open_tls(
         session = transport.start_tls(sock, context, address, deadline, connect_timeout)
         first = transport.client_handshake(sock, authkey, deadline, address, connect_timeout, session)
         session.send_frame(protocol.encode_hello(HELLO), deadline)
-        hello = protocol.decode_hello(first)
-        if hello.version != protocol.PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"the server speaks protocol version {hello.version}; this client speaks {protocol.PROTOCOL_VERSION}"
-            )
+        hello = server_hello(first)
     except TransportError:
         sock.close()
         raise
