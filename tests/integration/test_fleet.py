@@ -271,6 +271,11 @@ def test_a_quiet_sequential_client_on_a_lent_socket_gets_the_go_away(fleet, tmp_
         closer = threading.Thread(target=first.close)
         closer.start()
         assert wait_for(lambda: router.closing, timeout=HANG)
+        # The drain recalls the lent socket in the same turn of the router's loop as it begins:
+        # once a later turn has run, the recall is in the handler's pipe before its call ends.
+        # (Without it, a handler that finishes first may serve the next call on the lent socket,
+        # as it may any request sent before the go-away, and the go-away comes after it.)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), router.loop).result(HANG)
         gate.open()  # the handler answers, gives the socket back, and the router sends the go-away
         holder.join(HANG)
         assert held == ["held"]
