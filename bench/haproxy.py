@@ -134,30 +134,9 @@ def _throughput(s: Any, lab: Any) -> list[Row]:
 # -- a rolling restart under load ------------------------------------------------------------------
 
 
-def _count_moves() -> list[int]:
-    """Count the calls this process's clients make again elsewhere (they did not run where first sent).
-
-    rpc.client decides each with its private ``_next_move``: wrapped here for the figure
-    "retried" (its absence fails loudly rather than counting nothing). Returns the counter.
-    """
-    import rpc.client
-
-    moves = [0]
-    decide = rpc.client._next_move
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        move = decide(*args, **kwargs)
-        moves[0] += move is not None
-        return move
-
-    rpc.client._next_move = counted
-    return moves
-
-
 def _restart_caller(netns: str, address: str, ready: Any, stop: Any, results: Any) -> None:
     """Call add(1, 2) until ``stop``; report calls, failures by type, calls made again, and the longest call of each second."""
     _lab().enter_netns(netns)
-    moves = _count_moves()
     try:
         client = rpc.connect(address, authkey=AUTHKEY, timeout=60)
         client.add(1, 2)
@@ -180,7 +159,7 @@ def _restart_caller(netns: str, address: str, ready: Any, stop: Any, results: An
         longest[second] = max(longest.get(second, 0.0), took)
         calls += 1
     client.close()
-    results.put((calls, failures, longest, moves[0]))
+    results.put((calls, failures, longest, client.calls_made_again))
 
 
 def _rolling_restart(s: Any, lab: Any) -> list[Row]:

@@ -567,6 +567,7 @@ class Client:
         self._conn: _Connection | None = None
         self._left: list[_Connection] = []  # left connections whose calls were still in flight
         self._closed = False  # by the user: final
+        self._made_again = 0  # see calls_made_again
         self._reopening: asyncio.Future[None] | None = None  # the reconnect under way, awaited by every call
         self._failures: list[tuple[transport.Address, RPCError]] = []  # of the last round of connects
         self.server_info: dict[str, Any] = {}
@@ -575,6 +576,13 @@ class Client:
     def address(self) -> transport.Address:
         """The address of the server that new calls go to."""
         return self.addresses[0] if self._conn is None else self._conn.address
+
+    @property
+    def calls_made_again(self) -> int:
+        """How many times, so far, a call that did not run where it was sent (a go-away,
+        ``ServerShuttingDown``, ``ServerBusy`` with other addresses) was moved on to be made
+        again on another connection (counted as it moves, even if no connection then opens)."""
+        return self._made_again
 
     async def _open(self) -> Client:
         """Connect and authenticate within ``connect_timeout``, without blocking the loop."""
@@ -766,6 +774,7 @@ class Client:
                 move = None if self._closed or not self._reconnect else _next_move(error, moves, len(self.addresses), self._connect_timeout, loop.time())
                 if move is None:
                     raise _public(error)
+                self._made_again += 1
                 if move == "leave" and conn is not None:
                     conn.leave()
             if error is None:

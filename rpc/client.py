@@ -359,6 +359,13 @@ class Client:
         return self._fleet.current.address
 
     @property
+    def calls_made_again(self) -> int:
+        """How many times, so far, a call that did not run where it was sent (a go-away,
+        ``ServerShuttingDown``, ``ServerBusy`` with other addresses) was moved on to be made
+        again on another connection (counted as it moves, even if no connection then opens)."""
+        return self._fleet.made_again
+
+    @property
     def _calls(self) -> _Calls:
         """The connection new calls go to."""
         return self._fleet.current
@@ -1211,6 +1218,8 @@ class _Fleet:
         self._next = random.randrange(len(addresses))  # the address tried next
         self._opening = threading.Lock()  # one thread opens a connection; the others then take it
         self._left: list[_Calls] = []  # left connections whose calls were still in flight
+        self.made_again = 0  # calls made again on another connection (Client.calls_made_again)
+        self._counting = threading.Lock()  # calls move in whichever thread saw them not run
         self.current = self._open(None, rounds=False)
 
     # -- connections --------------------------------------------------------------------
@@ -1386,9 +1395,13 @@ class _Fleet:
         if self.closed or not self.reconnect:
             return False
         move = _next_move(error, moves, len(self.addresses), self.connect_timeout, time.monotonic())
+        if move is None:
+            return False
         if move == "leave":
             calls._leave()
-        return move is not None
+        with self._counting:
+            self.made_again += 1
+        return True
 
 
 def _next_move(error: RPCError, moves: _Moves, addresses: int, connect_timeout: float, now: float) -> str | None:

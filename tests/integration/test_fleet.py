@@ -182,6 +182,7 @@ def test_stopping_the_server_a_client_is_on_fails_no_call_and_runs_none_twice(fl
                 outcomes[name] = exc
         assert client.add(1, 1) == 2
         assert client.address != first.address
+        made_again = client.calls_made_again
 
     failed = {name: outcome for name, outcome in outcomes.items() if not isinstance(outcome, int)}
     assert failed == {}
@@ -189,28 +190,36 @@ def test_stopping_the_server_a_client_is_on_fails_no_call_and_runs_none_twice(fl
     assert runs(marks) == {name: 1 for name in outcomes}  # each ran, once
     where = {server_of_pid[pid] for pid in outcomes.values()}
     assert servers.servers.index(first) in where and len(where) >= 2  # they went on at another server
+    # Every submitted call was sent to the first server: those that ran elsewhere were made again
+    # there. A sequential call begun after the go-away went elsewhere at once, and was not.
+    moved = sum(server_of_pid[outcomes[f"sub{i}"]] != servers.servers.index(first) for i in range(200))
+    assert 1 <= moved <= made_again <= moved + 160
 
 
 def test_aio_stopping_the_server_a_client_is_on_fails_no_call_and_runs_none_twice(fleet, marks):
     servers = fleet(3)
     server_of_pid = servers.handler_pids()
 
-    async def body() -> tuple[list[Any], rpc.Server]:
+    async def body() -> tuple[list[Any], rpc.Server, int]:
         async with servers.aio_client() as client:
             first = servers.server_of(client)
             calls = [asyncio.ensure_future(client.mark(str(marks), f"a{i}", 0.01)) for i in range(200)]
             await until(lambda: len(runs(marks)) >= 30, "some calls ran")
             await asyncio.to_thread(first.close)
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            made_again = client.calls_made_again
             outcomes += await asyncio.gather(*(client.mark(str(marks), f"b{i}") for i in range(20)), return_exceptions=True)
             assert client.address != first.address
-            return outcomes, first
+            assert client.calls_made_again == made_again  # calls begun after the move are not made again
+            return outcomes, first, made_again
 
-    outcomes, first = run(body())
+    outcomes, first, made_again = run(body())
     assert [outcome for outcome in outcomes if not isinstance(outcome, int)] == []
     assert runs(marks) == {name: 1 for name in [f"a{i}" for i in range(200)] + [f"b{i}" for i in range(20)]}
     where = {server_of_pid[pid] for pid in outcomes}
     assert servers.servers.index(first) in where and len(where) >= 2
+    # Each of the first 200 was sent to the first server: those that ran elsewhere were made again.
+    assert 1 <= sum(server_of_pid[pid] != servers.servers.index(first) for pid in outcomes[:200]) <= made_again
 
 
 def test_a_pipelining_client_gets_the_go_away_with_calls_in_flight(fleet, marks, tmp_path):
@@ -243,6 +252,8 @@ def test_a_pipelining_client_gets_the_go_away_with_calls_in_flight(fleet, marks,
         finally:
             for gate in gates:
                 gate.open()
+        # The 64 queued there were answered server_shutting_down, and made again at the other.
+        assert 64 <= client.calls_made_again <= 300
         assert own_call.result(HANG) == "own"  # the call running there finished there
         # The go-away came before that answer; then, nothing in flight, the client closed the connection.
         assert on_first._last_id is not None
