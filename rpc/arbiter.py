@@ -53,6 +53,7 @@ class Handler:
         self.pid: int = process.pid
         self.pipe = pipe  # the supervisor's end; the router reads and writes it
         self.kill_reason: str | None = None  # set when the supervisor stops it
+        self.pipe_error: Exception | None = None  # why the supervisor's end of its pipe failed, if it did
         self.reaping = False  # being collected: signal it no more
         self.retired = False  # replaced by a reload
         # The id of the call on a lent socket it was stopped to cancel (the kill may land on the next one).
@@ -161,6 +162,10 @@ class Arbiter:
             self.handlers[slot] = None
             # A retired handler that exits by itself was reloaded; one that crashed is reported as such.
             reason = started.kill_reason or ("reload" if started.retired and code == 0 else _exit_reason(code))
+            if reason == "exited with code 0" and not self._stopping:
+                # Unasked: its function called os._exit(0), or its pipe failed (said, to find out why).
+                failed = started.pipe_error
+                reason += " without being asked to" + (f" (the supervisor's end of its pipe failed: {failed!r})" if failed else "")
             try:
                 self._lost(started, reason)
             except Exception:  # the slot must be refilled whatever answering its call raised

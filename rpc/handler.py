@@ -137,8 +137,11 @@ def run(conn: Connection, settings: HandlerSettings, call_state: Any = None) -> 
         while True:
             try:
                 frame = pipe.read()
-            except (EOFError, OSError, RPCError):
+            except EOFError:
                 return  # the supervisor closed the pipe: stop
+            except (OSError, RPCError) as exc:
+                log.error("handler_pipe_failed", error=str(exc))  # (its supervisor reports the exit)
+                return
             kind = protocol.internal_kind(frame)
             if kind is None:
                 if stream_names:

@@ -810,6 +810,7 @@ class HandlerPipe(asyncio.BufferedProtocol):
         return False  # the handler exited: close our end too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.handler.pipe_error = exc  # (a reset, usually: it died with a request unread)
         # An idle handler that died takes no call while the arbiter collects it.
         slot = self.handler.slot
         if slot in self.router.table.idle:

@@ -91,9 +91,11 @@ def pid():
 
 @registry.expose
 def crash(how="exit"):
-    """Die mid-call: os._exit, SIGKILL to itself, or a segfault."""
+    """Die mid-call: os._exit (with code 1, or 0), SIGKILL to itself, or a segfault."""
     if how == "exit":
         os._exit(1)
+    if how == "exit0":
+        os._exit(0)
     if how == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if how == "segfault":

@@ -125,7 +125,7 @@ def test_garbage_with_a_readable_id_gets_an_error_reply_on_a_usable_connection(s
     raw.close()
 
 
-@pytest.mark.parametrize("how", ["exit", "kill", "segfault"])
+@pytest.mark.parametrize("how", ["exit", "exit0", "kill", "segfault"])
 def test_a_handler_dying_mid_call_fails_that_call_only(rpc_server, how):
     running = rpc_server("services:registry", workers=2)
     with running.client(timeout=30) as client:
@@ -134,6 +134,16 @@ def test_a_handler_dying_mid_call_fails_that_call_only(rpc_server, how):
             client.crash(how)
         assert client.add(1, 2) == 3
         assert wait_for(lambda: len(running.handler_pids()) == 2 and set(running.handler_pids()) != before)
+
+
+def test_a_handler_exiting_with_code_0_unasked_is_said_to_have(rpc_server):
+    """Only the supervisor ends a handler cleanly (by ending its pipe): a code 0 otherwise says so."""
+    running = rpc_server("services:registry", workers=1)
+    with running.client(timeout=30) as client:
+        with pytest.raises(rpc.WorkerCrashed, match="exited with code 0 without being asked to"):
+            client.crash("exit0")
+        assert client.add(1, 2) == 3
+    assert "exited with code 0 without being asked to" in running.log_text()
 
 
 def test_other_calls_survive_a_crash_on_another_handler(rpc_server, tmp_path):
