@@ -16,11 +16,12 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Any
 
@@ -34,6 +35,43 @@ __all__ = ["ArbiterSettings", "Handler", "Arbiter"]
 _HELLO_LIMIT = 1 << 20  # a handler's hello, or its report of why the registry failed to import
 _PIPE_BUFFER = 4 << 20  # bytes the kernel may hold each way on a handler's pipe (capped by net.core.*mem_max)
 _KILL_AFTER = 1.0  # seconds between SIGTERM and SIGKILL for a handler being stopped
+
+
+class _Processes:
+    """Starts and reaps handler processes for the arbiter's threads, one thread at a time.
+
+    multiprocessing is not safe here across threads: ``Process.start()`` polls every
+    child not yet joined, and a forkserver child's poll reads its exit status from its
+    sentinel descriptor. Polled while another thread closes that process, the number
+    can be reused meanwhile (by a new handler's pipe, say), and the poll then reads, or
+    blocks reading, someone else's bytes: a new handler lost the first 8 bytes of a
+    request that way. So each call into a Process runs under one lock, and waiting for
+    an exit is done outside it, on the sentinel, which only :meth:`reap` closes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def start(self, process: Any) -> None:
+        with self._lock:
+            process.start()
+
+    def kill(self, process: Any) -> None:
+        with self._lock:
+            process.kill()
+
+    def exited(self, process: Any, timeout: float | None) -> bool:
+        """Whether ``process`` exits within ``timeout`` seconds (None: however long it takes)."""
+        return bool(wait([process.sentinel], timeout))
+
+    def reap(self, process: Any) -> int | None:
+        """Collect a process that has exited (see :meth:`exited`): its exit code. Its
+        descriptors are closed now, rather than whenever it is garbage collected."""
+        with self._lock:
+            process.join()  # it has exited: this only takes its status
+            code: int | None = process.exitcode
+            process.close()
+        return code
 
 
 @dataclass(frozen=True)
@@ -106,6 +144,7 @@ class Arbiter:
         else:
             self._context = multiprocessing.get_context("spawn")
         self._threads = ThreadPoolExecutor(max_workers=min(settings.workers + 2, 32), thread_name_prefix="rpc-arbiter")
+        self._processes = _Processes()  # every call into a handler's Process, from those threads
         self.handlers: list[Handler | None] = [None] * settings.workers
         # One per slot, kept across replacements: a dead handler's state is read after it is gone.
         self._call_states = [self._context.RawArray("q", lease.SHARED_SIZE) for _ in range(settings.workers)]
@@ -158,7 +197,7 @@ class Arbiter:
                 self._log.exception("handler_attach_failed", slot=slot, pid=started.pid)
                 started.signal(signal.SIGKILL)
             started.reaping = True
-            code = await loop.run_in_executor(self._threads, _collect, started.process)
+            code = await loop.run_in_executor(self._threads, self._collect, started.process)
             self.handlers[slot] = None
             # A retired handler that exits by itself was reloaded; one that crashed is reported as such.
             reason = started.kill_reason or ("reload" if started.retired and code == 0 else _exit_reason(code))
@@ -201,13 +240,14 @@ class Arbiter:
             daemon=False,
         )
         try:
-            process.start()
+            self._processes.start(process)
         except Exception as exc:
             parent.close()
             child_conn.close()
             return f"cannot start a handler process: {exc}"
         child_conn.close()  # so the supervisor reads EOF when the handler dies
         error = None
+        reaped = False
         streams: frozenset[str] = frozenset()
         methods: tuple[str, ...] = ()
         try:
@@ -226,22 +266,33 @@ class Arbiter:
                     info = protocol.decode_response(first).error
                     error = _import_failure(self._handler_settings.registry, info) if info else "bad hello"
         except (EOFError, OSError):
-            process.join(1.0)
+            reaped = self._processes.exited(process, 1.0)
+            code = self._processes.reap(process) if reaped else None
             error = (
-                f"handler exited while starting ({_exit_reason(process.exitcode)}); its traceback is on stderr. "
+                f"handler exited while starting ({_exit_reason(code)}); its traceback is on stderr. "
                 "Handlers import the main module first: run from a file whose server starts under "
                 "`if __name__ == '__main__':`"
             )
         if error is not None:
             parent.close()
-            process.kill()
-            process.join()
+            if not reaped:
+                self._processes.kill(process)
+                self._processes.exited(process, None)
+                self._processes.reap(process)
             return error
         parent.setblocking(False)
         started = Handler(slot, process, parent, call_state)
         started.streams = streams
         started.methods = methods
         return started
+
+    def _collect(self, process: Any, patience: float = 5.0) -> int | None:
+        """Reap a handler whose pipe closed (on a pool thread), killed if it has not exited
+        within ``patience`` seconds; its exit code."""
+        if not self._processes.exited(process, patience):
+            self._processes.kill(process)
+            self._processes.exited(process, None)
+        return self._processes.reap(process)
 
     # -- stopping one -------------------------------------------------------------------
 
@@ -296,10 +347,7 @@ class Arbiter:
         if isinstance(probe, str):
             return probe
         probe.pipe.close()
-        probe.process.join(10)
-        if probe.process.exitcode is None:
-            probe.process.kill()
-            probe.process.join()
+        self._collect(probe.process, 10.0)
         return None
 
     async def stop(self, grace: float) -> None:
@@ -324,15 +372,6 @@ class Arbiter:
         self._threads.shutdown(wait=False)
 
 
-def _collect(process: Any) -> int | None:
-    """Join a handler whose pipe closed (on a pool thread); its exit code."""
-    process.join(5.0)
-    if process.exitcode is None:
-        process.kill()
-        process.join()
-    code: int | None = process.exitcode
-    process.close()  # its sentinel descriptor, now rather than whenever it is collected
-    return code
 
 
 def _import_failure(registry: str, info: protocol.ErrorInfo) -> str:
