@@ -29,8 +29,8 @@ from typing import Any
 
 import rpc
 
-from .load import JOIN_TIMEOUT, Load, _caller, _collect, _stop
-from .procs import descendants, read_cpu
+from .load import JOIN_TIMEOUT, Load, _caller, _collect, _stop, run_clients
+from .procs import descendants
 from .report import Row, compare
 from .servers import AUTHKEY, CTX, START_TIMEOUT, BenchError
 
@@ -77,34 +77,6 @@ def _caller_in(netns: str, *args: Any) -> None:
     _caller(*args)
 
 
-def _run(netns: str, address: str, clients: int, seconds: float, groups: dict[str, list[int]]) -> Load:
-    """load.run_clients, with the client processes in ``netns``."""
-    ready, results, start, done = CTX.Queue(), CTX.Queue(), CTX.Event(), CTX.Event()
-    processes = [
-        CTX.Process(target=_caller_in, args=(netns, "rpc", address, seconds, ready, start, results, done), daemon=True)
-        for _ in range(clients)
-    ]
-    for process in processes:
-        process.start()
-    try:
-        _collect(ready, processes, START_TIMEOUT, "connect and warm up")
-        before = read_cpu(groups)
-        start.set()
-        reports = _collect(results, processes, seconds + 60, "finish calling")
-        after = read_cpu(groups)
-    finally:
-        done.set()
-        start.set()
-        _stop(processes)
-    cpu = {name: after[name] - before[name] for name in groups}
-    cpu["clients"] = sum(client_cpu for _, _, client_cpu in reports)
-    return Load(
-        calls=sum(count for count, _, _ in reports),
-        rate=sum(count / elapsed for count, elapsed, _ in reports),
-        cpu=cpu,
-    )
-
-
 def _daemon_groups(daemons: list[Any]) -> dict[str, list[int]]:
     routers = [daemon.process.pid for daemon in daemons]
     return {"routers": routers, "handlers": [pid for router in routers for pid in descendants(router)]}
@@ -116,8 +88,8 @@ def _throughput(s: Any, lab: Any) -> list[Row]:
     direct = _daemon_groups(lab.hosts[:1])
     runs: dict[str, list[Load]] = {"haproxy": [], "direct": []}
     for _ in range(s.load_rounds):
-        runs["haproxy"].append(_run(lab.client, lab.address, s.clients, s.seconds, through))
-        runs["direct"].append(_run(lab.client, lab.hosts[0].address, s.clients, s.seconds, direct))
+        runs["haproxy"].append(run_clients("rpc", lab.address, s.clients, s.seconds, through, _caller_in, (lab.client,)))
+        runs["direct"].append(run_clients("rpc", lab.hosts[0].address, s.clients, s.seconds, direct, _caller_in, (lab.client,)))
     rate = {name: statistics.median(run.rate for run in got) for name, got in runs.items()}
     cpu = {}
     for name, got in runs.items():

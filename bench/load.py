@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,15 +88,25 @@ def _caller(kind: str, address: Any, seconds: float, ready: Any, start: Any, res
     caller.close()
 
 
-def run_clients(kind: str, address: Any, clients: int, seconds: float, groups: dict[str, list[int]]) -> Load:
+def run_clients(
+    kind: str,
+    address: Any,
+    clients: int,
+    seconds: float,
+    groups: dict[str, list[int]],
+    caller: Callable[..., None] = _caller,
+    caller_first: tuple[Any, ...] = (),
+) -> Load:
     """``clients`` processes calling ``add(1, 2)`` in a loop for ``seconds``, all started at once.
 
     The CPU time of ``groups`` (the server's processes) is read just before the
     start and once every client has reported, before any connection closes.
+    Each process runs ``caller`` (by default this module's), with ``caller_first``
+    before the arguments it gives ``_caller``: a wrapper that prepares the process.
     """
     ready, results, start, done = CTX.Queue(), CTX.Queue(), CTX.Event(), CTX.Event()
     processes = [
-        CTX.Process(target=_caller, args=(kind, address, seconds, ready, start, results, done), daemon=True)
+        CTX.Process(target=caller, args=(*caller_first, kind, address, seconds, ready, start, results, done), daemon=True)
         for _ in range(clients)
     ]
     for process in processes:
